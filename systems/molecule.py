@@ -1,0 +1,92 @@
+"""The description of a molecular system that every stage of trade-md shares."""
+
+from dataclasses import dataclass
+import io
+
+import numpy as np
+import openmm
+import openmm.app as app
+
+from trademd.errors import TradeMDError
+
+__all__ = ["MolecularSystem", "SOLVENTS"]
+
+#: Solvent models a system may use.
+SOLVENTS = ("implicit-obc", "vacuum")
+
+
+@dataclass(frozen=True)
+class MolecularSystem:
+    """One molecule, its force field, and what the later stages need to know about it.
+
+    Attributes:
+        name: registry name (``ala2-implicit``) or ``user:<pdb file name>``.
+        description: one line for ``trade-md systems``.
+        pdb_text: topology and reference positions as PDB text.
+        forcefield_files: OpenMM force-field XML files (names OpenMM resolves, or paths).
+        solvent: one of :data:`SOLVENTS`.
+        zmatrix: int64 [n_atoms, 4], placement order (see :mod:`trademd.systems.zmatrix`).
+        phi_atoms: the four atom indices of the backbone phi dihedral, or None.
+        psi_atoms: the four atom indices of the backbone psi dihedral, or None.
+        constraints: ``"HBonds"``: bonds to hydrogen are rigid in MD (2 fs steps) and held
+            fixed at their constraint lengths by the internal coordinates downstream.
+    """
+
+    name: str
+    description: str
+    pdb_text: str
+    forcefield_files: tuple[str, ...]
+    solvent: str
+    zmatrix: np.ndarray
+    phi_atoms: tuple[int, int, int, int] | None
+    psi_atoms: tuple[int, int, int, int] | None
+    constraints: str = "HBonds"
+
+    def pdb(self) -> app.PDBFile:
+        """The PDB, parsed by OpenMM."""
+        return app.PDBFile(io.StringIO(self.pdb_text))
+
+    @property
+    def n_atoms(self) -> int:
+        return int(self.zmatrix.shape[0])
+
+    def positions_nm(self) -> np.ndarray:
+        """Reference positions of the PDB, float64 [n_atoms, 3] in nm."""
+        return np.asarray(self.pdb().getPositions(asNumpy=True)._value, dtype=np.float64)
+
+    def create_openmm_system(self) -> openmm.System:
+        """The single-molecule OpenMM system: NoCutoff, constraints as :attr:`constraints`."""
+        return build_openmm_system(self.pdb().topology, self.forcefield_files, self.constraints)
+
+    def mdtraj_topology(self):
+        """The topology as an ``mdtraj.Topology``."""
+        import mdtraj
+
+        return mdtraj.Topology.from_openmm(self.pdb().topology)
+
+
+def build_openmm_system(topology: app.Topology, forcefield_files, constraints: str) -> openmm.System:
+    """Create an OpenMM system for an isolated molecule, turning force-field errors into
+    one-line :class:`TradeMDError` messages."""
+    try:
+        forcefield = app.ForceField(*forcefield_files)
+    except (ValueError, OSError, Exception) as error:  # OpenMM raises plain Exception too
+        raise TradeMDError(
+            f"cannot load force field {list(forcefield_files)}: {_first_line(error)}; give XML "
+            "files OpenMM ships (e.g. amber99sbildn.xml amber96_obc.xml) or existing paths"
+        ) from None
+    constraint = {"HBonds": app.HBonds, "None": None}[constraints]
+    try:
+        return forcefield.createSystem(
+            topology, nonbondedMethod=app.NoCutoff, constraints=constraint, rigidWater=True
+        )
+    except (ValueError, Exception) as error:
+        raise TradeMDError(
+            f"the force field {list(forcefield_files)} does not match the topology: "
+            f"{_first_line(error)}; add the XML files that define these residues"
+        ) from None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]

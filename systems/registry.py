@@ -1,0 +1,138 @@
+"""Built-in systems by name, and systems from a user's PDB and force field."""
+
+from importlib import resources
+import io
+from pathlib import Path
+
+import numpy as np
+import openmm.app as app
+
+from trademd.errors import TradeMDError
+
+from .molecule import MolecularSystem, build_openmm_system
+from .zmatrix import order_zmatrix, zmatrix_from_bonds
+
+__all__ = ["BUILTIN_SYSTEMS", "get_system", "user_system", "list_systems", "system_from_record"]
+
+_ALA2_PDB = "alanine-dipeptide.pdb"
+_ALA2_FORCEFIELD = ("amber99sbildn.xml",)
+_ALA2_IMPLICIT = ("amber99sbildn.xml", "amber96_obc.xml")
+
+# Atom order of the PDB: 0 H1, 1 CH3, 2-3 H, 4 C, 5 O, 6 N, 7 H, 8 CA, 9 HA, 10 CB,
+# 11-13 HB, 14 C, 15 O, 16 N, 17 H, 18 C, 19-21 H. Seeds N, CA, C; HA and CB are placed from
+# the backbone (bond CA, angle C, torsion N), so their torsions fix the chirality of CA.
+_ALA2_SEEDS = (6, 8, 14)
+_ALA2_ROWS = [
+    (0, 1, 4, 6), (1, 4, 6, 8), (2, 1, 4, 0), (3, 1, 4, 0), (4, 6, 8, 14), (5, 4, 6, 8),
+    (7, 6, 8, 4), (9, 8, 14, 6), (10, 8, 14, 6), (11, 10, 8, 6), (12, 10, 8, 11),
+    (13, 10, 8, 11), (15, 14, 8, 16), (16, 14, 8, 6), (17, 16, 14, 15), (18, 16, 14, 8),
+    (19, 18, 16, 14), (20, 18, 16, 19), (21, 18, 16, 19),
+]
+_ALA2_PHI = (4, 6, 8, 14)
+_ALA2_PSI = (6, 8, 14, 16)
+
+
+def _alanine(name: str, forcefield: tuple[str, ...], solvent: str, description: str):
+    pdb_text = resources.files("trademd.systems").joinpath("data", _ALA2_PDB).read_text()
+    return MolecularSystem(
+        name=name,
+        description=description,
+        pdb_text=pdb_text,
+        forcefield_files=forcefield,
+        solvent=solvent,
+        zmatrix=order_zmatrix(_ALA2_SEEDS, _ALA2_ROWS),
+        phi_atoms=_ALA2_PHI,
+        psi_atoms=_ALA2_PSI,
+    )
+
+
+BUILTIN_SYSTEMS = {
+    "ala2-implicit": lambda: _alanine(
+        "ala2-implicit",
+        _ALA2_IMPLICIT,
+        "implicit-obc",
+        "alanine dipeptide, AMBER99SB-ILDN + OBC implicit solvent (TRADE paper system)",
+    ),
+    "ala2-vacuum": lambda: _alanine(
+        "ala2-vacuum", _ALA2_FORCEFIELD, "vacuum", "alanine dipeptide, AMBER99SB-ILDN, vacuum"
+    ),
+}
+
+
+def list_systems() -> list[MolecularSystem]:
+    """All built-in systems."""
+    return [factory() for factory in BUILTIN_SYSTEMS.values()]
+
+
+def get_system(name: str) -> MolecularSystem:
+    """A built-in system by name."""
+    if name not in BUILTIN_SYSTEMS:
+        raise TradeMDError(
+            f"unknown system {name!r}: choose one of {sorted(BUILTIN_SYSTEMS)} "
+            "(see `trade-md systems`) or give --pdb FILE --forcefield XML"
+        )
+    return BUILTIN_SYSTEMS[name]()
+
+
+def user_system(pdb_path: str | Path, forcefield_files: list[str]) -> MolecularSystem:
+    """A system from a user's PDB file and force-field XML files (NoCutoff, vacuum or OBC).
+
+    The Z-matrix is derived from the bond graph; phi/psi are the first backbone dihedrals
+    mdtraj finds (None for a molecule without them)."""
+    path = Path(pdb_path)
+    if not path.is_file():
+        raise TradeMDError(f"PDB file {str(path)!r} not found: check the path given to --pdb")
+    if not forcefield_files:
+        raise TradeMDError("a --pdb system needs --forcefield XML [XML ...]")
+    return _user_system_from_text(path.read_text(), path.name, forcefield_files)
+
+
+def system_from_record(name: str, pdb_text: str, forcefield_files: list[str]) -> MolecularSystem:
+    """The system a trade-md file records: built-in by name, a user system from its PDB text."""
+    if name in BUILTIN_SYSTEMS:
+        return get_system(name)
+    return _user_system_from_text(pdb_text, name.removeprefix("user:"), forcefield_files)
+
+
+def _user_system_from_text(pdb_text: str, file_name: str, forcefield_files) -> MolecularSystem:
+    try:
+        pdb = app.PDBFile(io.StringIO(pdb_text))
+    except Exception as error:
+        raise TradeMDError(
+            f"cannot read PDB file {file_name!r}: {str(error).strip() or type(error).__name__}; "
+            "give a valid PDB"
+        ) from None
+    topology = pdb.topology
+    if topology.getNumAtoms() < 4:
+        raise TradeMDError(f"PDB file {file_name!r} holds fewer than 4 atoms: give a molecule")
+    system = build_openmm_system(topology, tuple(forcefield_files), "HBonds")
+    solvent = (
+        "implicit-obc"
+        if any(type(f).__name__ == "GBSAOBCForce" for f in system.getForces())
+        else "vacuum"
+    )
+    bonds = [(b[0].index, b[1].index) for b in topology.bonds()]
+    heavy = [a.element is None or a.element.symbol != "H" for a in topology.atoms()]
+    phi, psi = _backbone_dihedrals(topology)
+    return MolecularSystem(
+        name=f"user:{file_name}",
+        description=f"user system from {file_name}",
+        pdb_text=pdb_text,
+        forcefield_files=tuple(forcefield_files),
+        solvent=solvent,
+        zmatrix=zmatrix_from_bonds(topology.getNumAtoms(), bonds, heavy),
+        phi_atoms=phi,
+        psi_atoms=psi,
+    )
+
+
+def _backbone_dihedrals(topology: app.Topology):
+    import mdtraj
+
+    md_topology = mdtraj.Topology.from_openmm(topology)
+    dummy = mdtraj.Trajectory(np.zeros((1, md_topology.n_atoms, 3)), md_topology)
+    phi_idx, _ = mdtraj.compute_phi(dummy)
+    psi_idx, _ = mdtraj.compute_psi(dummy)
+    phi = tuple(int(i) for i in phi_idx[0]) if len(phi_idx) else None
+    psi = tuple(int(i) for i in psi_idx[0]) if len(psi_idx) else None
+    return phi, psi

@@ -1,0 +1,258 @@
+"""The HDF5 schema of every trade-md file: names, units, attributes, versions.
+
+Every stage reads and writes through this module (documented in ``docs/formats.md``). Each
+file carries ``format`` (e.g. ``trade-md/trajectory``), ``format_version``, the provenance
+attributes of :func:`trademd.provenance.provenance`, and a ``unit`` attribute on every dataset
+with a physical unit.
+"""
+
+from dataclasses import dataclass
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .errors import TradeMDError
+
+__all__ = [
+    "TRAJECTORY_FORMAT",
+    "Trajectory",
+    "TrajectoryWriter",
+    "read_trajectory",
+    "open_checked",
+    "describe",
+]
+
+TRAJECTORY_FORMAT = "trade-md/trajectory"
+FORMAT_VERSION = 1
+
+#: Per-frame datasets of a trajectory file: name -> (dtype, unit, description).
+TRAJECTORY_DATASETS = {
+    "positions_nm": ("float32", "nm", "atom positions [frames, atoms, 3]"),
+    "energy_kj_mol": ("float64", "kJ/mol", "potential energy of each frame [frames]"),
+    "replica": ("int32", "", "index of the replica (copy) that made each frame [frames]"),
+    "time_ps": ("float64", "ps", "simulation time of each frame after equilibration [frames]"),
+}
+
+
+def open_checked(path: str | Path, expected_format: str) -> h5py.File:
+    """Open ``path`` for reading and check that it is a trade-md file of ``expected_format``."""
+    path = Path(path)
+    if not path.is_file():
+        raise TradeMDError(f"file {str(path)!r} not found: check the path")
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError:
+        raise TradeMDError(f"{str(path)!r} is not an HDF5 file: give a file trade-md wrote") from None
+    found = h5.attrs.get("format")
+    if found != expected_format:
+        h5.close()
+        what = f"a {found!r} file" if found else "not a trade-md file (no 'format' attribute)"
+        raise TradeMDError(
+            f"{str(path)!r} is {what}, expected {expected_format!r}: give the file "
+            f"`trade-md {'simulate' if expected_format == TRAJECTORY_FORMAT else 'sample'}` wrote"
+        )
+    version = int(h5.attrs.get("format_version", 0))
+    if version > FORMAT_VERSION:
+        h5.close()
+        raise TradeMDError(
+            f"{str(path)!r} has format version {version}, newer than this trade-md reads "
+            f"({FORMAT_VERSION}): upgrade trade-md"
+        )
+    return h5
+
+
+@dataclass
+class Trajectory:
+    """A trajectory file's contents in memory.
+
+    Attributes:
+        positions_nm: float32 [frames, atoms, 3].
+        energy_kj_mol: float64 [frames].
+        replica: int32 [frames].
+        time_ps: float64 [frames].
+        temperature_k: the simulation temperature (K).
+        topology_pdb: PDB text of the topology.
+        attrs: all file attributes.
+    """
+
+    positions_nm: np.ndarray
+    energy_kj_mol: np.ndarray
+    replica: np.ndarray
+    time_ps: np.ndarray
+    temperature_k: float
+    topology_pdb: str
+    attrs: dict
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.positions_nm.shape[0])
+
+    def to_mdtraj(self):
+        """The frames as an ``mdtraj.Trajectory`` (time in ps)."""
+        import io
+
+        import mdtraj
+        import openmm.app as app
+
+        topology = mdtraj.Topology.from_openmm(app.PDBFile(io.StringIO(self.topology_pdb)).topology)
+        return mdtraj.Trajectory(self.positions_nm, topology, time=self.time_ps)
+
+
+def read_trajectory(path: str | Path) -> Trajectory:
+    """Read a ``trade-md/trajectory`` file written by ``trade-md simulate``."""
+    with open_checked(path, TRAJECTORY_FORMAT) as h5:
+        missing = [name for name in (*TRAJECTORY_DATASETS, "topology_pdb") if name not in h5]
+        if missing:
+            raise TradeMDError(f"{str(path)!r} lacks datasets {missing}: the file is damaged")
+        data = {name: h5[name][()] for name in TRAJECTORY_DATASETS}
+        energy = data["energy_kj_mol"]
+        if not np.all(np.isfinite(energy)):
+            raise TradeMDError(
+                f"{str(path)!r} holds {int(np.sum(~np.isfinite(energy)))} non-finite energies: "
+                "recompute them with `trade-md energy` or rerun the simulation"
+            )
+        return Trajectory(
+            topology_pdb=_text(h5["topology_pdb"][()]),
+            temperature_k=float(h5.attrs["temperature_k"]),
+            attrs=dict(h5.attrs),
+            **data,
+        )
+
+
+class TrajectoryWriter:
+    """Appends frames to a trajectory file chunk by chunk and keeps a resumable checkpoint.
+
+    Use as a context manager; the file is valid after every :meth:`append` (flushed), and an
+    interruption loses only frames not yet appended.
+    """
+
+    def __init__(self, h5: h5py.File):
+        self.h5 = h5
+
+    @classmethod
+    def create(cls, path: str | Path, attrs: dict, topology_pdb: str, n_atoms: int,
+               overwrite: bool = False) -> "TrajectoryWriter":
+        """Create a new file at ``path`` with the given attributes (see docs/formats.md)."""
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise TradeMDError(
+                f"{str(path)!r} exists: pass --overwrite to replace it or --resume to continue it"
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        h5 = h5py.File(path, "w")
+        h5.attrs["format"] = TRAJECTORY_FORMAT
+        h5.attrs["format_version"] = FORMAT_VERSION
+        for key, value in attrs.items():
+            h5.attrs[key] = json.dumps(value) if isinstance(value, (list, tuple, dict)) else value
+        units = {k: v[1] for k, v in TRAJECTORY_DATASETS.items() if v[1]}
+        h5.attrs["units"] = json.dumps({**units, "kinetic_temperature_k": "K", "temperature_k": "K"})
+        h5.create_dataset("topology_pdb", data=topology_pdb)
+        for name, (dtype, unit, description) in TRAJECTORY_DATASETS.items():
+            shape = (0, n_atoms, 3) if name == "positions_nm" else (0,)
+            chunks = (256, n_atoms, 3) if name == "positions_nm" else (4096,)
+            dataset = h5.create_dataset(
+                name, shape=shape, maxshape=(None, *shape[1:]), dtype=dtype, chunks=chunks
+            )
+            dataset.attrs["unit"] = unit
+            dataset.attrs["description"] = description
+        kinetic = h5.create_dataset(
+            "kinetic_temperature_k", shape=(0,), maxshape=(None,), dtype="float64", chunks=(1024,)
+        )
+        kinetic.attrs["unit"] = "K"
+        kinetic.attrs["description"] = "instantaneous kinetic temperature of all replicas [saves]"
+        return cls(h5)
+
+    @classmethod
+    def reopen(cls, path: str | Path) -> "TrajectoryWriter":
+        """Open an existing trajectory file to continue it (``--resume``)."""
+        open_checked(path, TRAJECTORY_FORMAT).close()
+        return cls(h5py.File(path, "a"))
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.h5["positions_nm"].shape[0])
+
+    def append(self, positions_nm: np.ndarray, energy_kj_mol: np.ndarray, replica: np.ndarray,
+               time_ps: np.ndarray, kinetic_temperature_k: np.ndarray) -> None:
+        """Append frames ([n, atoms, 3], [n], [n], [n]) and per-save kinetic temperatures."""
+        columns = {
+            "positions_nm": positions_nm,
+            "energy_kj_mol": energy_kj_mol,
+            "replica": replica,
+            "time_ps": time_ps,
+            "kinetic_temperature_k": kinetic_temperature_k,
+        }
+        for name, values in columns.items():
+            dataset = self.h5[name]
+            start = dataset.shape[0]
+            dataset.resize(start + len(values), axis=0)
+            dataset[start:] = values
+        self.h5.flush()
+
+    def save_checkpoint(self, openmm_checkpoint: bytes, state_xml: str, n_saves: int,
+                        platform: str) -> None:
+        """Store what ``--resume`` needs after ``n_saves`` saves of all replicas."""
+        if "checkpoint" in self.h5:
+            del self.h5["checkpoint"]
+        group = self.h5.create_group("checkpoint")
+        group.create_dataset("openmm_checkpoint", data=np.void(openmm_checkpoint))
+        group.create_dataset("state_xml", data=state_xml)
+        group.attrs["n_saves"] = n_saves
+        group.attrs["platform"] = platform
+        self.h5.flush()
+
+    def load_checkpoint(self) -> tuple[bytes, str, int, str]:
+        """(openmm checkpoint bytes, state XML, saves done, platform name)."""
+        if "checkpoint" not in self.h5:
+            raise TradeMDError(
+                f"{self.h5.filename!r} has no checkpoint to resume from: start it again with "
+                "--overwrite"
+            )
+        group = self.h5["checkpoint"]
+        return (
+            group["openmm_checkpoint"][()].tobytes(),
+            _text(group["state_xml"][()]),
+            int(group.attrs["n_saves"]),
+            str(group.attrs["platform"]),
+        )
+
+    def close(self) -> None:
+        self.h5.close()
+
+    def __enter__(self) -> "TrajectoryWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def describe(path: str | Path) -> str:
+    """A human-readable summary of any trade-md HDF5 file: format, attributes, datasets."""
+    path = Path(path)
+    if not path.is_file():
+        raise TradeMDError(f"file {str(path)!r} not found: check the path")
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError:
+        raise TradeMDError(f"{str(path)!r} is not an HDF5 file") from None
+    lines = [f"{path}"]
+    with h5:
+        fmt = h5.attrs.get("format", "(not a trade-md file)")
+        lines.append(f"  format: {fmt} (version {h5.attrs.get('format_version', '?')})")
+        for key in sorted(h5.attrs):
+            if key not in ("format", "format_version"):
+                lines.append(f"  {key}: {_text(h5.attrs[key])}")
+
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                unit = obj.attrs.get("unit", "")
+                lines.append(f"  /{name}: {obj.dtype} {obj.shape}" + (f" [{unit}]" if unit else ""))
+
+        h5.visititems(visit)
+    return "\n".join(lines)
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

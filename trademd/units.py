@@ -1,0 +1,38 @@
+"""Physical constants and parsing of quantities given on the command line.
+
+Internal units are OpenMM's: nm, ps, kJ/mol, K, amu.
+"""
+
+import re
+
+__all__ = ["BOLTZMANN_KJ_MOL_K", "parse_time_ps", "reduced_energy"]
+
+#: Boltzmann constant times Avogadro's number, kJ/(mol K) (CODATA 2018, as in OpenMM).
+BOLTZMANN_KJ_MOL_K = 0.0083144626181532395
+
+_TIME_UNITS_PS = {"fs": 1e-3, "ps": 1.0, "ns": 1e3, "us": 1e6}
+_TIME_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(fs|ps|ns|us)\s*$")
+
+
+def parse_time_ps(text: str) -> float:
+    """Parse a duration such as ``"20ns"``, ``"1ps"`` or ``"500 fs"`` into picoseconds.
+
+    >>> parse_time_ps("20ns")
+    20000.0
+    """
+    from .errors import TradeMDError
+
+    match = _TIME_PATTERN.match(str(text))
+    if match is None:
+        raise TradeMDError(
+            f"cannot read the duration {text!r}: write a number and a unit, e.g. 20ns, 1ps, 500fs"
+        )
+    value_ps = float(match.group(1)) * _TIME_UNITS_PS[match.group(2)]
+    if value_ps <= 0:
+        raise TradeMDError(f"the duration {text!r} must be positive")
+    return value_ps
+
+
+def reduced_energy(energy_kj_mol, temperature_k):
+    """u = U / (k_B T): works elementwise on floats, NumPy arrays and torch tensors."""
+    return energy_kj_mol / (BOLTZMANN_KJ_MOL_K * temperature_k)
