@@ -1,6 +1,7 @@
 """The ``trade-md`` command: parses arguments and calls the library, nothing else."""
 
 from functools import wraps
+import shlex
 from pathlib import Path
 from typing import List, Optional
 
@@ -14,6 +15,20 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Equilibrium samples of molecules at temperatures never simulated (TRADE).",
 )
+
+
+def full_command(ctx: typer.Context) -> str:
+    """The command with every option spelled out, defaults included: reproduces the run."""
+    words = [ctx.command_path]
+    for name, value in ctx.params.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            words += [flag] if value else []
+        elif isinstance(value, (list, tuple)):
+            words += [w for v in value for w in (flag, shlex.quote(str(v)))]
+        elif value is not None:
+            words += [flag, shlex.quote(str(value))]
+    return " ".join(words)
 
 
 def reports_errors(command):
@@ -49,6 +64,7 @@ def systems() -> None:
 @app.command()
 @reports_errors
 def simulate(
+    ctx: typer.Context,
     out: Path = typer.Option(..., "--out", help="HDF5 trajectory file to write"),
     system: str = typer.Option("ala2-implicit", help="built-in system (see `trade-md systems`)"),
     pdb: Optional[Path] = typer.Option(None, help="user system: PDB file of one molecule"),
@@ -81,7 +97,8 @@ def simulate(
         pdb_path=str(pdb) if pdb is not None else None,
         forcefield_files=tuple(forcefield or ()),
     )
-    path = run_simulation(config, out, overwrite=overwrite, resume=resume, show_progress=not quiet)
+    path = run_simulation(config, out, overwrite=overwrite, resume=resume,
+                          command=full_command(ctx), show_progress=not quiet)
     typer.echo(str(path))
 
 

@@ -1,0 +1,100 @@
+"""Molecular dynamics: the right temperature, exact stored energies, chunked resumable files."""
+
+import h5py
+import numpy as np
+import pytest
+
+from trademd.h5io import read_trajectory
+from trademd.molecule_energy import MoleculeEnergy
+from trademd.simulate import SimulationConfig, simulate
+from trademd.systems import get_system
+import trademd.simulate
+
+
+def _config(**overrides) -> SimulationConfig:
+    settings = dict(system_name="ala2-vacuum", temperature_k=300.0, time_ps=4.0, replicas=4,
+                    save_every_ps=0.5, equilibration_ps=1.0, chunk_saves=2, platform="CPU", seed=11)
+    settings.update(overrides)
+    return SimulationConfig(**settings)
+
+
+@pytest.mark.slow
+def test_kinetic_temperature_matches_target(tmp_path):
+    """Mean kinetic temperature over 16 replicas x 20 ps equals the target within 4 standard
+    errors (block averages over 2 ps blocks, longer than the 1/friction = 1 ps memory)."""
+    config = _config(temperature_k=400.0, time_ps=20.0, replicas=16, save_every_ps=0.1,
+                     equilibration_ps=2.0, chunk_saves=50)
+    path = simulate(config, tmp_path / "t.h5", show_progress=False)
+    with h5py.File(path) as h5:
+        kinetic = h5["kinetic_temperature_k"][()]
+    blocks = kinetic.reshape(10, -1).mean(axis=1)
+    standard_error = blocks.std(ddof=1) / np.sqrt(len(blocks))
+    assert abs(kinetic.mean() - 400.0) < 4 * standard_error + 2.0
+
+
+def test_stored_energies_equal_a_fresh_context(tmp_path):
+    for name in ("ala2-vacuum", "ala2-implicit"):
+        path = simulate(_config(system_name=name), tmp_path / f"{name}.h5", show_progress=False)
+        trajectory = read_trajectory(path)
+        assert trajectory.n_frames == 8 * 4
+        recomputed, _ = MoleculeEnergy(get_system(name).create_openmm_system())(trajectory.positions_nm)
+        assert np.abs(recomputed - trajectory.energy_kj_mol).max() < 1e-3
+
+
+def test_file_layout_and_attributes(tmp_path):
+    path = simulate(_config(), tmp_path / "t.h5", command="trade-md simulate --test",
+                    show_progress=False)
+    trajectory = read_trajectory(path)
+    assert trajectory.positions_nm.dtype == np.float32
+    assert trajectory.positions_nm.shape == (32, 22, 3)
+    assert trajectory.replica.tolist() == [0, 1, 2, 3] * 8
+    assert np.allclose(np.unique(trajectory.time_ps), np.arange(1, 9) * 0.5)
+    attrs = trajectory.attrs
+    assert attrs["temperature_k"] == 300.0 and attrs["system"] == "ala2-vacuum"
+    assert attrs["command"] == "trade-md simulate --test"
+    for key in ("openmm_version", "trademd_version", "integrator", "timestep_ps",
+                "friction_per_ps", "seed", "forcefield_files", "units"):
+        assert key in attrs
+    with h5py.File(path) as h5:
+        assert h5["positions_nm"].attrs["unit"] == "nm"
+        assert h5["energy_kj_mol"].attrs["unit"] == "kJ/mol"
+    # frames stay whole molecules: bond lengths of the constrained C-H bonds are exact
+    bond = np.linalg.norm(trajectory.positions_nm[:, 0] - trajectory.positions_nm[:, 1], axis=-1)
+    assert np.allclose(bond, bond[0], atol=1e-4)
+
+
+def test_interrupted_run_resumes_losing_at_most_one_chunk(tmp_path, monkeypatch):
+    """Ctrl-C during the second chunk leaves a valid file with the first chunk; --resume
+    continues it to the same frames an uninterrupted run writes."""
+    config = _config(time_ps=3.0)
+    uninterrupted = read_trajectory(simulate(config, tmp_path / "whole.h5", show_progress=False))
+
+    calls = {"n": 0}
+    original = trademd.simulate.MoleculeEnergy.__call__
+
+    def interrupt_second_chunk(self, positions):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, positions)
+
+    monkeypatch.setattr(trademd.simulate.MoleculeEnergy, "__call__", interrupt_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        simulate(config, tmp_path / "cut.h5", show_progress=False)
+    partial = read_trajectory(tmp_path / "cut.h5")
+    assert partial.n_frames == 2 * 4  # the first chunk: 2 saves x 4 replicas
+    monkeypatch.setattr(trademd.simulate.MoleculeEnergy, "__call__", original)
+
+    simulate(_config(time_ps=3.0), tmp_path / "cut.h5", resume=True, show_progress=False)
+    resumed = read_trajectory(tmp_path / "cut.h5")
+    assert resumed.n_frames == uninterrupted.n_frames == 6 * 4
+    assert np.allclose(resumed.time_ps, uninterrupted.time_ps)
+    assert np.allclose(resumed.positions_nm, uninterrupted.positions_nm, atol=1e-4)
+
+
+def test_resume_extends_a_finished_run(tmp_path):
+    path = simulate(_config(time_ps=1.0), tmp_path / "t.h5", show_progress=False)
+    simulate(_config(time_ps=2.0), path, resume=True, show_progress=False)
+    trajectory = read_trajectory(path)
+    assert trajectory.n_frames == 4 * 4
+    assert trajectory.time_ps.max() == pytest.approx(2.0)

@@ -1,0 +1,93 @@
+"""Built-in and user systems: topology, Z-matrix, dihedral indices, clear errors."""
+
+import mdtraj
+import numpy as np
+import pytest
+
+from trademd.errors import TradeMDError
+from trademd.systems import get_system, list_systems, user_system
+from trademd.systems.zmatrix import validate_zmatrix, zmatrix_from_bonds
+
+
+def test_builtin_systems_are_listed():
+    names = [s.name for s in list_systems()]
+    assert names == ["ala2-implicit", "ala2-vacuum"]
+
+
+def test_alanine_zmatrix_is_valid_and_places_every_atom(molecule):
+    validate_zmatrix(molecule.zmatrix, 22)
+    assert molecule.zmatrix[:3, 0].tolist() == [6, 8, 14]
+
+
+def test_alanine_zmatrix_bonds_are_real_bonds(molecule):
+    bonds = {frozenset((b[0].index, b[1].index)) for b in molecule.pdb().topology.bonds()}
+    for atom, partner, *_ in molecule.zmatrix[1:].tolist():
+        assert frozenset((atom, partner)) in bonds
+
+
+def test_phi_psi_indices_agree_with_mdtraj(molecule):
+    trajectory = mdtraj.Trajectory(molecule.positions_nm()[None], molecule.mdtraj_topology())
+    phi_idx, _ = mdtraj.compute_phi(trajectory)
+    psi_idx, _ = mdtraj.compute_psi(trajectory)
+    assert tuple(phi_idx[0]) == molecule.phi_atoms
+    assert tuple(psi_idx[0]) == molecule.psi_atoms
+
+
+def test_implicit_system_has_obc_and_hbond_constraints():
+    system = get_system("ala2-implicit").create_openmm_system()
+    names = {type(f).__name__ for f in system.getForces()}
+    assert "GBSAOBCForce" in names
+    assert system.getNumConstraints() == 12
+
+
+def test_user_system_from_pdb(tmp_path):
+    pdb = tmp_path / "ala2.pdb"
+    pdb.write_text(get_system("ala2-vacuum").pdb_text)
+    system = user_system(pdb, ["amber99sbildn.xml", "amber96_obc.xml"])
+    assert system.solvent == "implicit-obc"
+    validate_zmatrix(system.zmatrix, 22)
+    assert system.phi_atoms == (4, 6, 8, 14)
+    bonds = {frozenset((b[0].index, b[1].index)) for b in system.pdb().topology.bonds()}
+    for atom, partner, *_ in system.zmatrix[1:].tolist():
+        assert frozenset((atom, partner)) in bonds
+
+
+def test_zmatrix_from_random_trees():
+    rng = np.random.default_rng(3)
+    for n_atoms in (4, 7, 30):
+        bonds = [(k, int(rng.integers(0, k))) for k in range(1, n_atoms)]
+        heavy = [bool(rng.integers(0, 2)) for _ in range(n_atoms)]
+        zmatrix = zmatrix_from_bonds(n_atoms, bonds, heavy)
+        validate_zmatrix(zmatrix, n_atoms)
+        bond_set = {frozenset(b) for b in bonds}
+        for atom, partner, *_ in zmatrix[1:].tolist():
+            assert frozenset((atom, partner)) in bond_set
+
+
+def test_disconnected_molecule_is_refused():
+    with pytest.raises(TradeMDError, match="not connected"):
+        zmatrix_from_bonds(6, [(0, 1), (1, 2), (3, 4), (4, 5)], [True] * 6)
+
+
+@pytest.mark.parametrize(
+    "content, forcefield, message",
+    [
+        (None, ["amber99sbildn.xml"], "not found"),
+        ("this is not a pdb\n", ["amber99sbildn.xml"], "PDB"),
+        ("ala2", ["tip3p.xml"], "does not match the topology"),
+        ("ala2", ["no-such-forcefield.xml"], "cannot load force field"),
+    ],
+)
+def test_bad_user_systems_are_clear_errors(tmp_path, content, forcefield, message):
+    pdb = tmp_path / "molecule.pdb"
+    if content == "ala2":
+        pdb.write_text(get_system("ala2-vacuum").pdb_text)
+    elif content is not None:
+        pdb.write_text(content)
+    with pytest.raises(TradeMDError, match=message):
+        user_system(pdb, forcefield)
+
+
+def test_unknown_system_names_the_choices():
+    with pytest.raises(TradeMDError, match="ala2-implicit"):
+        get_system("ala3")
