@@ -1,0 +1,146 @@
+"""The TRADE objective (Wahl et al., AISTATS 2025): all of its mathematics, in one place.
+
+For a Boltzmann family q(x|T) = exp(-U(x) / (k T)) / Z(T),
+
+    d/dT log q(x|T) = U(x) / (k T^2) - E_{q(.|T)}[U / (k T^2)].
+
+TRADE fits a conditional model p(x|T) at a boundary temperature T0 (by maximum likelihood)
+and propagates it to other T by pushing the residual
+
+    d/dT log p(x|T) - [U(x) / (k T^2) - E_{p(.|T)}[U / (k T^2)]]
+
+to zero. Temperature enters every public function as T (kelvin for molecules, reduced units
+for the analytic systems, where k = 1). Internally the derivative is taken with respect to
+log T, in exactly one place (:func:`dlogp_dlogt`): multiplying the identity by T gives
+
+    d/dlogT log p(x|T) = u(x, T) - E_{p(.|T)}[u],    u = U / (k T)  (reduced energy),
+
+a dimensionless residual of order one at every temperature, which is what the loss uses.
+Expectations under p(.|T) are estimated by self-normalised importance sampling from model
+samples (:func:`snis_mean`) and, in grid mode, cached per grid temperature with an
+exponential moving average (:class:`ExpectationCache`).
+"""
+
+from collections.abc import Callable
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .errors import TradeMDError
+
+__all__ = [
+    "dlogp_dlogt",
+    "trade_target",
+    "trade_residual",
+    "residual_loss",
+    "snis_mean",
+    "kish_ess",
+    "log_importance_weights",
+    "ExpectationCache",
+    "log_spaced_grid",
+]
+
+
+def dlogp_dlogt(log_prob: Callable[[Tensor, Tensor], Tensor], x: Tensor, temperature: Tensor,
+                create_graph: bool = True) -> Tensor:
+    """T d/dT log p(x|T) = d/dlogT log p(x|T) by autograd.
+
+    Args:
+        log_prob: (x [B, ...], temperature [B]) -> log p [B].
+        x: evaluation points [B, ...] (treated as constants).
+        temperature: [B], positive.
+        create_graph: keep the graph so the result can be trained on.
+
+    Returns:
+        [B], differentiable w.r.t. the model's parameters when ``create_graph``.
+    """
+    temperature = temperature.detach().clone().requires_grad_(True)
+    log_p = log_prob(x.detach(), temperature)
+    (grad,) = torch.autograd.grad(log_p.sum(), temperature, create_graph=create_graph)
+    return grad * temperature.detach()
+
+
+def trade_target(reduced_energy: Tensor, expected_reduced_energy: Tensor) -> Tensor:
+    """The TRADE target for d/dlogT log p(x|T): u(x, T) - E_{p(.|T)}[u]. Shapes broadcast."""
+    return reduced_energy - expected_reduced_energy
+
+
+def trade_residual(dlogp_dlogt_value: Tensor, reduced_energy: Tensor,
+                   expected_reduced_energy: Tensor) -> Tensor:
+    """d/dlogT log p(x|T) - (u - E[u]) [B]: zero for the exact Boltzmann family."""
+    return dlogp_dlogt_value - trade_target(reduced_energy, expected_reduced_energy)
+
+
+def residual_loss(residual: Tensor, kind: str = "huber", delta: float = 1.0) -> Tensor:
+    """Mean Huber (``delta`` in units of the residual) or squared loss of a residual [B]."""
+    if kind == "mse":
+        return (residual**2).mean()
+    if kind == "huber":
+        return nn.functional.huber_loss(residual, torch.zeros_like(residual), delta=delta)
+    raise TradeMDError(f"unknown residual loss {kind!r}: choose huber or mse")
+
+
+def log_importance_weights(reduced_energy: Tensor, model_log_prob: Tensor) -> Tensor:
+    """Unnormalised log weights of model samples for the Boltzmann target: -u - log p [B]."""
+    return -reduced_energy - model_log_prob
+
+
+def snis_mean(values: Tensor, log_weights: Tensor) -> Tensor:
+    """Self-normalised importance-sampling estimate sum(w v) / sum(w) over the last axis.
+
+    Non-finite log weights (samples with infinite energy) get zero weight; if no weight is
+    finite the result is NaN, which callers treat as a bad batch.
+    """
+    log_weights = torch.where(torch.isfinite(log_weights), log_weights,
+                              torch.full_like(log_weights, -math.inf))
+    weights = torch.softmax(log_weights, dim=-1)
+    values = torch.where(weights > 0, values, torch.zeros_like(values))
+    return (weights * values).sum(dim=-1)
+
+
+def kish_ess(log_weights: Tensor) -> Tensor:
+    """Kish effective sample size (sum w)^2 / sum w^2 over the last axis (absolute)."""
+    log_weights = torch.where(torch.isfinite(log_weights), log_weights,
+                              torch.full_like(log_weights, -math.inf))
+    return torch.exp(2 * torch.logsumexp(log_weights, -1) - torch.logsumexp(2 * log_weights, -1))
+
+
+def log_spaced_grid(t_min: float, t_max: float, n: int) -> Tensor:
+    """``n`` temperatures log-spaced from ``t_min`` to ``t_max`` (float64 [n])."""
+    if not 0 < t_min < t_max:
+        raise TradeMDError(f"need 0 < tmin < tmax, got {t_min} and {t_max}")
+    return torch.exp(torch.linspace(math.log(t_min), math.log(t_max), n, dtype=torch.float64))
+
+
+class ExpectationCache(nn.Module):
+    """E_{p(.|T)}[u] on a temperature grid, refreshed with an exponential moving average.
+
+    Args:
+        temperatures: grid [G] (K or reduced units).
+        momentum: weight of the old value in an update (0 replaces it).
+
+    The cache is a module buffer, so it is saved and restored with the training state.
+    """
+
+    def __init__(self, temperatures: Tensor, momentum: float = 0.9):
+        super().__init__()
+        self.register_buffer("temperatures", temperatures.to(torch.float64))
+        self.register_buffer("expected_u", torch.full_like(self.temperatures, math.nan))
+        self.momentum = float(momentum)
+
+    def update(self, index: int, estimate: float) -> None:
+        """Blend a new estimate into grid point ``index`` (the first estimate is taken as is)."""
+        if not math.isfinite(estimate):
+            return
+        old = float(self.expected_u[index])
+        new = estimate if math.isnan(old) else self.momentum * old + (1 - self.momentum) * estimate
+        self.expected_u[index] = new
+
+    def lookup(self, index: Tensor) -> Tensor:
+        """Cached E[u] at grid indices [B] -> [B]."""
+        return self.expected_u[index]
+
+    @property
+    def ready(self) -> bool:
+        return bool(torch.isfinite(self.expected_u).all())
