@@ -20,8 +20,12 @@ app = typer.Typer(
 def full_command(ctx: typer.Context) -> str:
     """The command with every option spelled out, defaults included: reproduces the run."""
     words = [ctx.command_path]
+    flags = {p.name: next((o for o in p.opts if o.startswith("--")), None) for p in ctx.command.params}
     for name, value in ctx.params.items():
-        flag = "--" + name.replace("_", "-")
+        flag = flags.get(name)
+        if flag is None:  # a positional argument
+            words.append(shlex.quote(str(value)))
+            continue
         if isinstance(value, bool):
             words += [flag] if value else []
         elif isinstance(value, (list, tuple)):
@@ -114,14 +118,123 @@ def info(file: Path = typer.Argument(..., help="any HDF5 file trade-md wrote")) 
 @app.command()
 @reports_errors
 def export(
-    file: Path = typer.Argument(..., help="trajectory file written by `trade-md simulate`"),
-    format: str = typer.Option("dcd", "--format", help="dcd, xtc or pdb"),
+    file: Path = typer.Argument(..., help="trajectory (simulate) or samples (sample) file"),
+    format: str = typer.Option("dcd", "--format", help="dcd, xtc, pdb or npz"),
     out: Optional[Path] = typer.Option(None, help="output path (default: FILE with new suffix)"),
+    temperature: Optional[float] = typer.Option(None, help="samples file: which temperature (K)"),
+    resample: Optional[int] = typer.Option(None, help="samples file: draw N frames by importance weight"),
+    seed: int = typer.Option(0, help="random seed of --resample"),
 ) -> None:
-    """Write a trajectory file as DCD, XTC or PDB through mdtraj."""
-    from trademd.export import export_trajectory
+    """Write frames as DCD, XTC, PDB (through mdtraj) or NPZ; optionally resampled by weight."""
+    from trademd.export import export_file
 
-    typer.echo(str(export_trajectory(file, format, out)))
+    typer.echo(str(export_file(file, format, out, temperature, resample, seed)))
+
+
+@app.command()
+@reports_errors
+def energy(
+    file: Path = typer.Argument(..., help="trajectory file written by `trade-md simulate`"),
+    platform: str = typer.Option("auto", help="OpenMM platform: auto, CPU, CUDA or Reference"),
+    write: bool = typer.Option(False, help="replace the stored energies with the recomputed ones"),
+) -> None:
+    """Recompute the potential energy of every frame and compare with the stored values."""
+    from trademd.energy import recompute_trajectory_energies
+
+    check = recompute_trajectory_energies(file, platform=platform, write=write)
+    typer.echo(f"frames: {check.n_frames}")
+    typer.echo(f"max |recomputed - stored|: {check.max_abs_difference_kj_mol:.6g} kJ/mol")
+    typer.echo(f"mean energy: {check.mean_energy_kj_mol:.6f} kJ/mol")
+    if check.n_overflow:
+        typer.echo(f"non-finite energies: {check.n_overflow} frames (atoms on top of each other)")
+    if check.written:
+        typer.echo(f"wrote recomputed energies to {file}")
+
+
+@app.command()
+@reports_errors
+def train(
+    out: Path = typer.Option(..., "--out", help="run directory (model.pt, metrics.csv, loss.png)"),
+    data: Optional[Path] = typer.Option(None, help="trajectory file from `trade-md simulate` (its T is T0)"),
+    system: Optional[str] = typer.Option(None, help="analytic system instead of data: gaussian-2d, double-well-5d"),
+    tmin: float = typer.Option(..., help="lowest temperature of the trained range (K)"),
+    tmax: float = typer.Option(..., help="highest temperature of the trained range (K)"),
+    objective: Optional[str] = typer.Option(None, help="trade (default), nll, reverse-kl, nll+reverse-kl"),
+    preset: str = typer.Option("quick", help="quick (laptop CPU, minutes) or paper (GPU scale)"),
+    steps: Optional[int] = typer.Option(None, help="training steps (overrides the preset)"),
+    batch_size: Optional[int] = typer.Option(None, help="NLL batch size (overrides the preset)"),
+    config: Optional[Path] = typer.Option(None, help="JSON or YAML file of training settings"),
+    device: str = typer.Option("auto", help="torch device: auto, cpu or cuda"),
+    platform: str = typer.Option("auto", help="OpenMM platform of the energies: auto, CPU, CUDA"),
+    seed: Optional[int] = typer.Option(None, help="random seed"),
+    resume: bool = typer.Option(False, help="continue from the run directory's checkpoint"),
+    quiet: bool = typer.Option(False, help="no progress display"),
+) -> None:
+    """Fit a temperature-conditional flow at T0 and transfer it over [tmin, tmax] with TRADE."""
+    from trademd.training_run import train_run
+
+    overrides = {"objective": objective, "steps": steps, "batch_size": batch_size, "seed": seed}
+    model = train_run(out, tmin, tmax, data=data, system=system, preset=preset, config_file=config,
+                      overrides=overrides, device=device, platform=platform, resume=resume,
+                      show_progress=not quiet)
+    typer.echo(str(model))
+
+
+@app.command()
+@reports_errors
+def sample(
+    ctx: typer.Context,
+    model: Path = typer.Option(..., help="model.pt from `trade-md train`"),
+    temperature: List[float] = typer.Option(..., help="temperature(s) in K; repeat for several"),
+    out: Path = typer.Option(..., "--out", help="HDF5 samples file to write"),
+    n: int = typer.Option(10000, help="samples per temperature"),
+    batch_size: int = typer.Option(4096, help="samples per batch"),
+    extrapolate: bool = typer.Option(False, help="allow temperatures outside the trained range"),
+    device: str = typer.Option("auto", help="torch device: auto, cpu or cuda"),
+    platform: str = typer.Option("auto", help="OpenMM platform of the energies"),
+    overwrite: bool = typer.Option(False, help="replace an existing output file"),
+    json_summary: bool = typer.Option(False, "--json", help="print a one-line JSON summary per T"),
+    quiet: bool = typer.Option(False, help="no progress display"),
+) -> None:
+    """Sample a trained model at any temperature with OpenMM energies and importance weights."""
+    import json
+
+    from trademd.sampling_run import sample_run
+
+    summaries = sample_run(model, list(temperature), n, out, overwrite=overwrite,
+                           extrapolate=extrapolate, device=device, platform=platform,
+                           batch_size=batch_size, command=full_command(ctx), show_progress=not quiet)
+    for summary in summaries:
+        if json_summary:
+            typer.echo(json.dumps(summary))
+        else:
+            delta = summary.get("delta_f_positive_phi_kt")
+            extra = (f", dF(phi>0 vs phi<0) {delta:.2f} +- {summary['delta_f_positive_phi_kt_error']:.2f} kT"
+                     if delta is not None else "")
+            typer.echo(f"{summary['temperature_k']:g} K: n {summary['n']}, ESS {summary['ess']:.0f} "
+                       f"({100 * summary['relative_ess']:.1f} %){extra} -> {summary['path']}")
+
+
+@app.command()
+@reports_errors
+def evaluate(
+    samples: Path = typer.Option(..., help="samples file from `trade-md sample`"),
+    reference: Path = typer.Option(..., help="reference trajectory at the same temperature (MD)"),
+    temperature: Optional[float] = typer.Option(None, help="temperature (K); default: the reference's"),
+    model: Optional[Path] = typer.Option(None, help="model.pt, to report the reference frames' NLL"),
+    out: Optional[Path] = typer.Option(None, help="metrics JSON (default: SAMPLES_T<T>_metrics.json)"),
+) -> None:
+    """Compare samples with a reference ensemble: phi/psi KL and JS, energy W1, ESS, free energies."""
+    import json
+
+    from trademd.evaluate import evaluate_samples
+
+    stem = samples.with_suffix("")
+    tag = f"_T{temperature:g}" if temperature is not None else ""
+    out_json = out or Path(f"{stem}{tag}_metrics.json")
+    metrics = evaluate_samples(samples, reference, temperature, model, out_json,
+                               out_json.with_suffix(".png"))
+    typer.echo(json.dumps(metrics))
 
 
 def main() -> None:

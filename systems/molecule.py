@@ -28,6 +28,8 @@ class MolecularSystem:
         zmatrix: int64 [n_atoms, 4], placement order (see :mod:`trademd.systems.zmatrix`).
         phi_atoms: the four atom indices of the backbone phi dihedral, or None.
         psi_atoms: the four atom indices of the backbone psi dihedral, or None.
+        chiral_centres: int [m, 4] rows (centre, a, b, c): atoms whose handedness
+            (sign of the signed volume of a, b, c around the centre) samples must keep.
         constraints: ``"HBonds"``: bonds to hydrogen are rigid in MD (2 fs steps) and held
             fixed at their constraint lengths by the internal coordinates downstream.
     """
@@ -40,6 +42,7 @@ class MolecularSystem:
     zmatrix: np.ndarray
     phi_atoms: tuple[int, int, int, int] | None
     psi_atoms: tuple[int, int, int, int] | None
+    chiral_centres: np.ndarray
     constraints: str = "HBonds"
 
     def pdb(self) -> app.PDBFile:

@@ -30,6 +30,8 @@ _ALA2_ROWS = [
 ]
 _ALA2_PHI = (4, 6, 8, 14)
 _ALA2_PSI = (6, 8, 14, 16)
+# C-alpha with N, C and CB: an L-amino acid has one fixed sign of this signed volume
+_ALA2_CHIRAL_CA = (8, 6, 14, 10)
 
 
 def _alanine(name: str, forcefield: tuple[str, ...], solvent: str, description: str):
@@ -43,6 +45,7 @@ def _alanine(name: str, forcefield: tuple[str, ...], solvent: str, description: 
         zmatrix=order_zmatrix(_ALA2_SEEDS, _ALA2_ROWS),
         phi_atoms=_ALA2_PHI,
         psi_atoms=_ALA2_PSI,
+        chiral_centres=np.array([_ALA2_CHIRAL_CA], dtype=np.int64),
     )
 
 
@@ -123,7 +126,22 @@ def _user_system_from_text(pdb_text: str, file_name: str, forcefield_files) -> M
         zmatrix=zmatrix_from_bonds(topology.getNumAtoms(), bonds, heavy),
         phi_atoms=phi,
         psi_atoms=psi,
+        chiral_centres=_chiral_centres(bonds, heavy),
     )
+
+
+def _chiral_centres(bonds: list[tuple[int, int]], heavy: list[bool]) -> np.ndarray:
+    """Atoms with four bonded neighbours of which at most one is hydrogen (two identical
+    hydrogens make a centre achiral), as rows (centre, three heavy neighbours or H)."""
+    neighbours: dict[int, list[int]] = {}
+    for i, j in bonds:
+        neighbours.setdefault(i, []).append(j)
+        neighbours.setdefault(j, []).append(i)
+    rows = []
+    for centre, around in sorted(neighbours.items()):
+        if len(around) == 4 and sum(not heavy[a] for a in around) <= 1:
+            rows.append([centre, *sorted(around, key=lambda a: (not heavy[a], a))[:3]])
+    return np.array(rows, dtype=np.int64).reshape(-1, 4)
 
 
 def _backbone_dihedrals(topology: app.Topology):

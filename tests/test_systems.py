@@ -91,3 +91,13 @@ def test_bad_user_systems_are_clear_errors(tmp_path, content, forcefield, messag
 def test_unknown_system_names_the_choices():
     with pytest.raises(TradeMDError, match="ala2-implicit"):
         get_system("ala3")
+
+
+def test_chiral_centres(tmp_path):
+    """Alanine has one chiral centre (CA); a user system finds it from the bond graph alone."""
+    assert get_system("ala2-implicit").chiral_centres.tolist() == [[8, 6, 14, 10]]
+    pdb = tmp_path / "ala2.pdb"
+    pdb.write_text(get_system("ala2-vacuum").pdb_text)
+    centres = user_system(pdb, ["amber99sbildn.xml"]).chiral_centres
+    assert centres[:, 0].tolist() == [8]  # methyl carbons (1, 10, 18) are not chiral
+    assert sorted(centres[0, 1:].tolist()) == [6, 10, 14]

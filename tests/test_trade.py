@@ -11,7 +11,15 @@ from trademd.trade import (
     residual_loss, snis_mean, trade_residual, trade_target,
 )
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """These identities are checked in float64; other test modules keep float32."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def _gaussian_log_prob(x, temperature):

@@ -62,7 +62,8 @@ class TemperatureBase(nn.Module):
         if bounded_base not in BOUNDED_BASES:
             raise TradeMDError(f"unknown bounded base {bounded_base!r}: use one of {BOUNDED_BASES}")
         if not sigma > 0 or not kappa > 0 or not reference_temperature_k > 0:
-            raise TradeMDError("base_sigma, base_kappa and reference_temperature_k must be positive")
+            raise TradeMDError(
+                "base_sigma, base_kappa and reference_temperature_k must be positive")
         self.n_torsions = int(n_torsions)
         self.n_bounded = int(n_bounded)
         self.torsion_base = torsion_base
@@ -121,7 +122,7 @@ class TemperatureBase(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, temperature_k: Tensor, dtype: torch.dtype | None = None,
                device: torch.device | str | None = None) -> Tensor:
-        """Draw ``n`` samples w [n, n_torsions + n_bounded] at temperatures ``temperature_k`` [n]."""
+        """``n`` samples w [n, n_torsions + n_bounded] at temperatures ``temperature_k`` [n]."""
         dtype = dtype or temperature_k.dtype
         device = device or temperature_k.device
         temperature_k = temperature_k.to(dtype=torch.float64, device=device)

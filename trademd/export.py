@@ -1,27 +1,83 @@
-"""Writing trade-md trajectories as standard trajectory files through mdtraj."""
+"""Writing trade-md trajectories and samples as standard files through mdtraj (or NumPy)."""
 
+import io
 from pathlib import Path
 
+import h5py
+import numpy as np
+
 from .errors import TradeMDError
-from .h5io import read_trajectory
+from .h5io import SAMPLES_FORMAT, read_samples, read_trajectory
 
-__all__ = ["EXPORT_FORMATS", "export_trajectory"]
+__all__ = ["EXPORT_FORMATS", "export_file"]
 
-EXPORT_FORMATS = ("dcd", "xtc", "pdb")
+EXPORT_FORMATS = ("dcd", "xtc", "pdb", "npz")
 
 
-def export_trajectory(path: str | Path, fmt: str, out: str | Path | None = None) -> Path:
-    """Write the frames of trajectory file ``path`` as ``fmt`` (dcd, xtc or pdb).
+def export_file(path: str | Path, fmt: str, out: str | Path | None = None,
+                temperature_k: float | None = None, resample: int | None = None,
+                seed: int = 0) -> Path:
+    """Write the frames of a trajectory or samples file as ``fmt`` (dcd, xtc, pdb or npz).
 
-    For dcd and xtc a ``<out>.pdb`` with the first frame is written too, as the topology
-    other programs need. Returns the path written (default: ``path`` with the new suffix).
+    For a samples file, ``temperature_k`` picks the group (default: its only one) and
+    ``resample`` draws that many frames with probability proportional to the importance
+    weights (an unweighted ensemble); without it every sample is written and npz carries the
+    weights. For dcd and xtc a PDB of the first frame is written beside, as the topology.
+    Returns the path written (default: ``path`` with the new suffix).
     """
     if fmt not in EXPORT_FORMATS:
         raise TradeMDError(f"unknown export format {fmt!r}: choose one of {list(EXPORT_FORMATS)}")
-    trajectory = read_trajectory(path).to_mdtraj()
+    positions, weights, topology_pdb, extra = _frames(Path(path), temperature_k)
+    if resample is not None:
+        if weights is None:
+            raise TradeMDError("--resample needs a samples file (importance weights)")
+        if resample < 1:
+            raise TradeMDError("--resample must be at least 1")
+        chosen = np.random.default_rng(seed).choice(len(weights), size=resample, p=weights)
+        positions, weights = positions[chosen], None
+        extra = {k: v[chosen] for k, v in extra.items()}
     out = Path(out) if out is not None else Path(path).with_suffix(f".{fmt}")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "npz":
+        arrays = {"positions_nm": positions, **extra}
+        if weights is not None:
+            arrays["weights"] = weights
+        np.savez(out, **arrays)
+        return out
+    import mdtraj
+    import openmm.app as app
+
+    topology = mdtraj.Topology.from_openmm(app.PDBFile(io.StringIO(topology_pdb)).topology)
+    trajectory = mdtraj.Trajectory(positions, topology)
     trajectory.save(str(out), force_overwrite=True)
     if fmt != "pdb":
         trajectory[0].save_pdb(str(out.with_suffix(".pdb")))
     return out
+
+
+def _frames(path: Path, temperature_k: float | None):
+    """(positions [n, atoms, 3], normalised weights or None, topology PDB, per-frame extras)."""
+    if path.is_file():
+        try:
+            with h5py.File(path, "r") as h5:
+                fmt = h5.attrs.get("format")
+        except OSError:
+            fmt = None
+        if fmt == SAMPLES_FORMAT:
+            groups = read_samples(path)
+            temperatures = sorted(t for t in groups if t is not None)
+            if temperature_k is None:
+                if len(temperatures) != 1:
+                    raise TradeMDError(f"{str(path)!r} holds samples at {temperatures} K: pick one with --temperature")
+                temperature_k = temperatures[0]
+            if temperature_k not in groups:
+                raise TradeMDError(f"{str(path)!r} has no samples at {temperature_k:g} K (it has {temperatures})")
+            group = groups[temperature_k]
+            with h5py.File(path, "r") as h5:
+                topology_pdb = h5["topology_pdb"][()].decode()
+            extra = {k: group[k] for k in ("energy_kj_mol", "phi", "psi")}
+            return group["positions_nm"], group["weights"], topology_pdb, extra
+    trajectory = read_trajectory(path)  # also the one-line errors for missing or wrong files
+    extra = {"energy_kj_mol": trajectory.energy_kj_mol, "time_ps": trajectory.time_ps}
+    return trajectory.positions_nm, None, trajectory.topology_pdb, extra
+

@@ -16,6 +16,9 @@ import numpy as np
 from .errors import TradeMDError
 
 __all__ = [
+    "SAMPLES_FORMAT",
+    "write_samples",
+    "read_samples",
     "TRAJECTORY_FORMAT",
     "Trajectory",
     "TrajectoryWriter",
@@ -25,6 +28,7 @@ __all__ = [
 ]
 
 TRAJECTORY_FORMAT = "trade-md/trajectory"
+SAMPLES_FORMAT = "trade-md/samples"
 FORMAT_VERSION = 1
 
 #: Per-frame datasets of a trajectory file: name -> (dtype, unit, description).
@@ -256,3 +260,75 @@ def describe(path: str | Path) -> str:
 
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+#: Per-sample datasets of each temperature group of a samples file: name -> (unit, description).
+SAMPLE_DATASETS = {
+    "positions_nm": ("nm", "sample positions in the canonical frame [n, atoms, 3]"),
+    "log_prob": ("", "log density of the model at the sample, log p(x|T) [n]"),
+    "energy_kj_mol": ("kJ/mol", "OpenMM potential energy [n] (+inf: overflow)"),
+    "log_weights": ("", "unnormalised log importance weights -U/kT - log p [n] (-inf: flagged)"),
+    "weights": ("", "self-normalised importance weights, sum 1 [n]"),
+    "wrong_chirality": ("", "flag: a chiral centre has the wrong handedness [n]"),
+    "nonfinite_energy": ("", "flag: the energy is not finite [n]"),
+    "phi": ("rad", "backbone phi dihedral [n]"),
+    "psi": ("rad", "backbone psi dihedral [n]"),
+}
+
+
+def group_name(temperature_k: float) -> str:
+    """HDF5 group of one temperature, e.g. ``T300`` or ``T312.5``."""
+    return f"T{temperature_k:g}"
+
+
+def write_samples(path: str | Path, groups: list[dict], attrs: dict, topology_pdb: str,
+                  overwrite: bool = False) -> Path:
+    """Write a samples file: one group per temperature.
+
+    Args:
+        groups: per temperature a dict with the arrays of :data:`SAMPLE_DATASETS`, and
+            ``attrs`` (temperature_k, ess, ...), ``histograms`` ({name: array}) and
+            ``ramachandran_png`` (bytes).
+        attrs: root attributes (model, provenance).
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise TradeMDError(f"{str(path)!r} exists: pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as h5:
+        h5.attrs["format"] = SAMPLES_FORMAT
+        h5.attrs["format_version"] = FORMAT_VERSION
+        for key, value in attrs.items():
+            h5.attrs[key] = json.dumps(value) if isinstance(value, (list, tuple, dict)) else value
+        h5.attrs["units"] = json.dumps({k: v[0] for k, v in SAMPLE_DATASETS.items() if v[0]})
+        h5.create_dataset("topology_pdb", data=topology_pdb)
+        for group_data in groups:
+            group = h5.create_group(group_name(group_data["attrs"]["temperature_k"]))
+            for key, value in group_data["attrs"].items():
+                group.attrs[key] = value
+            for name, (unit, description) in SAMPLE_DATASETS.items():
+                dataset = group.create_dataset(name, data=group_data[name], compression="gzip"
+                                               if name == "positions_nm" else None)
+                dataset.attrs["unit"] = unit
+                dataset.attrs["description"] = description
+            histograms = group.create_group("histograms")
+            for name, value in group_data["histograms"].items():
+                histograms.create_dataset(name, data=value)
+            group.create_dataset("ramachandran_png", data=np.void(group_data["ramachandran_png"]))
+    return path
+
+
+def read_samples(path: str | Path) -> dict[float, dict]:
+    """Read a samples file: {temperature_k: {dataset name: array, "attrs": dict,
+    "histograms": {...}}}, plus the root attributes under key ``None``."""
+    with open_checked(path, SAMPLES_FORMAT) as h5:
+        result: dict = {None: dict(h5.attrs)}
+        for name, group in h5.items():
+            if not isinstance(group, h5py.Group):
+                continue
+            entry = {k: group[k][()] for k in SAMPLE_DATASETS if k in group}
+            entry["attrs"] = dict(group.attrs)
+            entry["histograms"] = {k: v[()] for k, v in group["histograms"].items()}
+            entry["ramachandran_png"] = group["ramachandran_png"][()].tobytes()
+            result[float(group.attrs["temperature_k"])] = entry
+        return result

@@ -1,0 +1,166 @@
+"""Training: TRADE transfers the analytic densities, baselines do not; resume is exact; bad
+input and bad batches give clear errors."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from trademd.cli.app import app
+from trademd.errors import TradeMDError
+from trademd.systems.analytic import get_analytic_system
+from trademd.targets import AnalyticTarget
+from trademd.train import TrainConfig, Trainer
+import trademd.train
+
+runner = CliRunner()
+
+#: Small, fast settings used by these tests (seconds per run on 2 cores).
+FAST = dict(t_min=0.5, t_max=2.0, batch_size=256, learning_rate=5e-3, cache_every=50,
+            cache_samples=256, grid_size=7, trade_points=128, warmup_fraction=0.1,
+            ramp_fraction=0.1, metrics_every=100, checkpoint_every=100, flow={"width": 32})
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _kl_to_truth(flow, system, temperature, n=20000):
+    """Forward KL(p_true || p_flow) by exact samples."""
+    x = system.sample(n, temperature, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        log_flow = flow.log_prob(x.float(), temperature).double()
+    return float((system.log_prob(x, temperature) - log_flow).mean())
+
+
+def _train(tmp_path, objective, steps=300, system="double-well-5d", **overrides):
+    target = AnalyticTarget(get_analytic_system(system), n_data=20000)
+    config = TrainConfig(objective=objective, steps=steps, **{**FAST, **overrides})
+    trainer = Trainer(target, config, tmp_path / objective)
+    trainer.train(show_progress=False)
+    return trainer
+
+
+@pytest.mark.slow
+def test_trade_transfers_the_double_well_and_nll_does_not(tmp_path):
+    """Data at T0 = 1 only. Measured (300 steps): TRADE KL 0.03 at T=0.5 and 0.14 at T=2;
+    NLL with a temperature-scaled base 1.18 and 0.92."""
+    system = get_analytic_system("double-well-5d")
+    trade = _train(tmp_path, "trade")
+    nll = _train(tmp_path, "nll")
+    for temperature, bound in ((0.5, 0.15), (2.0, 0.4)):
+        kl_trade = _kl_to_truth(trade.flow, system, temperature)
+        kl_nll = _kl_to_truth(nll.flow, system, temperature)
+        assert kl_trade < bound, (temperature, kl_trade)
+        assert kl_trade < 0.5 * kl_nll, (temperature, kl_trade, kl_nll)
+    assert _kl_to_truth(trade.flow, system, 1.0) < 0.1
+
+
+@pytest.mark.slow
+def test_trade_transfers_the_gaussian(tmp_path):
+    system = get_analytic_system("gaussian-2d")
+    trade = _train(tmp_path, "trade", steps=200, system="gaussian-2d")
+    for temperature in (0.5, 2.0):
+        assert _kl_to_truth(trade.flow, system, temperature) < 0.1
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    settings = dict(steps=12, checkpoint_every=4, cache_every=3)
+    whole = _train(tmp_path / "whole", "trade", **settings)
+
+    target = AnalyticTarget(get_analytic_system("double-well-5d"), n_data=20000)
+    config = TrainConfig(objective="trade", **{**FAST, **settings})
+    trainer = Trainer(target, config, tmp_path / "cut")
+    original = trainer.loss
+
+    def interrupt_at_step_7():
+        if trainer.step == 7:
+            raise KeyboardInterrupt
+        return original()
+
+    monkeypatch.setattr(trainer, "loss", interrupt_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(show_progress=False)
+
+    resumed = Trainer(AnalyticTarget(get_analytic_system("double-well-5d"), n_data=20000),
+                      TrainConfig(objective="trade", **{**FAST, **settings}), tmp_path / "cut")
+    resumed.resume()
+    assert resumed.step == 4
+    resumed.train(show_progress=False)
+    for a, b in zip(whole.flow.parameters(), resumed.flow.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert torch.equal(whole.cache.expected_u, resumed.cache.expected_u)
+
+
+def test_non_finite_batches_are_skipped_then_stop(tmp_path):
+    target = AnalyticTarget(get_analytic_system("gaussian-2d"), n_data=100)
+    config = TrainConfig(objective="nll", steps=10, max_bad_batches=3, **{
+        k: v for k, v in FAST.items() if k not in ("t_min", "t_max")}, t_min=0.5, t_max=2.0)
+    trainer = Trainer(target, config, tmp_path)
+    trainer.data[:] = float("nan")  # every NLL batch is non-finite
+    with pytest.raises(TradeMDError, match="3 batches gave a non-finite loss"):
+        trainer.train(show_progress=False)
+    assert trainer.bad_batches == 3 and trainer.step == 0
+
+
+@pytest.mark.parametrize("objective", ["reverse-kl", "nll+reverse-kl"])
+def test_reverse_kl_objectives_lower_their_loss(tmp_path, objective):
+    trainer = _train(tmp_path, objective, steps=40, system="gaussian-2d", metrics_every=10)
+    rows = (tmp_path / objective / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    column = header.index("reverse_kl")
+    first, last = float(rows[1].split(",")[column]), float(rows[-1].split(",")[column])
+    assert last < first
+
+
+def test_train_cli_on_an_analytic_system(tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--system", "gaussian-2d", "--tmin", "0.5", "--tmax", "2",
+                                 "--steps", "20", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    for name in ("model.pt", "checkpoint.pt", "metrics.csv", "loss.png", "config.json"):
+        assert (out / name).is_file()
+    model = torch.load(out / "model.pt", weights_only=False)
+    assert model["temperature_range"] == [0.5, 2.0] and model["reference_temperature"] == 1.0
+    assert json.loads((out / "config.json").read_text())["steps"] == 20
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "arguments, words",
+    [
+        (["--system", "gaussian-2d", "--tmin", "1.5", "--tmax", "2"], ["outside", "--tmin"]),
+        (["--system", "gaussian-2d", "--tmin", "-1", "--tmax", "2"], ["0 < tmin < tmax"]),
+        (["--tmin", "1", "--tmax", "2"], ["--data"]),
+        (["--system", "gaussian-2d", "--tmin", "0.5", "--tmax", "2", "--objective", "magic"], ["unknown objective"]),
+        (["--system", "gaussian-2d", "--tmin", "0.5", "--tmax", "2", "--preset", "huge"], ["unknown preset"]),
+    ],
+)
+def test_train_bad_input(tmp_path, arguments, words):
+    result = runner.invoke(app, ["train", *arguments, "--out", str(tmp_path / "r"), "--quiet"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert all(word in result.output for word in words), result.output
+
+
+def test_train_refuses_a_wrong_schema_file(tmp_path):
+    import h5py
+
+    path = tmp_path / "samples.h5"
+    with h5py.File(path, "w") as h5:
+        h5.attrs["format"] = "something-else"
+    result = runner.invoke(app, ["train", "--data", str(path), "--tmin", "300", "--tmax", "700",
+                                 "--out", str(tmp_path / "r"), "--quiet"])
+    assert result.exit_code == 1 and "expected 'trade-md/trajectory'" in result.output
+
+
+def test_resume_with_another_system_is_refused(tmp_path):
+    out = tmp_path / "run"
+    base = ["--tmin", "0.5", "--tmax", "2", "--steps", "4", "--out", str(out), "--quiet"]
+    assert runner.invoke(app, ["train", "--system", "gaussian-2d", *base]).exit_code == 0
+    result = runner.invoke(app, ["train", "--system", "double-well-5d", *base, "--resume"])
+    assert result.exit_code == 1 and "trained on 'gaussian-2d'" in result.output

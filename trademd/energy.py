@@ -1,0 +1,489 @@
+"""The OpenMM bridge: energies and forces of batches of configurations, for torch.
+
+:class:`EnergyBridge` evaluates U(x) (kJ/mol) and F(x) = -dU/dx (kJ/mol/nm) of a batch of
+molecule configurations x [B, atoms, 3] (nm) with OpenMM, exactly as a plain single-molecule
+Context does; :func:`potential_energy` wraps it in a ``torch.autograd.Function`` so that
+dU/dx = -F flows back to a flow's parameters, and :meth:`EnergyBridge.reduced_energy` gives
+u = U / (k_B T) for per-sample temperatures.
+
+How it evaluates (chosen per system and platform, from measurements on a 2-core CPU machine,
+alanine dipeptide, evaluations = energy + forces per second on one core):
+
+=============================================  =============  =======
+path                                           vacuum         OBC
+=============================================  =============  =======
+plain Context loop, CPU platform               10,000         4,800
+single-molecule Context, CPU, lean reads       17,000         8,300
+single-molecule Context, Reference             47,000         17,900
+replicated per-copy (lam_c), CPU, 64 copies    31,000-40,000  400
+replicated per-copy (lam_c), CPU, 4 copies     --             3,500
+=============================================  =============  =======
+
+So on a CPU machine the fastest exact path is a pool of worker processes (one per core), each
+owning a single-molecule Context on the faster of the Reference and CPU platforms (timed at
+start-up; Reference for small molecules, and double precision as a bonus). The replicated
+per-copy Context (:class:`~trademd.energy_pool.ReplicatedKernel`) is used with CUDA, where one
+Context of hundreds of copies replaces hundreds of kernel launches, and on request
+(``kernel="replicated"``). Configurations that could reach another copy's cutoff (an atom
+farther than ``layout.max_radius_nm`` from the centroid) never enter a replicated Context.
+
+Configurations whose energy or forces are not finite, or do not fit the output dtype (atoms on
+top of each other), get U = +inf and F = 0, and are counted in :attr:`EnergyBridge.n_overflow`.
+NaN or infinite coordinates are refused with a :class:`TradeMDError`. Nothing is cached.
+"""
+
+import atexit
+import multiprocessing
+import os
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import openmm
+import torch
+from torch.autograd.function import once_differentiable
+
+from .energy_pool import KernelSpec, SingleKernel, WorkerPool, build_kernel, probe_positions_nm
+from .errors import TradeMDError
+from .platforms import PLATFORM_CHOICES, available_openmm_platforms, openmm_platform
+from .units import BOLTZMANN_KJ_MOL_K
+
+__all__ = [
+    "EnergyBridge",
+    "potential_energy",
+    "EnergyCheck",
+    "recompute_trajectory_energies",
+]
+
+KERNEL_CHOICES = ("auto", "single", "replicated")
+
+#: Copies per replicated Context: (vacuum, implicit solvent) on CUDA and on the CPU. The CPU
+#: values are the measured optima (per-copy GB costs O(copies) per particle); the CUDA values
+#: are a starting point not yet measured on a GPU.
+_COPIES = {"CUDA": (512, 64), "CPU": (64, 4), "Reference": (64, 4)}
+
+#: Objects a forked child inherited from its parent and must never destroy (see
+#: :meth:`EnergyBridge._reset_process_state`).
+_INHERITED: list = []
+
+_OPEN_BRIDGES: "weakref.WeakSet[EnergyBridge]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_bridges() -> None:
+    for bridge in list(_OPEN_BRIDGES):
+        bridge.close()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child gets fresh per-process state in every open bridge at once, before any
+    inherited Context could be destroyed (OpenMM Contexts do not survive fork)."""
+    for bridge in list(_OPEN_BRIDGES):
+        bridge._check_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _fastest_platform(system: openmm.System, probe_nm: np.ndarray, candidates) -> str:
+    """The candidate platform whose single-molecule Context evaluates ``probe_nm`` fastest."""
+    batch = np.repeat(probe_nm[None], 8, axis=0)
+    best, best_s = candidates[0], float("inf")
+    for name in candidates:
+        kernel = SingleKernel(system, name, openmm_platform(name, threads=1)[1])
+        kernel(batch[:2])
+        start = time.perf_counter()
+        kernel(batch)
+        elapsed = time.perf_counter() - start
+        if elapsed < best_s:
+            best, best_s = name, elapsed
+    return best
+
+
+class EnergyBridge:
+    """Energies and forces of batches of configurations of one molecule, computed by OpenMM.
+
+    Thread-safe (calls are serialised), fork-safe (a forked child starts its own workers and
+    Contexts and never touches, stops or destroys its parent's), and a context manager;
+    :meth:`close` stops the worker processes, which also stop by themselves when this process
+    dies. Workers start at the first batch of ``min_pool_batch`` or more configurations.
+    OpenMM itself requires a child made by a bare ``os.fork`` to leave with ``os._exit`` (as
+    multiprocessing's children do): its Contexts' static state aborts a normal exit there.
+
+    Args:
+        system: the molecule: a :class:`~trademd.systems.MolecularSystem` or a single-molecule
+            ``openmm.System``.
+        platform: ``auto`` (CUDA if available, else the fastest CPU-side platform), ``CPU``,
+            ``CUDA`` or ``Reference``: the OpenMM platform of the evaluating Contexts.
+        workers: worker processes besides this one, which evaluates its own share of every
+            batch (default: usable cores - 1 on CPU platforms, none on CUDA; 0 evaluates
+            everything in this process).
+        kernel: ``auto``, ``single`` (single-molecule Contexts) or ``replicated`` (per-copy
+            replicated Contexts of ``copies`` copies).
+        copies: copies per replicated Context (default: measured optimum per platform/solvent).
+        molecule_radius_nm: the largest atom-centroid distance (nm) a replicated Context
+            accepts; default max(1.0, twice the reference structure's).
+        min_pool_batch: smaller batches are evaluated in this process (no inter-process
+            latency).
+
+    Example:
+        >>> from trademd.systems import get_system
+        >>> with EnergyBridge(get_system("ala2-vacuum"), workers=0) as bridge:
+        ...     x = torch.tensor(get_system("ala2-vacuum").positions_nm())[None]
+        ...     energy_kj_mol, forces_kj_mol_nm = bridge.evaluate(x)
+        >>> energy_kj_mol.shape, forces_kj_mol_nm.shape
+        (torch.Size([1]), torch.Size([1, 22, 3]))
+    """
+
+    def __init__(self, system, platform: str = "auto", workers: int | None = None,
+                 kernel: str = "auto", copies: int | None = None,
+                 molecule_radius_nm: float | None = None, min_pool_batch: int = 32):
+        openmm_system, reference_nm = _as_openmm_system(system)
+        if platform not in PLATFORM_CHOICES:
+            raise TradeMDError(f"unknown platform {platform!r}: choose one of {list(PLATFORM_CHOICES)}")
+        if kernel not in KERNEL_CHOICES:
+            raise TradeMDError(f"unknown kernel {kernel!r}: choose one of {list(KERNEL_CHOICES)}")
+        if workers is not None and workers < 0:
+            raise TradeMDError(f"workers must be 0 or more, got {workers}")
+        gpu = platform == "CUDA" or (platform == "auto" and "CUDA" in available_openmm_platforms())
+        platform_name = "CUDA" if gpu else platform
+        if platform_name != "auto":
+            openmm_platform(platform_name)  # a one-line error if it is not available
+        self.kernel = kernel if kernel != "auto" else ("replicated" if gpu else "single")
+        if platform_name == "auto":
+            platform_name = (
+                _fastest_platform(openmm_system, reference_nm, ("Reference", "CPU"))
+                if self.kernel == "single" else "CPU"
+            )
+        self.platform = platform_name
+        self.n_atoms = openmm_system.getNumParticles()
+        self.n_workers = (0 if gpu else _usable_cores() - 1) if workers is None else workers
+        has_gb = any(isinstance(f, openmm.GBSAOBCForce) for f in openmm_system.getForces())
+        self.copies = copies or _COPIES[platform_name][int(has_gb)]
+        if self.copies < 1:
+            raise TradeMDError(f"copies must be at least 1, got {self.copies}")
+        radius_nm = np.sqrt(((reference_nm - reference_nm.mean(0)) ** 2).sum(1)).max()
+        self.molecule_radius_nm = molecule_radius_nm or max(1.0, 2.0 * float(radius_nm))
+        self.min_pool_batch = min_pool_batch
+        #: Configurations given U = +inf and F = 0 so far (non-finite or overflowing results).
+        self.n_overflow = 0
+        self._spec: KernelSpec = {
+            "kind": self.kernel,
+            "system_xml": openmm.XmlSerializer.serialize(openmm_system),
+            "platform": platform_name,
+            "properties": openmm_platform(platform_name, threads=1)[1],
+            "n_copies": self.copies,
+            "molecule_radius_nm": self.molecule_radius_nm,
+        }
+        self._closed = False
+        self._reset_process_state()
+        self._local = build_kernel(self._spec)  # fails early, with OpenMM's reason, if it must
+        _OPEN_BRIDGES.add(self)
+
+    def __repr__(self) -> str:
+        return (f"EnergyBridge(kernel={self.kernel!r}, platform={self.platform!r}, "
+                f"workers={self.n_workers}, copies={self.copies}, atoms={self.n_atoms})")
+
+    # -- process bookkeeping ------------------------------------------------------------------
+
+    def _reset_process_state(self) -> None:
+        """Forget everything tied to a process: the pool, the in-process kernel, the lock.
+
+        In a forked child the parent's OpenMM Contexts must not be destroyed (their
+        destructors crash there), so they are kept, unused, in :data:`_INHERITED`."""
+        if getattr(self, "_local", None) is not None or getattr(self, "_pool", None) is not None:
+            _INHERITED.append((self._local, self._pool))
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._pool: WorkerPool | None = None
+        self._local = None
+
+    def _check_fork(self) -> None:
+        if os.getpid() != self._pid:  # a forked child: the workers and Contexts are the parent's
+            self._reset_process_state()
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of the running worker processes (empty before the first pooled batch)."""
+        pool = self._pool
+        return pool.pids if pool is not None and not pool.closed else []
+
+    def close(self) -> None:
+        """Stop the worker processes and free the Contexts. Safe to call more than once."""
+        if os.getpid() != self._pid:  # inherited by fork: the workers are not ours to stop
+            self._closed = True
+            return
+        with self._lock:
+            self._closed = True
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
+            self._local = None
+        _OPEN_BRIDGES.discard(self)
+
+    def __enter__(self) -> "EnergyBridge":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            if not self._closed and self._pool is not None and os.getpid() == self._pid:
+                self._pool.close()
+        except Exception:
+            pass
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    def evaluate_numpy(self, positions_nm: np.ndarray, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
+        """Energies and forces of configurations given as a NumPy array.
+
+        Args:
+            positions_nm: [B, atoms, 3] in nm.
+            dtype: the precision the results must fit (float32 or float64); a result that is
+                not finite in it counts as an overflow.
+
+        Returns:
+            (energy_kj_mol float64 [B], forces_kj_mol_nm float64 [B, atoms, 3]); overflowing
+            configurations have energy +inf and zero forces.
+        """
+        positions_nm = self._checked_positions(positions_nm)
+        self._check_fork()
+        with self._lock:
+            if self._closed:
+                raise TradeMDError("this EnergyBridge is closed: create a new one")
+            if len(positions_nm) == 0:
+                energies, forces = np.empty(0), np.empty_like(positions_nm)
+            elif self._pooled(len(positions_nm)):
+                if self._pool is None or self._pool.closed:
+                    self._pool = WorkerPool(self._spec, self.n_workers)
+                if self._local is None:
+                    self._local = build_kernel(self._spec)
+                energies, forces = self._pool.evaluate(
+                    positions_nm, self._chunk_size(len(positions_nm)), local=self._local,
+                    local_chunk=self.copies if self.kernel == "replicated" else 8,
+                )
+            else:
+                if self._local is None:
+                    self._local = build_kernel(self._spec)
+                energies, forces = self._local(positions_nm)
+            bad = _overflowing(energies, forces, np.finfo(dtype).max)
+            energies[bad] = np.inf
+            forces[bad] = 0.0
+            self.n_overflow += int(bad.sum())
+        return energies, forces
+
+    def _pooled(self, batch: int) -> bool:
+        """Whether a batch goes to the worker processes: large enough, and not inside a
+        daemonic process (a DataLoader worker), which may not have children."""
+        if self.n_workers == 0 or batch < self.min_pool_batch:
+            return False
+        return not multiprocessing.current_process().daemon
+
+    def _chunk_size(self, batch: int) -> int:
+        """A worker's chunk: about a quarter of its share of the batch (this process works on
+        its own share meanwhile), at least 32 configurations (each chunk costs ~0.3 ms of
+        inter-process latency), whole replicated Contexts."""
+        size = max(32, -(-batch // (4 * (self.n_workers + 1))))
+        if self.kernel == "replicated":
+            size = -(-size // self.copies) * self.copies
+        return size
+
+    def _checked_positions(self, positions_nm) -> np.ndarray:
+        positions_nm = np.asarray(positions_nm)
+        if positions_nm.ndim != 3 or positions_nm.shape[1:] != (self.n_atoms, 3):
+            raise TradeMDError(
+                f"positions must have shape [batch, {self.n_atoms}, 3] (nm), got {list(positions_nm.shape)}"
+            )
+        if not np.issubdtype(positions_nm.dtype, np.floating):
+            raise TradeMDError(f"positions must be floating point (nm), got {positions_nm.dtype}")
+        finite = np.isfinite(positions_nm).all(axis=(1, 2))
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            raise TradeMDError(
+                f"{len(bad)} of {len(positions_nm)} configurations hold NaN or infinite coordinates "
+                f"(first: index {bad[0]}): the model produced invalid positions; check it or "
+                "filter them before asking for energies"
+            )
+        return np.ascontiguousarray(positions_nm, dtype=np.float64)
+
+    def evaluate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Energies and forces of a batch of configurations (no gradient tracking).
+
+        Args:
+            x: positions [B, atoms, 3] in nm, float32 or float64, on any device.
+
+        Returns:
+            (energy_kj_mol [B], forces_kj_mol_nm [B, atoms, 3]) of x's dtype and device.
+        """
+        if not isinstance(x, torch.Tensor):
+            raise TradeMDError(f"positions must be a torch tensor, got {type(x).__name__}")
+        if x.dtype not in (torch.float32, torch.float64):
+            raise TradeMDError(f"positions must be float32 or float64, got {x.dtype}")
+        numpy_dtype = np.float32 if x.dtype == torch.float32 else np.float64
+        energies, forces = self.evaluate_numpy(x.detach().cpu().numpy(), dtype=numpy_dtype)
+        # NumPy casts: torch's own float64 -> float32 copy costs milliseconds per batch here.
+        return (
+            torch.from_numpy(energies.astype(numpy_dtype, copy=False)).to(x.device),
+            torch.from_numpy(forces.astype(numpy_dtype, copy=False)).to(x.device),
+        )
+
+    def potential_energy(self, x: torch.Tensor) -> torch.Tensor:
+        """U(x) [B] in kJ/mol, differentiable: dU/dx = -F. See :func:`potential_energy`."""
+        return potential_energy(x, self)
+
+    def reduced_energy(self, x: torch.Tensor, temperature_k) -> torch.Tensor:
+        """u = U(x) / (k_B T) [B], differentiable in x (and in T if it requires grad).
+
+        Args:
+            x: positions [B, atoms, 3] in nm.
+            temperature_k: temperature in K, a number or a tensor [B] (one per sample).
+        """
+        temperature_k = torch.as_tensor(temperature_k, dtype=x.dtype, device=x.device)
+        if temperature_k.ndim == 0:
+            temperature_k = temperature_k.expand(x.shape[0])
+        if temperature_k.shape != (x.shape[0],):
+            raise TradeMDError(
+                f"temperature_k must be a number or have shape [{x.shape[0]}] (one per sample), "
+                f"got {list(temperature_k.shape)}"
+            )
+        if not bool(torch.all(torch.isfinite(temperature_k) & (temperature_k > 0))):
+            raise TradeMDError("temperatures must be positive and finite (kelvin)")
+        return potential_energy(x, self) / (BOLTZMANN_KJ_MOL_K * temperature_k)
+
+
+def _as_openmm_system(system) -> tuple[openmm.System, np.ndarray]:
+    """(single-molecule system, reference positions float64 [atoms, 3] nm) of ``system``."""
+    if hasattr(system, "create_openmm_system"):
+        return system.create_openmm_system(), np.asarray(system.positions_nm(), dtype=np.float64)
+    if isinstance(system, openmm.System):
+        if system.getNumParticles() == 0:
+            raise TradeMDError("the OpenMM system has no particles: give a molecule")
+        return system, probe_positions_nm(system.getNumParticles())
+    raise TradeMDError(
+        f"expected a MolecularSystem or an openmm.System, got {type(system).__name__}"
+    )
+
+
+def _overflowing(energies: np.ndarray, forces: np.ndarray, largest: float) -> np.ndarray:
+    """bool [B]: results that are not finite, or too large for the output precision."""
+    with np.errstate(invalid="ignore"):
+        energy_ok = np.isfinite(energies) & (np.abs(energies) <= largest)
+        force_ok = np.isfinite(forces).all(axis=(1, 2)) & (np.abs(forces).max(axis=(1, 2), initial=0.0) <= largest)
+    return ~(energy_ok & force_ok)
+
+
+class _PotentialEnergy(torch.autograd.Function):
+    """U(x) with the OpenMM forces as its gradient: dU/dx = -F."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bridge: EnergyBridge) -> torch.Tensor:
+        energy_kj_mol, forces_kj_mol_nm = bridge.evaluate(x)
+        ctx.save_for_backward(forces_kj_mol_nm)
+        return energy_kj_mol
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_energy: torch.Tensor):
+        (forces_kj_mol_nm,) = ctx.saved_tensors
+        return -grad_energy[:, None, None] * forces_kj_mol_nm, None
+
+
+def potential_energy(x: torch.Tensor, bridge: EnergyBridge) -> torch.Tensor:
+    """Potential energy U(x) [B] in kJ/mol of positions x [B, atoms, 3] in nm, as a torch
+    operation whose gradient is -F (first derivatives only). Overflowing configurations give
+    +inf with zero gradient."""
+    return _PotentialEnergy.apply(x, bridge)
+
+
+@dataclass
+class EnergyCheck:
+    """What ``trade-md energy`` found: energies recomputed for every frame of a file.
+
+    Attributes:
+        n_frames: frames in the file.
+        max_abs_difference_kj_mol: max |recomputed - stored| (kJ/mol).
+        mean_energy_kj_mol: mean recomputed energy (kJ/mol).
+        n_overflow: frames whose recomputed energy is not finite.
+        written: whether the recomputed energies replaced the stored ones.
+        bridge: a description of how they were computed.
+    """
+
+    n_frames: int
+    max_abs_difference_kj_mol: float
+    mean_energy_kj_mol: float
+    n_overflow: int
+    written: bool
+    bridge: str
+
+
+def recompute_trajectory_energies(path: str | Path, platform: str = "auto", write: bool = False,
+                                  batch: int = 4096) -> EnergyCheck:
+    """Recompute the potential energy of every frame of a ``trade-md simulate`` file.
+
+    Args:
+        path: the trajectory file.
+        platform: OpenMM platform (see :class:`EnergyBridge`).
+        write: replace the stored ``energy_kj_mol`` with the recomputed values.
+        batch: frames evaluated per call.
+    """
+    import json
+
+    import h5py
+
+    from .h5io import read_trajectory
+    from .systems import system_from_record
+
+    trajectory = read_trajectory(path)
+    if trajectory.n_frames == 0:
+        raise TradeMDError(f"{str(path)!r} holds no frames: nothing to recompute")
+    try:
+        molecule = system_from_record(
+            str(trajectory.attrs["system"]), trajectory.topology_pdb,
+            json.loads(trajectory.attrs["forcefield_files"]),
+        )
+    except (KeyError, ValueError, TypeError):
+        raise TradeMDError(
+            f"{str(path)!r} does not record its system and force field (attributes 'system', "
+            "'forcefield_files'): give a file written by `trade-md simulate`"
+        ) from None
+    if molecule.n_atoms != trajectory.positions_nm.shape[1]:
+        raise TradeMDError(
+            f"{str(path)!r} holds {trajectory.positions_nm.shape[1]} atoms per frame but its "
+            f"system has {molecule.n_atoms}: the file is damaged"
+        )
+    with EnergyBridge(molecule, platform=platform) as bridge:
+        energies = np.concatenate([
+            bridge.evaluate_numpy(trajectory.positions_nm[start:start + batch])[0]
+            for start in range(0, trajectory.n_frames, batch)
+        ])
+        description = repr(bridge)
+        n_overflow = bridge.n_overflow
+    if write:
+        if n_overflow:
+            raise TradeMDError(
+                f"{n_overflow} frames of {str(path)!r} have non-finite energies: not written; "
+                "the trajectory holds broken configurations"
+            )
+        with h5py.File(path, "a") as h5:
+            h5["energy_kj_mol"][...] = energies
+    finite = np.isfinite(energies)
+    return EnergyCheck(
+        n_frames=trajectory.n_frames,
+        max_abs_difference_kj_mol=float(np.max(np.abs(energies - trajectory.energy_kj_mol))),
+        mean_energy_kj_mol=float(energies[finite].mean()) if finite.any() else float("nan"),
+        n_overflow=n_overflow,
+        written=write,
+        bridge=description,
+    )

@@ -1,0 +1,422 @@
+"""OpenMM kernels that evaluate many configurations, and a pool of worker processes running them.
+
+A *kernel* turns positions float64 [n, atoms, 3] (nm) into energies float64 [n] (kJ/mol) and
+forces float64 [n, atoms, 3] (kJ/mol/nm), exactly as a single-molecule Context would:
+
+- :class:`SingleKernel`: one single-molecule Context, one configuration at a time (the
+  reference computation, with the Python overhead of reading a State cut to the minimum);
+- :class:`ReplicatedKernel`: ``n_copies`` non-interacting copies in one Context
+  (:mod:`trademd.replicas`, ``per_copy_energies=True``), copy c's energy read as
+  dU/dlam_c; configurations too extended for the lattice go to a :class:`SingleKernel`.
+
+:class:`WorkerPool` runs one kernel per worker process (``spawn`` context, one OpenMM thread
+each) and hands out chunks of a batch as workers become free. Workers ignore Ctrl-C, stop on
+request, and exit by themselves when the parent process dies (their pipe closes or their
+parent process id changes). This module imports no torch, so workers start quickly.
+"""
+
+from collections import deque
+import multiprocessing
+from multiprocessing.connection import wait
+import os
+import signal
+import time
+import weakref
+
+import numpy as np
+import openmm
+
+from .errors import TradeMDError
+from .replicas import copy_energy_parameter, replicate_system
+
+__all__ = [
+    "KernelSpec",
+    "SingleKernel",
+    "ReplicatedKernel",
+    "build_kernel",
+    "probe_positions_nm",
+    "WorkerPool",
+]
+
+#: Forces whose energy does not change when the whole molecule is translated: positions of
+#: systems made only of these are centred (in float64) before OpenMM sees them, so that large
+#: absolute coordinates lose no precision on single-precision platforms.
+_TRANSLATION_INVARIANT_FORCES = (
+    "HarmonicBondForce",
+    "HarmonicAngleForce",
+    "PeriodicTorsionForce",
+    "NonbondedForce",
+    "GBSAOBCForce",
+    "CMMotionRemover",
+    "CustomBondForce",
+    "CustomAngleForce",
+    "CustomTorsionForce",
+    "CustomGBForce",
+)
+
+#: Seconds a worker waits for a request before checking that its parent is still alive.
+_PARENT_CHECK_S = 1.0
+#: Seconds the pool waits for workers to start, and for them to stop before killing them.
+_START_TIMEOUT_S = 120.0
+_STOP_TIMEOUT_S = 3.0
+
+KernelSpec = dict
+"""What a worker needs to build its kernel (picklable): ``kind`` ("single" or "replicated"),
+``system_xml`` (XmlSerializer text), ``platform`` (OpenMM platform name), ``properties``
+(platform properties), and for "replicated" ``n_copies`` and ``molecule_radius_nm``."""
+
+
+def probe_positions_nm(n_atoms: int, spacing_nm: float = 0.3) -> np.ndarray:
+    """Atoms on a cubic grid ``spacing_nm`` apart, each moved by up to 0.05 nm (fixed seed)
+    so that no three are collinear: a configuration with finite energy and forces for any
+    system (for timing and checks), float64 [n_atoms, 3] in nm."""
+    side = max(1, int(np.ceil(n_atoms ** (1.0 / 3.0) - 1e-9)))
+    index = np.arange(n_atoms)
+    grid = np.stack([index % side, (index // side) % side, index // (side * side)], axis=1)
+    jitter = np.random.default_rng(0).uniform(-0.05, 0.05, size=(n_atoms, 3))
+    return grid.astype(np.float64) * spacing_nm + jitter
+
+
+def _is_translation_invariant(system: openmm.System) -> bool:
+    return all(type(f).__name__ in _TRANSLATION_INVARIANT_FORCES for f in system.getForces())
+
+
+_ENERGY_AND_FORCES = openmm.State.Energy | openmm.State.Forces
+
+
+def _evaluate_public(context: openmm.Context, positions_nm: np.ndarray, forces_out: np.ndarray) -> float:
+    """Potential energy (kJ/mol) at ``positions_nm`` [atoms, 3]; forces (kJ/mol/nm) written
+    into ``forces_out`` float64 [atoms, 3]. OpenMM's public API."""
+    context.setPositions(positions_nm)
+    state = context.getState(getEnergy=True, getForces=True)
+    forces_out[...] = state.getForces(asNumpy=True)._value
+    return float(state.getPotentialEnergy()._value)
+
+
+def _evaluate_lean(context: openmm.Context, positions_nm: np.ndarray, forces_out: np.ndarray) -> float:
+    """The same as :func:`_evaluate_public` through OpenMM's unit-free SWIG functions: about
+    half the Python overhead, which matters for a 22-atom molecule (a few microseconds of
+    ~20). Used only after :func:`_lean_path_works` has checked it against the public API."""
+    swig = openmm._openmm
+    swig.Context_setPositions(context, positions_nm)
+    state = swig.Context_getState(context, _ENERGY_AND_FORCES, False, -1)
+    state._getVectorAsNumpy(openmm.State.Forces, forces_out)
+    return float(swig.State_getPotentialEnergy(state))
+
+
+def _lean_path_works(context: openmm.Context, n_atoms: int) -> bool:
+    """Whether :func:`_evaluate_lean` exists in this OpenMM and agrees with the public API."""
+    positions_nm = probe_positions_nm(n_atoms)
+    lean, public = np.empty((n_atoms, 3)), np.empty((n_atoms, 3))
+    try:
+        energy = _evaluate_lean(context, positions_nm, lean)
+    except Exception:  # private API changed: use the public one
+        return False
+    same_energy = energy == _evaluate_public(context, positions_nm, public)
+    return same_energy and np.array_equal(lean, public, equal_nan=True)
+
+
+class SingleKernel:
+    """One single-molecule Context evaluating configurations one after another.
+
+    Args:
+        system: the single-molecule OpenMM system.
+        platform: OpenMM platform name (``Reference``, ``CPU``, ``CUDA``).
+        properties: platform properties (``{"Threads": "1"}`` for CPU).
+    """
+
+    def __init__(self, system: openmm.System, platform: str, properties: dict | None = None):
+        self.n_atoms = system.getNumParticles()
+        self.platform = platform
+        self._centre = _is_translation_invariant(system)
+        self._context = openmm.Context(
+            system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName(platform),
+            dict(properties or {}),
+        )
+        self._evaluate = _evaluate_lean if _lean_path_works(self._context, self.n_atoms) else _evaluate_public
+
+    def __call__(self, positions_nm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Energies float64 [n] (kJ/mol) and forces float64 [n, atoms, 3] (kJ/mol/nm) of
+        positions float64 [n, atoms, 3] (nm). A configuration OpenMM refuses gets NaN."""
+        positions_nm = np.asarray(positions_nm, dtype=np.float64)
+        if self._centre:
+            positions_nm = positions_nm - positions_nm.mean(axis=1, keepdims=True)
+        energies = np.empty(len(positions_nm))
+        forces = np.empty_like(positions_nm)
+        for k, x in enumerate(positions_nm):
+            try:
+                energies[k] = self._evaluate(self._context, x, forces[k])
+            except openmm.OpenMMException:
+                energies[k] = np.nan
+                forces[k] = np.nan
+        return energies, forces
+
+
+class ReplicatedKernel:
+    """``n_copies`` configurations per OpenMM evaluation, in one replicated Context.
+
+    Each copy's energy is dE/dlam_c of the per-copy system; each copy's forces are its atoms'
+    forces (copies never interact). A configuration with an atom farther than
+    ``layout.max_radius_nm`` from its centroid could reach another copy's cutoff, so it is
+    evaluated by a :class:`SingleKernel` on the same platform instead. A partly filled last
+    chunk is padded with copies of its first configuration, whose results are dropped.
+
+    Args:
+        system: the single-molecule OpenMM system (forces as :mod:`trademd.replicas` supports).
+        n_copies: copies per evaluation.
+        platform: OpenMM platform name.
+        properties: platform properties.
+        molecule_radius_nm: the largest atom-centroid distance the lattice tolerates (nm).
+    """
+
+    def __init__(self, system: openmm.System, n_copies: int, platform: str,
+                 properties: dict | None = None, molecule_radius_nm: float = 1.0):
+        replicated, self.layout = replicate_system(
+            system, n_copies, per_copy_energies=True, molecule_radius_nm=molecule_radius_nm
+        )
+        self.n_atoms = system.getNumParticles()
+        self.n_copies = n_copies
+        self.platform = platform
+        self._names = [copy_energy_parameter(c) for c in range(n_copies)]
+        self._context = openmm.Context(
+            replicated, openmm.VerletIntegrator(0.001),
+            openmm.Platform.getPlatformByName(platform), dict(properties or {}),
+        )
+        self._single = SingleKernel(system, platform, properties)
+        self._forces = np.empty((n_copies * self.n_atoms, 3))
+
+    def fits(self, positions_nm: np.ndarray) -> np.ndarray:
+        """bool [n]: which configurations stay within ``layout.max_radius_nm`` of their
+        centroid and may go into the replicated Context."""
+        centred = positions_nm - positions_nm.mean(axis=1, keepdims=True)
+        radius_nm = np.sqrt((centred**2).sum(axis=2)).max(axis=1)
+        return radius_nm <= self.layout.max_radius_nm
+
+    def __call__(self, positions_nm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Energies float64 [n] (kJ/mol) and forces float64 [n, atoms, 3] (kJ/mol/nm)."""
+        positions_nm = np.asarray(positions_nm, dtype=np.float64)
+        energies = np.empty(len(positions_nm))
+        forces = np.empty_like(positions_nm)
+        inside = self.fits(positions_nm)
+        outside = np.flatnonzero(~inside)
+        if len(outside):
+            energies[outside], forces[outside] = self._single(positions_nm[outside])
+        inside = np.flatnonzero(inside)
+        for start in range(0, len(inside), self.n_copies):
+            chosen = inside[start:start + self.n_copies]
+            chunk = positions_nm[chosen]
+            if len(chosen) < self.n_copies:
+                pad = np.repeat(chunk[:1], self.n_copies - len(chosen), axis=0)
+                chunk = np.concatenate([chunk, pad])
+            energies[chosen], forces[chosen] = self._evaluate_chunk(chunk, len(chosen))
+        return energies, forces
+
+    def _evaluate_chunk(self, chunk_nm: np.ndarray, n_used: int):
+        try:
+            self._context.setPositions(self.layout.place(chunk_nm))
+            state = self._context.getState(getEnergy=True, getForces=True,
+                                           getParameterDerivatives=True)
+        except openmm.OpenMMException:
+            return np.full(n_used, np.nan), np.full((n_used, self.n_atoms, 3), np.nan)
+        derivatives = state.getEnergyParameterDerivatives()
+        energies = np.array([derivatives[name] for name in self._names[:n_used]])
+        self._forces[...] = state.getForces(asNumpy=True)._value
+        forces = self._forces.reshape(self.n_copies, self.n_atoms, 3)[:n_used].copy()
+        return energies, forces
+
+
+def build_kernel(spec: KernelSpec):
+    """The kernel a :data:`KernelSpec` describes (in the calling process)."""
+    system = openmm.XmlSerializer.deserialize(spec["system_xml"])
+    if spec["kind"] == "single":
+        return SingleKernel(system, spec["platform"], spec["properties"])
+    if spec["kind"] == "replicated":
+        return ReplicatedKernel(system, spec["n_copies"], spec["platform"], spec["properties"],
+                                spec["molecule_radius_nm"])
+    raise TradeMDError(f"unknown kernel kind {spec['kind']!r}: use 'single' or 'replicated'")
+
+
+def _worker_main(conn, spec: KernelSpec, parent_pid: int) -> None:
+    """Body of a worker process: build the kernel, then answer ("eval", positions) requests
+    with ("ok", energies, forces) until ("stop",), a closed pipe or a dead parent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    try:
+        kernel = build_kernel(spec)
+    except Exception as error:  # reported to the parent, which raises TradeMDError
+        conn.send(("error", f"{type(error).__name__}: {error}"))
+        return
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            if not conn.poll(_PARENT_CHECK_S):
+                if os.getppid() != parent_pid:
+                    return  # the parent died: we were re-parented
+                continue
+            message = conn.recv()
+        except (EOFError, OSError):
+            return  # the parent closed the pipe or died
+        if message[0] == "stop":
+            return
+        try:
+            energies, forces = kernel(message[1])
+            reply = ("ok", energies, forces)
+        except Exception as error:
+            reply = ("error", f"{type(error).__name__}: {error}")
+        try:
+            conn.send(reply)
+        except (EOFError, OSError):
+            return
+
+
+_STARTED_WORKERS: "weakref.WeakSet[multiprocessing.Process]" = weakref.WeakSet()
+
+
+def _forget_workers_after_fork() -> None:
+    """In a forked child: drop the parent's workers from multiprocessing's list of children,
+    so that the child's exit handler never terminates (or tries to join) them."""
+    children = getattr(multiprocessing.process, "_children", None)
+    if isinstance(children, set):
+        for process in list(_STARTED_WORKERS):
+            children.discard(process)
+
+
+os.register_at_fork(after_in_child=_forget_workers_after_fork)
+
+
+class WorkerPool:
+    """Worker processes, each owning one kernel, evaluating chunks of a batch in parallel.
+
+    Not thread-safe by itself: the owner (:class:`trademd.energy.EnergyBridge`) serialises
+    calls. Any failure while a batch is in flight (a worker dying, Ctrl-C) stops the pool;
+    the owner starts a fresh one on its next call.
+
+    Args:
+        spec: the kernel every worker builds.
+        n_workers: number of worker processes (>= 1).
+    """
+
+    def __init__(self, spec: KernelSpec, n_workers: int):
+        if n_workers < 1:
+            raise TradeMDError(f"a worker pool needs at least one worker, got {n_workers}")
+        context = multiprocessing.get_context("spawn")
+        self._processes = []
+        self._conns = []
+        self.closed = False
+        try:
+            for _ in range(n_workers):
+                parent_end, child_end = context.Pipe(duplex=True)
+                process = context.Process(
+                    target=_worker_main, args=(child_end, spec, os.getpid()),
+                    name="trademd-energy-worker", daemon=True,
+                )
+                process.start()
+                _STARTED_WORKERS.add(process)
+                child_end.close()
+                self._processes.append(process)
+                self._conns.append(parent_end)
+            deadline = time.monotonic() + _START_TIMEOUT_S
+            for conn, process in zip(self._conns, self._processes):
+                reply = self._receive(conn, process, deadline - time.monotonic(), "starting")
+                if reply[0] != "ready":
+                    raise TradeMDError(f"an energy worker could not build its OpenMM kernel: {reply[1]}")
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the workers."""
+        return [p.pid for p in self._processes]
+
+    @property
+    def n_workers(self) -> int:
+        return len(self._processes)
+
+    def _receive(self, conn, process, timeout_s: float, doing: str):
+        ready = wait([conn, process.sentinel], timeout=max(timeout_s, 0.0))
+        if conn in ready:
+            try:
+                return conn.recv()
+            except (EOFError, OSError):
+                pass
+        elif not ready:
+            raise TradeMDError(f"an energy worker did not answer while {doing} within "
+                               f"{timeout_s:.0f} s: the machine may be overloaded")
+        process.join(0.1)
+        raise TradeMDError(
+            f"an energy worker process died while {doing} (exit code {process.exitcode}): "
+            "it may have run out of memory or been killed; the pool restarts on the next call"
+        )
+
+    def evaluate(self, positions_nm: np.ndarray, chunk_size: int, local=None,
+                 local_chunk: int = 8) -> tuple[np.ndarray, np.ndarray]:
+        """Energies float64 [n] and forces float64 [n, atoms, 3] of positions float64
+        [n, atoms, 3].
+
+        Workers take chunks of ``chunk_size`` from the front of the batch as they become free.
+        With a ``local`` kernel this process works too, on pieces of ``local_chunk`` from the
+        back, and hands out the next chunk between pieces, so no worker waits long; the two
+        ends meet wherever the actual speeds (a shared machine) put them.
+        """
+        if self.closed:
+            raise TradeMDError("the energy worker pool is closed")
+        n = len(positions_nm)
+        energies = np.empty(n)
+        forces = np.empty_like(positions_nm)
+        front, back = 0, n  # workers take [front, ...), this process takes [..., back)
+        busy = {}  # connection -> (start, stop, process)
+        try:
+            for conn, process in zip(self._conns, self._processes):
+                if front < back:
+                    stop = min(front + chunk_size, back)
+                    conn.send(("eval", positions_nm[front:stop]))
+                    busy[conn], front = (front, stop, process), stop
+            while busy or front < back:
+                working_here = local is not None and front < back
+                ready = wait(list(busy) + [p.sentinel for *_, p in busy.values()],
+                             timeout=0 if working_here else None)
+                for conn in [c for c in busy if c in ready or busy[c][2].sentinel in ready]:
+                    start, stop, process = busy.pop(conn)
+                    reply = self._receive(conn, process, _START_TIMEOUT_S, "evaluating")
+                    if reply[0] != "ok":
+                        raise TradeMDError(f"OpenMM failed in an energy worker: {reply[1]}")
+                    energies[start:stop], forces[start:stop] = reply[1], reply[2]
+                    if front < back:
+                        stop = min(front + chunk_size, back)
+                        conn.send(("eval", positions_nm[front:stop]))
+                        busy[conn], front = (front, stop, process), stop
+                if working_here and front < back:
+                    start = max(back - local_chunk, front)
+                    energies[start:back], forces[start:back] = local(positions_nm[start:back])
+                    back = start
+        except BaseException:
+            self.close()
+            raise
+        return energies, forces
+
+    def close(self) -> None:
+        """Stop the workers (asking first, then terminating, then killing) and reap them."""
+        self.closed = True
+        for conn in self._conns:
+            try:
+                conn.send(("stop",))
+            except (OSError, ValueError):
+                pass
+        deadline = time.monotonic() + _STOP_TIMEOUT_S
+        for process in self._processes:
+            process.join(max(deadline - time.monotonic(), 0.0))
+        for process in self._processes:
+            if process.is_alive():
+                process.terminate()
+                process.join(1.0)
+            if process.is_alive():
+                process.kill()
+                process.join(1.0)
+        for conn in self._conns:
+            conn.close()
+        for process in self._processes:
+            try:
+                process.close()
+            except ValueError:
+                pass
+        self._conns, self._processes = [], []

@@ -1,0 +1,468 @@
+"""Temperature-conditional normalizing flow p(z | T) over torsions and bounded features.
+
+References:
+    | TRADE: Transfer of Distributions between External Conditions with Normalizing Flows
+    | (Wahl et al., AISTATS 2025)
+    | Neural Spline Flows (Durkan et al., 2019), https://arxiv.org/abs/1906.04032
+    | Normalizing Flows on Tori and Spheres (Rezende et al., 2020), https://arxiv.org/abs/2002.02428
+
+Features ``z`` [B, n_torsions + n_bounded]: torsions first (radians, periodic on
+``[-pi, pi)``), then bounded features in ``bounded_interval = (low, high)``. Internally every
+feature is normalised to ``w`` in ``[-1, 1]`` (torsion / pi, (x - centre) / half-width); the
+normalisation's Jacobian cancels between entry and exit, so it appears in the density only as
+the constant of the base (see :meth:`TemperatureFlow.base_log_prob`).
+
+Each coupling layer transforms a set X of features with rational-quadratic splines
+(:class:`zuko.transforms.MonotonicRQSTransform` evaluated on knots built here): circular
+splines on torsions (end knots fixed at -pi and pi, one learned slope shared by both ends, so
+the map is a C1 diffeomorphism of the circle) and splines on the whole interval for bounded
+features (end knots at the interval ends, learned end slopes: the density is exactly supported
+on the interval). The conditioner sees cos/sin of torsions in the conditioning set Y (never the
+raw angle), the bounded features of Y, and the temperature feature
+``(log T - mid) / half_width`` of :meth:`TemperatureFlow.temperature_feature` (-1 at T_min,
++1 at T_max, computed there and nowhere else). The last conditioner layer is zero-initialised,
+so a new flow is exactly the identity map.
+
+Layer pattern: a list of strings ``"X|Y"`` ("transform X conditioned on Y"); each gives the
+layer and its reverse ("Y|X"). Names: ``torsions``, ``bounded`` (alias ``bonded``), names
+declared in ``groups`` (feature indices into ``z``), and on the right ``all``/``rest`` (every
+feature not in X) or ``none`` (only the temperature). ``"X|X"`` splits X in two halves by a
+bit mask of the position that changes with each occurrence (even/odd, pairs, quads, ...).
+"""
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributions import Transform
+from zuko.nn import MLP, Residual
+from zuko.transforms import MonotonicRQSTransform
+
+from .base import TemperatureBase
+from .errors import TradeMDError
+
+__all__ = ["DEFAULT_LAYERS", "SplineCoupling", "TemperatureFlow", "build_flow", "load_flow",
+           "parse_layers"]
+
+#: Close to the TRADE alanine-dipeptide setting: 9 blocks, each also reversed (18 layers).
+DEFAULT_LAYERS = ("torsions|torsions", "bounded|torsions", "bounded|bounded") * 3
+
+_ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU, "tanh": nn.Tanh}
+
+
+# ---------------------------------------------------------------------------------------------
+# splines
+
+
+class _KnotSpline(MonotonicRQSTransform):
+    """zuko's rational-quadratic spline evaluated on knots given directly (domain [-1, 1])."""
+
+    def __init__(self, horizontal: Tensor, vertical: Tensor, derivatives: Tensor):
+        Transform.__init__(self)
+        self.horizontal = horizontal
+        self.vertical = vertical
+        self.derivatives = derivatives
+
+
+def _squash(logits: Tensor, bound: float) -> Tensor:
+    """Smoothly limit |logits| below ``bound`` (zuko's choice; 0 stays 0)."""
+    return logits / (1.0 + torch.abs(logits / bound))
+
+
+def _knots(width_logits: Tensor, height_logits: Tensor, slope_logits: Tensor,
+           min_slope: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Knots of a spline from [-1, 1] onto [-1, 1]; end knots exactly at -1 and 1.
+
+    width/height logits [..., K], slope logits [..., K + 1]. All zeros give the identity.
+    """
+    log_slope = -math.log(min_slope)
+
+    def positions(logits):
+        cum = torch.cumsum(F.softmax(_squash(logits, 0.5 * log_slope), dim=-1), dim=-1)
+        ends = torch.ones_like(cum[..., :1])
+        return torch.cat([-ends, 2.0 * cum[..., :-1] - 1.0, ends], dim=-1)
+
+    return (positions(width_logits), positions(height_logits),
+            torch.exp(_squash(slope_logits, log_slope)))
+
+
+# ---------------------------------------------------------------------------------------------
+# layer pattern
+
+
+def parse_layers(layers: Sequence[str], n_torsions: int, n_bounded: int,
+                 groups: dict | None = None) -> list[tuple[list[int], list[int]]]:
+    """Turn a layer pattern into (transformed indices, conditioning indices) pairs.
+
+    Every ``"X|Y"`` yields ``(X, Y)`` and its reverse ``(Y, X)``; pairs that transform nothing
+    are dropped. Indices refer to columns of ``z``.
+
+    >>> parse_layers(["torsions|torsions", "bounded|torsions"], 3, 2)
+    [([0, 2], [1]), ([1], [0, 2]), ([3, 4], [0, 1, 2]), ([0, 1, 2], [3, 4])]
+    """
+    n = n_torsions + n_bounded
+    named = {"torsions": list(range(n_torsions)), "bounded": list(range(n_torsions, n)),
+             "bonded": list(range(n_torsions, n))}
+    for name, indices in (groups or {}).items():
+        indices = sorted(int(i) for i in indices)
+        if name in named or name in ("all", "rest", "none"):
+            raise TradeMDError(f"group name {name!r} is reserved: choose another")
+        if len(set(indices)) != len(indices) or any(not 0 <= i < n for i in indices):
+            raise TradeMDError(f"group {name!r} must list distinct feature indices in [0, {n})")
+        named[name] = indices
+
+    pairs, occurrences = [], defaultdict(int)
+    for spec in layers:
+        left, sep, right = (part.strip() for part in str(spec).partition("|"))
+        if not sep or left not in named:
+            raise TradeMDError(f"cannot read layer {spec!r}: write 'X|Y' with X one of "
+                               f"{sorted(named)} and Y one of those, 'all' or 'none'")
+        x = named[left]
+        if right == left:
+            bit = occurrences[left] % max(1, (len(x) - 1).bit_length())
+            occurrences[left] += 1
+            first = [i for pos, i in enumerate(x) if not (pos >> bit) & 1]
+            second = [i for pos, i in enumerate(x) if (pos >> bit) & 1]
+            candidates = [(first, second), (second, first)]
+        else:
+            if right in ("all", "rest"):
+                y = [i for i in range(n) if i not in x]
+            elif right == "none":
+                y = []
+            elif right in named:
+                y = named[right]
+                if set(x) & set(y):
+                    raise TradeMDError(f"layer {spec!r}: {left} and {right} share features")
+            else:
+                raise TradeMDError(f"cannot read layer {spec!r}: unknown group {right!r}")
+            candidates = [(x, y), (y, x)]
+        pairs.extend((list(a), list(b)) for a, b in candidates if a)
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------
+# coupling layer
+
+
+def _conditioner(kind: str, n_in: int, n_out: int, width: int, depth: int,
+                 activation: str) -> nn.Module:
+    act = _ACTIVATIONS[activation]
+    if kind == "mlp":
+        net = MLP(n_in, n_out, [width] * depth, activation=act)
+    elif kind == "residual":
+        blocks = [Residual(act(), nn.Linear(width, width), act(), nn.Linear(width, width))
+                  for _ in range(depth)]
+        net = nn.Sequential(nn.Linear(n_in, width), *blocks, act(), nn.Linear(width, n_out))
+    else:
+        raise TradeMDError(f"unknown conditioner {kind!r}: use 'residual' or 'mlp'")
+    nn.init.zeros_(net[-1].weight)
+    nn.init.zeros_(net[-1].bias)
+    return net
+
+
+class SplineCoupling(nn.Module):
+    """One coupling layer on normalised features w in [-1, 1]: spline(X | Y, T).
+
+    Args:
+        transformed: indices X of the transformed features (columns of w).
+        conditioning: indices Y the conditioner sees (disjoint from X; may be empty).
+        n_torsions: the first ``n_torsions`` columns are periodic.
+        bins: spline bins K.
+        width, depth, conditioner, activation: the conditioner network.
+        min_slope: lower bound of every spline slope (upper bound 1 / min_slope).
+    """
+
+    def __init__(self, transformed: Sequence[int], conditioning: Sequence[int], n_torsions: int,
+                 bins: int = 8, width: int = 256, depth: int = 2, conditioner: str = "residual",
+                 activation: str = "silu", min_slope: float = 1e-3):
+        super().__init__()
+        transformed, conditioning = sorted(transformed), sorted(conditioning)
+        self.bins, self.min_slope = bins, min_slope
+        self.n_periodic = sum(i < n_torsions for i in transformed)
+        self.n_cond_periodic = sum(i < n_torsions for i in conditioning)
+        self.register_buffer("transformed", torch.tensor(transformed, dtype=torch.long),
+                             persistent=False)
+        self.register_buffer("conditioning", torch.tensor(conditioning, dtype=torch.long),
+                             persistent=False)
+        n_in = 2 * self.n_cond_periodic + (len(conditioning) - self.n_cond_periodic) + 1
+        n_out = self.n_periodic * 3 * bins + (len(transformed) - self.n_periodic) * (3 * bins + 1)
+        self.net = _conditioner(conditioner, n_in, n_out, width, depth, activation)
+
+    def extra_repr(self) -> str:
+        return (f"transformed={self.transformed.tolist()}, "
+                f"conditioning={self.conditioning.tolist()}")
+
+    def spline(self, w: Tensor, t: Tensor) -> _KnotSpline:
+        """The spline of this layer given w [B, D] (only Y is read) and the T feature [B, 1]."""
+        y = w[:, self.conditioning]
+        angle = math.pi * y[:, :self.n_cond_periodic]
+        h = torch.cat([torch.cos(angle), torch.sin(angle), y[:, self.n_cond_periodic:], t], dim=1)
+        params = self.net(h)
+        k, b = self.bins, w.shape[0]
+        split = self.n_periodic * 3 * k
+        periodic = params[:, :split].reshape(b, self.n_periodic, 3 * k)
+        bounded = params[:, split:].reshape(b, -1, 3 * k + 1)
+        # circular: one slope shared by both ends, so the circle map is C1 at the seam
+        periodic = torch.cat([periodic, periodic[..., 2 * k:2 * k + 1]], dim=-1)
+        params = torch.cat([periodic, bounded], dim=1)
+        knots = _knots(params[..., :k], params[..., k:2 * k], params[..., 2 * k:], self.min_slope)
+        return _KnotSpline(*knots)
+
+    def _finish(self, w: Tensor, x_new: Tensor) -> Tensor:
+        # torsions wrap onto [-1, 1); bounded stay in [-1, 1] despite rounding
+        p = self.n_periodic
+        x_new = torch.cat([torch.remainder(x_new[:, :p] + 1.0, 2.0) - 1.0,
+                           x_new[:, p:].clamp(-1.0, 1.0)], dim=1)
+        return w.index_copy(1, self.transformed, x_new)
+
+    def forward(self, w: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Data -> base direction: (w', log|det dw'/dw|) with shapes [B, D], [B]."""
+        spline = self.spline(w, t)
+        x_new, ladj = spline.call_and_ladj(w[:, self.transformed])
+        return self._finish(w, x_new), ladj.sum(dim=1)
+
+    def inverse(self, w: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Base -> data direction: (w, log|det dw'/dw| of the forward map at the result)."""
+        spline = self.spline(w, t)
+        x = spline._inverse(w[:, self.transformed])
+        _, ladj = spline.call_and_ladj(x)
+        return self._finish(w, x), ladj.sum(dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the flow
+
+
+class TemperatureFlow(nn.Module):
+    """Temperature-conditional coupling flow p(z | T) (TRADE, Wahl et al. 2025).
+
+    Args:
+        n_torsions: number of torsions (first columns of z, radians on [-pi, pi)).
+        n_bounded: number of bounded features (last columns of z, in ``bounded_interval``).
+        temperature_range_k: training range (T_min, T_max) in kelvin; defines the temperature
+            feature (log T - mid) / half_width, -1 at T_min and +1 at T_max.
+        bounded_interval: (low, high), the exact support of every bounded feature.
+        layers: layer pattern, see the module docstring.
+        bins: spline bins K.
+        width, depth: conditioner width and number of hidden layers (mlp) or residual blocks.
+        conditioner: ``"residual"`` or ``"mlp"``.
+        activation: ``"silu"`` (smooth: TRADE differentiates d log p / dT by parameters),
+            ``"relu"``, ``"elu"``, ``"gelu"``, ``"tanh"``.
+        torsion_base, bounded_base, base_sigma, base_kappa: see :mod:`trademd.base`.
+        reference_temperature_k: T0 of a temperature-scaled base; default sqrt(T_min T_max).
+        groups: extra feature groups for the layer pattern, {name: [column indices of z]}.
+        min_slope: smallest spline slope.
+
+    >>> flow = TemperatureFlow(2, 3, (250.0, 650.0), width=8, layers=["bounded|torsions"])
+    >>> z, logp = flow.sample(5, 300.0)
+    >>> torch.allclose(flow.log_prob(z, 300.0), logp, atol=1e-5)
+    True
+    """
+
+    def __init__(self, n_torsions: int, n_bounded: int,
+                 temperature_range_k: Sequence[float],
+                 bounded_interval: Sequence[float] = (-1.0, 1.0),
+                 layers: Sequence[str] = DEFAULT_LAYERS, bins: int = 8, width: int = 256,
+                 depth: int = 2, conditioner: str = "residual", activation: str = "silu",
+                 torsion_base: str = "uniform", bounded_base: str = "uniform",
+                 base_sigma: float = 0.5, base_kappa: float = 1.0,
+                 reference_temperature_k: float | None = None, groups: dict | None = None,
+                 min_slope: float = 1e-3):
+        super().__init__()
+        t_min, t_max = (float(t) for t in temperature_range_k)
+        low, high = (float(b) for b in bounded_interval)
+        if not 0 < t_min < t_max:
+            raise TradeMDError(f"temperature range {temperature_range_k} must be 0 < T_min < T_max")
+        if not low < high:
+            raise TradeMDError(f"bounded interval {bounded_interval} must have low < high")
+        if bins < 2 or width < 1 or depth < 0 or n_torsions < 0 or n_bounded < 0:
+            raise TradeMDError("bins >= 2, width >= 1, depth >= 0 and feature counts >= 0, please")
+        if activation not in _ACTIVATIONS:
+            raise TradeMDError(
+                f"unknown activation {activation!r}: use one of {sorted(_ACTIVATIONS)}")
+        if reference_temperature_k is None:
+            reference_temperature_k = math.sqrt(t_min * t_max)
+        groups = {str(k): sorted(int(i) for i in v) for k, v in (groups or {}).items()}
+        self.config = {
+            "n_torsions": int(n_torsions), "n_bounded": int(n_bounded),
+            "temperature_range_k": [t_min, t_max], "bounded_interval": [low, high],
+            "layers": [str(s) for s in layers], "bins": int(bins), "width": int(width),
+            "depth": int(depth), "conditioner": conditioner, "activation": activation,
+            "torsion_base": torsion_base, "bounded_base": bounded_base,
+            "base_sigma": float(base_sigma), "base_kappa": float(base_kappa),
+            "reference_temperature_k": float(reference_temperature_k), "groups": groups,
+            "min_slope": float(min_slope),
+        }
+        self.n_torsions, self.n_bounded = int(n_torsions), int(n_bounded)
+        self._log_t_mid = 0.5 * (math.log(t_min) + math.log(t_max))
+        self._log_t_half = 0.5 * (math.log(t_max) - math.log(t_min))
+
+        self.base = TemperatureBase(n_torsions, n_bounded, torsion_base, bounded_base,
+                                    base_sigma, base_kappa, reference_temperature_k)
+        self.layers = nn.ModuleList(
+            SplineCoupling(x, y, n_torsions, bins, width, depth, conditioner, activation,
+                           min_slope)
+            for x, y in parse_layers(layers, n_torsions, n_bounded, groups))
+        # normalisation z -> w as Python floats (a float32 buffer would round pi, and .double()
+        # would then give torsions a period that is not 2 pi)
+        self._centre, self._half = 0.5 * (low + high), 0.5 * (high - low)
+        # log-volume of the normalisation, the one constant in the density
+        self._log_half_sum = n_torsions * math.log(math.pi) + n_bounded * math.log(self._half)
+        # carries the dtype and device of the flow, also for a flow without layers
+        self.register_buffer("_anchor", torch.zeros(0), persistent=False)
+
+    # -- conventions -------------------------------------------------------------------------
+
+    @property
+    def n_features(self) -> int:
+        return self.n_torsions + self.n_bounded
+
+    def temperature_feature(self, temperature_k: Tensor) -> Tensor:
+        """The conditioner's temperature input: (log T - mid) / half_width, [B] -> [B, 1]."""
+        return ((torch.log(temperature_k) - self._log_t_mid) / self._log_t_half)[:, None]
+
+    def split(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """z [B, D] -> (torsions [B, n_torsions], bounded [B, n_bounded])."""
+        return z[:, :self.n_torsions], z[:, self.n_torsions:]
+
+    def join(self, torsions: Tensor, bounded: Tensor) -> Tensor:
+        """(torsions, bounded) -> z [B, D]."""
+        return torch.cat([torsions, bounded], dim=1)
+
+    def _temperatures(self, temperature_k, n: int) -> Tensor:
+        """A float or tensor (scalar or [n]) of kelvin -> tensor [n] (gradients kept)."""
+        t = torch.as_tensor(temperature_k, dtype=self._anchor.dtype, device=self._anchor.device)
+        if t.dim() == 0:
+            return t.expand(n)
+        t = t.reshape(-1)
+        if t.shape[0] != n:
+            raise TradeMDError(f"got {t.shape[0]} temperatures for {n} samples")
+        return t
+
+    def _wrap(self, w: Tensor) -> Tensor:
+        """Normalised torsions onto [-1, 1); bounded columns untouched."""
+        p = self.n_torsions
+        return torch.cat([torch.remainder(w[:, :p] + 1.0, 2.0) - 1.0, w[:, p:]], dim=1)
+
+    def _normalise(self, z: Tensor) -> Tensor:
+        p = self.n_torsions
+        w_t = torch.remainder(z[:, :p] / math.pi + 1.0, 2.0) - 1.0
+        return torch.cat([w_t, (z[:, p:] - self._centre) / self._half], dim=1)
+
+    def _denormalise(self, w: Tensor) -> Tensor:
+        p = self.n_torsions
+        return torch.cat([math.pi * w[:, :p], self._centre + self._half * w[:, p:]], dim=1)
+
+    # -- transforms --------------------------------------------------------------------------
+
+    def _forward_w(self, w: Tensor, temperature_k: Tensor) -> tuple[Tensor, Tensor]:
+        t = self.temperature_feature(temperature_k)
+        ladj = w.new_zeros(w.shape[0])
+        for layer in self.layers:
+            w, l = layer(w, t)
+            ladj = ladj + l
+        return w, ladj
+
+    def _inverse_w(self, w: Tensor, temperature_k: Tensor) -> tuple[Tensor, Tensor]:
+        t = self.temperature_feature(temperature_k)
+        ladj = w.new_zeros(w.shape[0])
+        for layer in reversed(self.layers):
+            w, l = layer.inverse(w, t)
+            ladj = ladj - l
+        return w, ladj
+
+    def forward(self, z: Tensor, temperature_k) -> tuple[Tensor, Tensor]:
+        """Data -> base: (u [B, D], log|det du/dz| [B]); u lives in the same units as z."""
+        w, ladj = self._forward_w(self._normalise(z), self._temperatures(temperature_k, len(z)))
+        return self._denormalise(w), ladj
+
+    def inverse(self, u: Tensor, temperature_k) -> tuple[Tensor, Tensor]:
+        """Base -> data: (z [B, D], log|det dz/du| [B])."""
+        w, ladj = self._inverse_w(self._normalise(u), self._temperatures(temperature_k, len(u)))
+        return self._denormalise(w), ladj
+
+    # -- densities and samples ---------------------------------------------------------------
+
+    def base_log_prob(self, u: Tensor, temperature_k) -> Tensor:
+        """log density of the base at u (same units as z) -> [B]."""
+        temperature_k = self._temperatures(temperature_k, u.shape[0])
+        return self.base.log_prob(self._normalise(u), temperature_k) - self._log_half_sum
+
+    def sample_base(self, n: int, temperature_k) -> Tensor:
+        """n base samples u [n, D] (same units as z)."""
+        temperature_k = self._temperatures(temperature_k, n)
+        w = self.base.sample(n, temperature_k.detach(), self._anchor.dtype, self._anchor.device)
+        return self._denormalise(w)
+
+    def log_prob(self, z: Tensor, temperature_k) -> Tensor:
+        """log p(z | T) [B] for z [B, D]; temperature_k in kelvin, a float or a tensor [B].
+
+        -inf where a bounded feature lies outside ``bounded_interval``.
+        """
+        temperature_k = self._temperatures(temperature_k, z.shape[0])
+        w = self._normalise(z)
+        inside = (w[:, self.n_torsions:].abs() <= 1.0).all(dim=1)
+        w, ladj = self._forward_w(w, temperature_k)
+        logp = self.base.log_prob(w, temperature_k) - self._log_half_sum + ladj
+        return torch.where(inside, logp, torch.full_like(logp, -math.inf))
+
+    def rsample(self, n: int, temperature_k) -> tuple[Tensor, Tensor]:
+        """n samples and their log p(z | T), differentiable w.r.t. the parameters (reverse KL)."""
+        temperature_k = self._temperatures(temperature_k, n)
+        w = self.base.sample(n, temperature_k.detach(), self._anchor.dtype, self._anchor.device)
+        w = self._wrap(w)  # a float32 cast can round a torsion up to 1
+        logp_base = self.base.log_prob(w, temperature_k) - self._log_half_sum
+        w, ladj = self._inverse_w(w, temperature_k)
+        return self._denormalise(w), logp_base - ladj
+
+    def sample(self, n: int, temperature_k) -> tuple[Tensor, Tensor]:
+        """n samples z [n, D] and their log p(z | T) [n], without gradients."""
+        with torch.no_grad():
+            return self.rsample(n, temperature_k)
+
+    def dlogp_dT(self, z: Tensor, temperature_k, create_graph: bool = True,
+                 return_log_prob: bool = False):
+        """d log p(z | T) / dT in 1/K [B], by autograd through the flow and the base.
+
+        With ``create_graph`` the result is differentiable w.r.t. the parameters (TRADE loss).
+        With ``return_log_prob`` returns ``(log_prob, dlogp_dT)`` from one forward pass.
+        """
+        temperature_k = self._temperatures(temperature_k, z.shape[0]).detach().clone()
+        with torch.enable_grad():
+            temperature_k.requires_grad_(True)
+            logp = self.log_prob(z, temperature_k)
+            (grad,) = torch.autograd.grad(logp.sum(), temperature_k, create_graph=create_graph,
+                                          allow_unused=True)
+        if grad is None:
+            grad = torch.zeros_like(temperature_k)
+        return (logp, grad) if return_log_prob else grad
+
+    def checkpoint(self) -> dict:
+        """{"config": ..., "state_dict": ...}: what :func:`load_flow` reads back."""
+        return {"config": dict(self.config), "state_dict": self.state_dict()}
+
+
+def build_flow(config: dict) -> TemperatureFlow:
+    """A new flow from ``flow.config`` (a plain dict)."""
+    try:
+        return TemperatureFlow(**config)
+    except TypeError as error:
+        raise TradeMDError(f"cannot build a flow from this config ({error}): "
+                           "was it written by another version?") from error
+
+
+def load_flow(checkpoint: dict, map_location=None) -> TemperatureFlow:
+    """Rebuild a flow from ``{"config", "state_dict"}`` (e.g. ``torch.load`` of a model file)."""
+    flow = build_flow(checkpoint["config"])
+    state = checkpoint["state_dict"]
+    dtypes = [v.dtype for v in state.values() if v.is_floating_point()]
+    if dtypes:
+        flow = flow.to(dtypes[0])  # a float64 flow comes back as float64
+    if map_location is not None:
+        state = {k: v.to(map_location) for k, v in state.items()}
+        flow = flow.to(map_location)
+    flow.load_state_dict(state)
+    return flow

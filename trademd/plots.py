@@ -1,0 +1,114 @@
+"""Figures trade-md writes (matplotlib, Agg backend: no screen needed)."""
+
+import csv
+from pathlib import Path
+
+__all__ = ["plot_losses"]
+
+
+def plot_losses(metrics_csv: str | Path, out_png: str | Path) -> Path:
+    """Plot every loss column of a training ``metrics.csv`` against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(metrics_csv, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    steps = [float(r["step"]) for r in rows]
+    columns = [c for c in ("nll_t0", "val_nll_t0", "trade", "reverse_kl", "trade_residual_rms")
+               if rows and c in rows[0]]
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for column in columns:
+        values = [float(r[column]) if r.get(column) not in (None, "") else float("nan") for r in rows]
+        axes[0 if "nll" in column else 1].plot(steps, values, label=column)
+    for name in ("ess_tmin", "ess_t0", "ess_tmax"):
+        if rows and name in rows[0]:
+            axes[1].plot(steps, [float(r[name]) for r in rows], "--", label=name)
+    axes[0].set_ylabel("negative log-likelihood")
+    axes[1].set_yscale("symlog", linthresh=1.0)
+    for axis in axes:
+        axis.set_xlabel("step")
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out_png, dpi=100)
+    plt.close(figure)
+    return Path(out_png)
+
+
+def ramachandran_png(phi, psi, weights=None, title: str = "", bins: int = 60) -> bytes:
+    """A Ramachandran plot (free energy -ln p in kT of the phi/psi histogram) as PNG bytes."""
+    import io
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    edges = np.linspace(-math.pi, math.pi, bins + 1)
+    histogram, _, _ = np.histogram2d(phi, psi, bins=[edges, edges], weights=weights, density=True)
+    with np.errstate(divide="ignore"):
+        free_energy = -np.log(histogram)
+    free_energy -= np.nanmin(free_energy[np.isfinite(free_energy)]) if np.isfinite(free_energy).any() else 0
+    figure, axis = plt.subplots(figsize=(4.5, 4))
+    image = axis.pcolormesh(edges, edges, free_energy.T, cmap="viridis", vmax=8)
+    figure.colorbar(image, ax=axis, label="free energy / kT")
+    axis.set_xlabel("phi (rad)")
+    axis.set_ylabel("psi (rad)")
+    axis.set_title(title, fontsize=9)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def comparison_figure(out_png, reference_phi_psi, samples_phi_psi_weights, reference_energy,
+                      samples_energy, temperature_k: float) -> None:
+    """The TRADE paper's Figure 3 layout: Ramachandran plots of reference and reweighted
+    samples side by side, phi marginals, energy histograms."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    ref_phi, ref_psi = reference_phi_psi
+    phi, psi, weights = samples_phi_psi_weights
+    edges = np.linspace(-math.pi, math.pi, 61)
+    figure, axes = plt.subplots(1, 4, figsize=(17, 4))
+    for axis, (x, y, w, title) in zip(axes[:2], ((ref_phi, ref_psi, None, "reference"),
+                                                 (phi, psi, weights, "samples, reweighted"))):
+        histogram, _, _ = np.histogram2d(x, y, bins=[edges, edges], weights=w, density=True)
+        with np.errstate(divide="ignore"):
+            free_energy = -np.log(histogram)
+        free_energy -= free_energy[np.isfinite(free_energy)].min()
+        axis.pcolormesh(edges, edges, free_energy.T, cmap="viridis", vmax=8)
+        axis.set_title(f"{title}, {temperature_k:g} K")
+        axis.set_xlabel("phi (rad)")
+        axis.set_ylabel("psi (rad)")
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    for x, w, label in ((ref_phi, None, "reference"), (phi, None, "samples"),
+                        (phi, weights, "samples, reweighted")):
+        density, _ = np.histogram(x, bins=edges, weights=w, density=True)
+        with np.errstate(divide="ignore"):
+            axes[2].plot(centres, -np.log(density), label=label)
+    axes[2].set_xlabel("phi (rad)")
+    axes[2].set_ylabel("free energy / kT")
+    axes[2].legend(fontsize=8)
+    finite = np.isfinite(samples_energy) & (weights > 0)
+    low, high = np.percentile(reference_energy, [0.1, 99.9])
+    bins = np.linspace(low - 20, high + 20, 80)
+    axes[3].hist(reference_energy, bins=bins, density=True, histtype="step", label="reference")
+    axes[3].hist(samples_energy[finite], bins=bins, density=True, histtype="step", label="samples")
+    axes[3].hist(samples_energy[finite], bins=bins, weights=weights[finite], density=True,
+                 histtype="step", label="samples, reweighted")
+    axes[3].set_xlabel("energy (kJ/mol)")
+    axes[3].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out_png, dpi=100)
+    plt.close(figure)

@@ -1,0 +1,198 @@
+"""What training needs from a physical system, in the flow's feature space z.
+
+A target knows its Boltzmann constant, its boundary temperature T0 and data there, and turns
+flow features z into reduced energies u = U / (k T) and the log-Jacobian log|dx/dz| of the map
+back to configurations, so that the Boltzmann density in feature space is
+
+    log q(z|T) = -u(x(z), T) + log|dx/dz| - log Z(T).
+
+:class:`AnalyticTarget` wraps the analytic systems (z = x, log|dx/dz| = 0, k = 1).
+:class:`MoleculeTarget` maps z through internal coordinates to Cartesian coordinates and
+evaluates OpenMM energies through the energy bridge.
+"""
+
+from dataclasses import dataclass
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from trademd.systems.analytic import AnalyticSystem
+
+from .coordinates import InternalCoordinates, constrained_bonds_from_openmm
+from .energy import EnergyBridge, potential_energy
+from .errors import TradeMDError
+from .h5io import read_trajectory
+from .units import BOLTZMANN_KJ_MOL_K
+
+__all__ = ["AnalyticTarget", "MoleculeTarget", "DataSplit", "split_frames"]
+
+
+class AnalyticTarget:
+    """An analytic system as a training target: exact data at T0, energies in torch.
+
+    Args:
+        system: the analytic system.
+        n_data: number of exact samples drawn at T0 as training data.
+        seed: seed of those samples.
+    """
+
+    n_torsions = 0
+
+    def __init__(self, system: AnalyticSystem, n_data: int = 20000, seed: int = 0):
+        self.system = system
+        self.name = system.name
+        self.boltzmann_k = system.boltzmann_k
+        self.reference_temperature = system.reference_temperature
+        self.n_bounded = system.dim
+        self.bounded_interval = (-system.half_width, system.half_width)
+        generator = torch.Generator().manual_seed(seed)
+        self.data_features = system.sample(n_data, system.reference_temperature, generator).float()
+
+    def reduced_energy(self, z: Tensor, temperature: Tensor) -> tuple[Tensor, Tensor]:
+        """(u [B], log|dx/dz| [B]) for features z [B, D] at temperatures [B]; differentiable."""
+        energy = self.system.energy(z)
+        return energy / (self.boltzmann_k * temperature), torch.zeros_like(energy)
+
+    def record(self) -> dict:
+        """What a model file stores to rebuild this target."""
+        return {"kind": "analytic", "system": self.name}
+
+
+@dataclass(frozen=True)
+class DataSplit:
+    """Frame indices of the training, validation and test sets (int64 arrays)."""
+
+    train: np.ndarray
+    validation: np.ndarray
+    test: np.ndarray
+
+    def to_json(self) -> str:
+        return json.dumps({k: getattr(self, k).tolist() for k in ("train", "validation", "test")})
+
+
+def split_frames(save_index: np.ndarray, fractions=(0.8, 0.1, 0.1)) -> DataSplit:
+    """Split frames by time: within every replica the first 80 % of saves train, the next
+    10 % validate, the last 10 % test, so held-out frames are not interleaved with training
+    frames (correlated neighbours). Deterministic.
+
+    Args:
+        save_index: per frame, the index of its save (time order) [frames].
+    """
+    saves = np.unique(save_index)
+    if len(saves) < 10:
+        raise TradeMDError(
+            f"the data file holds only {len(saves)} saves per replica: simulate longer "
+            "(at least 10 saves) to split training, validation and test frames"
+        )
+    first_validation = saves[int(round(fractions[0] * len(saves)))]
+    first_test = saves[int(round((fractions[0] + fractions[1]) * len(saves)))]
+    frames = np.arange(len(save_index))
+    return DataSplit(
+        train=frames[save_index < first_validation],
+        validation=frames[(save_index >= first_validation) & (save_index < first_test)],
+        test=frames[save_index >= first_test],
+    )
+
+
+class MoleculeTarget:
+    """A molecule as a training or sampling target.
+
+    Features z = (torsions, normalised free bonds and angles) of
+    :class:`~trademd.coordinates.InternalCoordinates`; energies from OpenMM through
+    :class:`~trademd.energy.EnergyBridge`. Build it from a ``trade-md simulate`` file with
+    :meth:`from_trajectory` (training) or from a model file's record with :meth:`from_record`.
+
+    Args:
+        molecule: the :class:`~trademd.systems.MolecularSystem`.
+        coordinates: the fitted internal-coordinate transform.
+        reference_temperature: T0 of the data (K).
+        platform: OpenMM platform of the energy bridge.
+        workers: energy worker processes (None: one per core).
+    """
+
+    def __init__(self, molecule, coordinates: InternalCoordinates, reference_temperature: float,
+                 platform: str = "auto", workers: int | None = None):
+        self.molecule = molecule
+        self.name = molecule.name
+        self.boltzmann_k = BOLTZMANN_KJ_MOL_K
+        self.reference_temperature = float(reference_temperature)
+        self.coordinates = coordinates
+        self.n_torsions = coordinates.n_torsions
+        self.n_bounded = coordinates.n_bonded_dims
+        bound = float(coordinates.bound)
+        self.bounded_interval = (-bound, bound)
+        self.bridge = EnergyBridge(molecule.create_openmm_system(), platform=platform, workers=workers)
+
+    @classmethod
+    def from_trajectory(cls, data_path: str | Path, platform: str = "auto",
+                        workers: int | None = None) -> "MoleculeTarget":
+        """Fit the coordinates on the training frames of a trajectory file; sets ``split``,
+        ``data_features`` and ``validation_features``."""
+        from trademd.systems import system_from_record
+
+        trajectory = read_trajectory(data_path)
+        molecule = system_from_record(
+            str(trajectory.attrs["system"]), trajectory.topology_pdb,
+            json.loads(trajectory.attrs["forcefield_files"]),
+        )
+        n_replicas = int(trajectory.attrs.get("n_replicas", 1))
+        split = split_frames(np.arange(trajectory.n_frames) // n_replicas)
+        positions = torch.as_tensor(trajectory.positions_nm, dtype=torch.float64)
+        coordinates = InternalCoordinates.from_data(
+            molecule.zmatrix, positions[split.train],
+            constrained_bonds_from_openmm(molecule.create_openmm_system()),
+        )
+        target = cls(molecule, coordinates, trajectory.temperature_k, platform, workers)
+        target.split = split
+        target.data_features = target.features(positions[split.train])
+        target.validation_features = target.features(positions[split.validation])
+        return target
+
+    @classmethod
+    def from_record(cls, record: dict, reference_temperature: float, platform: str = "auto",
+                    workers: int | None = None) -> "MoleculeTarget":
+        """Rebuild the target a model file describes (see :meth:`record`)."""
+        from trademd.systems import system_from_record
+
+        molecule = system_from_record(record["system"], record["pdb_text"], record["forcefield_files"])
+        coordinates = InternalCoordinates.from_state_dict(record["coordinates"])
+        return cls(molecule, coordinates, reference_temperature, platform, workers)
+
+    @torch.no_grad()
+    def features(self, positions_nm: Tensor) -> Tensor:
+        """Flow features [N, D] (float32) of configurations [N, atoms, 3]; frames outside the
+        normalisation range are dropped."""
+        features, _ = self.coordinates(positions_nm.to(torch.float64))
+        z = torch.cat([features.torsions, features.bounded], dim=1)
+        return z[~features.out_of_range].float()
+
+    def positions(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """(x [B, atoms, 3] nm in the canonical frame, log|dx/dz| [B]) of features z [B, D]."""
+        coordinates = self.coordinates.to(device=z.device)
+        x, log_det = coordinates.inverse(z[:, : self.n_torsions].double(), z[:, self.n_torsions :].double())
+        return x, log_det
+
+    def reduced_energy(self, z: Tensor, temperature: Tensor) -> tuple[Tensor, Tensor]:
+        """(u = U / (k T) [B], log|dx/dz| [B]) of features z [B, D] at T [B] (K); differentiable
+        in z through the OpenMM forces; +inf where the energy overflows."""
+        x, log_det = self.positions(z)
+        energy_kj_mol = potential_energy(x, self.bridge)
+        u = energy_kj_mol / (self.boltzmann_k * temperature.double())
+        return u.to(z.dtype), log_det.to(z.dtype)
+
+    def record(self) -> dict:
+        """What a model file stores to rebuild the system and the coordinate transform."""
+        return {
+            "kind": "molecule",
+            "system": self.name,
+            "pdb_text": self.molecule.pdb_text,
+            "forcefield_files": list(self.molecule.forcefield_files),
+            "coordinates": self.coordinates.to("cpu").state_dict(),
+        }
+
+    def close(self) -> None:
+        """Stop the energy bridge's worker processes."""
+        self.bridge.close()
