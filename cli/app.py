@@ -237,6 +237,37 @@ def evaluate(
     typer.echo(json.dumps(metrics))
 
 
+@app.command()
+@reports_errors
+def run(
+    ctx: typer.Context,
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="run directory"),
+    system: str = typer.Option("ala2-implicit", help="built-in system"),
+    temperature: List[float] = typer.Option([300.0], help="temperature(s) to sample at (K)"),
+    data_temperature: float = typer.Option(600.0, help="simulation temperature T0 (K)"),
+    time: str = typer.Option("300ps", help="simulation time per replica"),
+    replicas: int = typer.Option(16, help="MD replicas"),
+    preset: str = typer.Option("quick", help="training preset: quick or paper"),
+    steps: Optional[int] = typer.Option(None, help="training steps (default: the preset's)"),
+    n: int = typer.Option(20000, help="samples per temperature"),
+    platform: str = typer.Option("auto", help="OpenMM platform: auto, CPU or CUDA"),
+    device: str = typer.Option("auto", help="torch device: auto, cpu or cuda"),
+    quiet: bool = typer.Option(False, help="no progress display"),
+) -> None:
+    """The main job in one command: simulate at T0, train TRADE, sample at T, plot."""
+    import json
+
+    from trademd.pipeline import RunConfig, run_pipeline
+    from trademd.units import parse_time_ps
+
+    config = RunConfig(system, list(temperature), data_temperature, parse_time_ps(time), replicas,
+                       preset, steps, n)
+    summary = run_pipeline(config, out, platform=platform, device=device,
+                           command=full_command(ctx), show_progress=not quiet)
+    for entry in summary["samples"]:
+        typer.echo(json.dumps(entry))
+
+
 def main() -> None:
     """Entry point of the ``trade-md`` console script."""
     app()

@@ -1,0 +1,111 @@
+"""``trade-md run``: simulate at T0 -> train -> sample at T -> figures, reusing finished stages.
+
+Run directory layout::
+
+    OUT/data_<T0>K.h5        MD frames at T0            (trade-md simulate)
+    OUT/train/model.pt       the trained flow            (trade-md train)
+    OUT/samples.h5           weighted samples at T       (trade-md sample)
+    OUT/samples_ramachandran.png, OUT/summary.json
+
+A stage whose output exists is skipped; an interrupted simulation or training resumes from
+its checkpoint. Delete a stage's output to redo it.
+"""
+
+import json
+from pathlib import Path
+import sys
+
+from .errors import TradeMDError
+from .h5io import read_trajectory
+from .sampling_run import sample_run
+from .simulate import SimulationConfig, simulate
+from .training_run import train_run
+
+__all__ = ["RunConfig", "run_pipeline"]
+
+
+class RunConfig:
+    """Settings of ``trade-md run`` (defaults: the quick preset on alanine dipeptide).
+
+    Args:
+        system: built-in molecular system.
+        temperatures_k: temperatures to sample at (K).
+        data_temperature_k: T0 of the simulation (K).
+        simulation_ps: production time per replica (ps).
+        replicas: MD replicas.
+        preset: training preset.
+        steps: training steps (None: the preset's).
+        n_samples: samples per temperature.
+    """
+
+    def __init__(self, system: str = "ala2-implicit", temperatures_k=(300.0,),
+                 data_temperature_k: float = 600.0, simulation_ps: float = 300.0,
+                 replicas: int = 16, preset: str = "quick", steps: int | None = None,
+                 n_samples: int = 20000):
+        self.system = system
+        self.temperatures_k = [float(t) for t in temperatures_k]
+        self.data_temperature_k = float(data_temperature_k)
+        self.simulation_ps = float(simulation_ps)
+        self.replicas = int(replicas)
+        self.preset = preset
+        self.steps = steps
+        self.n_samples = int(n_samples)
+        if not self.temperatures_k or min(self.temperatures_k) <= 0:
+            raise TradeMDError("give at least one positive --temperature (K)")
+
+    @property
+    def temperature_range_k(self) -> tuple[float, float]:
+        """Trained range: 0.8 x the lowest temperature asked for to 1.1 x the highest of
+        those and T0 (for 300 K from 600 K data: 240-660 K, the TRADE paper's range)."""
+        low = 0.8 * min(self.temperatures_k + [self.data_temperature_k])
+        high = 1.1 * max(self.temperatures_k + [self.data_temperature_k])
+        return low, high
+
+
+def _log(message: str) -> None:
+    print(f"[trade-md run] {message}", file=sys.stderr, flush=True)
+
+
+def run_pipeline(config: RunConfig, out: str | Path, platform: str = "auto", device: str = "auto",
+                 command: str | None = None, show_progress: bool = True) -> dict:
+    """Run or continue every stage; returns the summary (also written to summary.json)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / f"data_{config.data_temperature_k:g}K.h5"
+    simulation = SimulationConfig(system_name=config.system, temperature_k=config.data_temperature_k,
+                                  time_ps=config.simulation_ps, replicas=config.replicas,
+                                  equilibration_ps=20.0, platform=platform)
+    if not data.exists():
+        _log(f"simulating {config.system} at {config.data_temperature_k:g} K -> {data}")
+        simulate(simulation, data, command=command, show_progress=show_progress)
+    elif read_trajectory(data).n_frames < simulation.n_saves * simulation.replicas:
+        _log(f"resuming the simulation in {data}")
+        simulate(simulation, data, resume=True, command=command, show_progress=show_progress)
+    else:
+        _log(f"reusing {data}")
+
+    train_dir = out / "train"
+    model = train_dir / "model.pt"
+    t_min, t_max = config.temperature_range_k
+    if model.exists():
+        _log(f"reusing {model}")
+    else:
+        resume = (train_dir / "checkpoint.pt").exists()
+        _log(f"{'resuming' if resume else 'training'} TRADE over {t_min:g}-{t_max:g} K -> {train_dir}")
+        train_run(train_dir, t_min, t_max, data=data, preset=config.preset,
+                  overrides={"steps": config.steps}, device=device, platform=platform,
+                  resume=resume, show_progress=show_progress)
+
+    samples = out / "samples.h5"
+    if samples.exists():
+        _log(f"reusing {samples}")
+        summaries = json.loads((out / "summary.json").read_text())["samples"]
+    else:
+        _log(f"sampling {config.n_samples} configurations at {config.temperatures_k} K -> {samples}")
+        summaries = sample_run(model, config.temperatures_k, config.n_samples, samples,
+                               device=device, platform=platform, command=command,
+                               show_progress=show_progress)
+    summary = {"data": str(data), "model": str(model), "samples": summaries,
+               "temperature_range_k": [t_min, t_max]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
