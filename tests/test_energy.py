@@ -11,6 +11,7 @@ import time
 
 import h5py
 import numpy as np
+import openmm
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -121,6 +122,31 @@ def test_replicated_kernel_in_workers(molecule, references):
         energy, forces = bridge.evaluate(torch.tensor(x))
         assert len(bridge.worker_pids) == 1
     _assert_exact(energy, forces, *references[1](x), relative=1e-9, force_relative=1e-9)
+
+
+def test_pool_scheduling_covers_every_configuration_once():
+    """Any batch size, chunk sizes, with or without this process working along."""
+    from trademd.energy_pool import SingleKernel, WorkerPool
+    from trademd.systems import get_system
+
+    molecule = get_system("ala2-vacuum")
+    system = molecule.create_openmm_system()
+    spec = {"kind": "single", "system_xml": openmm.XmlSerializer.serialize(system),
+            "platform": "Reference", "properties": {}}
+    kernel = SingleKernel(system, "Reference")
+    x = _configurations(molecule, n_random=300)[:300]
+    pool = WorkerPool(spec, 2)
+    pids = pool.pids
+    try:
+        for n, max_chunk, local, min_chunk in ((1, 1, None, 8), (7, 3, kernel, 8), (50, 64, None, 8),
+                                               (300, 40, kernel, 8), (300, 2, kernel, 1)):
+            energy, forces = pool.evaluate(x[:n], max_chunk, local=local, local_chunk=5,
+                                           min_chunk=min_chunk)
+            expected_energy, expected_forces = kernel(x[:n])
+            assert np.array_equal(energy, expected_energy) and np.array_equal(forces, expected_forces)
+    finally:
+        pool.close()
+    assert len(pids) == 2 and not any(_running(p) for p in pids)
 
 
 def test_float32_input_gives_float32_output_and_no_value_caching(molecule, pooled, references):
@@ -294,6 +320,20 @@ def test_close_and_exceptions_leave_no_child_processes():
             raise RuntimeError("inside the with block")
     assert len(pids) == 1 and not _running(pids[0])
     assert not set(pids) & {p.pid for p in multiprocessing.active_children()}
+
+
+def test_a_killed_worker_is_an_error_then_the_pool_restarts(molecule, references):
+    x = _configurations(molecule, n_random=16)[:16]
+    with EnergyBridge(molecule, platform="Reference", workers=1, min_pool_batch=1) as bridge:
+        bridge.evaluate_numpy(x)
+        (pid,) = bridge.worker_pids
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(TradeMDError, match="died"):
+            bridge.evaluate_numpy(x)
+        assert not _running(pid)
+        energy, _ = bridge.evaluate_numpy(x)
+        assert bridge.worker_pids != [pid] and len(bridge.worker_pids) == 1
+    assert np.allclose(energy, references[1](x)[0], rtol=1e-9)
 
 
 def test_workers_exit_when_the_parent_dies(tmp_path):

@@ -270,9 +270,10 @@ class EnergyBridge:
                     self._pool = WorkerPool(self._spec, self.n_workers)
                 if self._local is None:
                     self._local = build_kernel(self._spec)
+                whole = self.copies if self.kernel == "replicated" else 8
                 energies, forces = self._pool.evaluate(
                     positions_nm, self._chunk_size(len(positions_nm)), local=self._local,
-                    local_chunk=self.copies if self.kernel == "replicated" else 8,
+                    local_chunk=whole, min_chunk=whole,
                 )
             else:
                 if self._local is None:
@@ -292,10 +293,9 @@ class EnergyBridge:
         return not multiprocessing.current_process().daemon
 
     def _chunk_size(self, batch: int) -> int:
-        """A worker's chunk: about a quarter of its share of the batch (this process works on
-        its own share meanwhile), at least 32 configurations (each chunk costs ~0.3 ms of
-        inter-process latency), whole replicated Contexts."""
-        size = max(32, -(-batch // (4 * (self.n_workers + 1))))
+        """The largest chunk a worker gets (chunks shrink as a batch runs out): a quarter of
+        a fair share, whole replicated Contexts."""
+        size = max(8, -(-batch // (4 * (self.n_workers + 1))))
         if self.kernel == "replicated":
             size = -(-size // self.copies) * self.copies
         return size

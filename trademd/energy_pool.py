@@ -10,16 +10,19 @@ forces float64 [n, atoms, 3] (kJ/mol/nm), exactly as a single-molecule Context w
   dU/dlam_c; configurations too extended for the lattice go to a :class:`SingleKernel`.
 
 :class:`WorkerPool` runs one kernel per worker process (``spawn`` context, one OpenMM thread
-each) and hands out chunks of a batch as workers become free. Workers ignore Ctrl-C, stop on
-request, and exit by themselves when the parent process dies (their pipe closes or their
-parent process id changes). This module imports no torch, so workers start quickly.
+each) and hands out chunks of a batch as workers become free; positions, energies and forces
+travel through shared memory (:class:`SharedBatch`), the pipes carry only index ranges.
+Workers ignore Ctrl-C, stop on request, and exit by themselves when the parent process dies
+(their pipe closes or their parent process id changes). This module imports no torch, so
+workers start quickly.
 """
 
-from collections import deque
+import mmap
 import multiprocessing
 from multiprocessing.connection import wait
 import os
 import signal
+import tempfile
 import time
 import weakref
 
@@ -236,16 +239,70 @@ def build_kernel(spec: KernelSpec):
     raise TradeMDError(f"unknown kernel kind {spec['kind']!r}: use 'single' or 'replicated'")
 
 
+class SharedBatch:
+    """A batch in memory shared with the workers: positions_nm float64 [capacity, atoms, 3],
+    forces_kj_mol_nm float64 [capacity, atoms, 3], energy_kj_mol float64 [capacity].
+
+    Backed by a file in /dev/shm (or the temporary directory) that the creator unlinks as
+    soon as every worker has mapped it, so nothing is left behind, whatever happens later.
+    Requests and replies then carry only index ranges: no data goes through the pipes.
+
+    Args:
+        n_atoms: atoms per configuration.
+        capacity: configurations it holds.
+        path: an existing file to map (a worker), or None to create one (the pool).
+    """
+
+    def __init__(self, n_atoms: int, capacity: int, path: str | None = None):
+        self.n_atoms, self.capacity = n_atoms, capacity
+        per_copy = n_atoms * 3
+        size = 8 * capacity * (2 * per_copy + 1)
+        if path is None:
+            directory = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            descriptor, path = tempfile.mkstemp(prefix="trademd-energy-", dir=directory)
+            try:
+                os.ftruncate(descriptor, size)
+                self._map = mmap.mmap(descriptor, size)
+            except BaseException:
+                os.close(descriptor)
+                os.unlink(path)
+                raise
+        else:
+            descriptor = os.open(path, os.O_RDWR)
+            try:
+                self._map = mmap.mmap(descriptor, size)
+            except BaseException:
+                os.close(descriptor)
+                raise
+        os.close(descriptor)
+        self.path = path
+        values = np.frombuffer(self._map, dtype=np.float64)
+        self.positions_nm = values[: capacity * per_copy].reshape(capacity, n_atoms, 3)
+        self.forces_kj_mol_nm = values[capacity * per_copy: 2 * capacity * per_copy].reshape(capacity, n_atoms, 3)
+        self.energy_kj_mol = values[2 * capacity * per_copy:]
+
+    def unlink(self) -> None:
+        """Remove the backing file (the mappings stay valid)."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
 def _worker_main(conn, spec: KernelSpec, parent_pid: int) -> None:
-    """Body of a worker process: build the kernel, then answer ("eval", positions) requests
-    with ("ok", energies, forces) until ("stop",), a closed pipe or a dead parent."""
+    """Body of a worker process: build the kernel, then serve requests until ("stop",), a
+    closed pipe or a dead parent: ("map", path, capacity) maps a new :class:`SharedBatch`
+    and answers ("mapped",); ("eval", start, stop) evaluates rows [start, stop) of it in
+    place and answers ("ok", start, stop), or ("error", message)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     try:
         kernel = build_kernel(spec)
+        n_atoms = openmm.XmlSerializer.deserialize(spec["system_xml"]).getNumParticles()
     except Exception as error:  # reported to the parent, which raises TradeMDError
         conn.send(("error", f"{type(error).__name__}: {error}"))
         return
     conn.send(("ready", os.getpid()))
+    batch = None
     while True:
         try:
             if not conn.poll(_PARENT_CHECK_S):
@@ -255,11 +312,19 @@ def _worker_main(conn, spec: KernelSpec, parent_pid: int) -> None:
             message = conn.recv()
         except (EOFError, OSError):
             return  # the parent closed the pipe or died
-        if message[0] == "stop":
-            return
         try:
-            energies, forces = kernel(message[1])
-            reply = ("ok", energies, forces)
+            if message[0] == "stop":
+                return
+            if message[0] == "map":
+                batch = None  # drop the old mapping before making the new one
+                batch = SharedBatch(n_atoms, message[2], path=message[1])
+                reply = ("mapped",)
+            else:
+                _, start, stop = message
+                energies, forces = kernel(batch.positions_nm[start:stop])
+                batch.energy_kj_mol[start:stop] = energies
+                batch.forces_kj_mol_nm[start:stop] = forces
+                reply = ("ok", start, stop)
         except Exception as error:
             reply = ("error", f"{type(error).__name__}: {error}")
         try:
@@ -301,6 +366,8 @@ class WorkerPool:
         context = multiprocessing.get_context("spawn")
         self._processes = []
         self._conns = []
+        self._batch: SharedBatch | None = None
+        self._n_atoms = openmm.XmlSerializer.deserialize(spec["system_xml"]).getNumParticles()
         self.closed = False
         try:
             for _ in range(n_workers):
@@ -348,51 +415,92 @@ class WorkerPool:
             "it may have run out of memory or been killed; the pool restarts on the next call"
         )
 
-    def evaluate(self, positions_nm: np.ndarray, chunk_size: int, local=None,
-                 local_chunk: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    def _shared_batch(self, n: int) -> SharedBatch:
+        """A :class:`SharedBatch` of at least ``n`` configurations that every worker maps."""
+        if self._batch is not None and self._batch.capacity >= n:
+            return self._batch
+        capacity = max(n, 2 * self._batch.capacity if self._batch is not None else 256)
+        self._batch = None
+        batch = SharedBatch(self._n_atoms, capacity)
+        try:
+            for conn in self._conns:
+                conn.send(("map", batch.path, capacity))
+            for conn, process in zip(self._conns, self._processes):
+                reply = self._receive(conn, process, _START_TIMEOUT_S, "mapping shared memory")
+                if reply[0] != "mapped":
+                    raise TradeMDError(f"an energy worker could not map shared memory: {reply[1]}")
+        finally:
+            batch.unlink()
+        self._batch = batch
+        return batch
+
+    def evaluate(self, positions_nm: np.ndarray, max_chunk: int, local=None,
+                 local_chunk: int = 8, min_chunk: int = 8) -> tuple[np.ndarray, np.ndarray]:
         """Energies float64 [n] and forces float64 [n, atoms, 3] of positions float64
         [n, atoms, 3].
 
-        Workers take chunks of ``chunk_size`` from the front of the batch as they become free.
-        With a ``local`` kernel this process works too, on pieces of ``local_chunk`` from the
-        back, and hands out the next chunk between pieces, so no worker waits long; the two
-        ends meet wherever the actual speeds (a shared machine) put them.
+        Workers take chunks from the front of the batch, two at a time so that the next one
+        is already waiting when a worker finishes (no idle round trip). Chunks shrink as the
+        batch runs out (guided scheduling: a share of what is left, between ``min_chunk`` and
+        ``max_chunk``), so all finish together. With a ``local`` kernel this process works
+        too, on pieces of ``local_chunk`` from the back, handing out chunks between pieces;
+        the two ends meet wherever the actual speeds (a shared machine) put them.
         """
         if self.closed:
             raise TradeMDError("the energy worker pool is closed")
         n = len(positions_nm)
-        energies = np.empty(n)
-        forces = np.empty_like(positions_nm)
-        front, back = 0, n  # workers take [front, ...), this process takes [..., back)
-        busy = {}  # connection -> (start, stop, process)
         try:
-            for conn, process in zip(self._conns, self._processes):
-                if front < back:
-                    stop = min(front + chunk_size, back)
-                    conn.send(("eval", positions_nm[front:stop]))
-                    busy[conn], front = (front, stop, process), stop
-            while busy or front < back:
+            batch = self._shared_batch(n)
+            batch.positions_nm[:n] = positions_nm
+            front, back = 0, n  # workers take [front, ...), this process takes [..., back)
+            sharers = self.n_workers + (local is not None)
+            in_flight = {conn: 0 for conn in self._conns}  # requests sent, not yet answered
+            process_of = dict(zip(self._conns, self._processes))
+
+            def hand_out(conn) -> None:
+                nonlocal front
+                size = min(max_chunk, max(min_chunk, (back - front) // (2 * sharers)))
+                if size > min_chunk:
+                    size -= size % min_chunk  # whole replicated Contexts
+                stop = min(front + max(size, 1), back)
+                conn.send(("eval", front, stop))
+                in_flight[conn] += 1
+                front = stop
+
+            for _ in range(2):
+                for conn in self._conns:
+                    if front < back:
+                        hand_out(conn)
+            while front < back or any(in_flight.values()):
                 working_here = local is not None and front < back
-                ready = wait(list(busy) + [p.sentinel for *_, p in busy.values()],
+                busy = [c for c in self._conns if in_flight[c]]
+                ready = wait(busy + [process_of[c].sentinel for c in busy],
                              timeout=0 if working_here else None)
-                for conn in [c for c in busy if c in ready or busy[c][2].sentinel in ready]:
-                    start, stop, process = busy.pop(conn)
-                    reply = self._receive(conn, process, _START_TIMEOUT_S, "evaluating")
+                for conn in busy:
+                    if conn not in ready and process_of[conn].sentinel not in ready:
+                        continue
+                    reply = self._receive(conn, process_of[conn], _START_TIMEOUT_S, "evaluating")
                     if reply[0] != "ok":
                         raise TradeMDError(f"OpenMM failed in an energy worker: {reply[1]}")
-                    energies[start:stop], forces[start:stop] = reply[1], reply[2]
+                    in_flight[conn] -= 1
                     if front < back:
-                        stop = min(front + chunk_size, back)
-                        conn.send(("eval", positions_nm[front:stop]))
-                        busy[conn], front = (front, stop, process), stop
+                        hand_out(conn)
                 if working_here and front < back:
                     start = max(back - local_chunk, front)
-                    energies[start:back], forces[start:back] = local(positions_nm[start:back])
+                    energies, forces = local(positions_nm[start:back])
+                    batch.energy_kj_mol[start:back] = energies
+                    batch.forces_kj_mol_nm[start:back] = forces
                     back = start
+            return batch.energy_kj_mol[:n].copy(), batch.forces_kj_mol_nm[:n].copy()
+        except (OSError, EOFError) as error:  # a pipe to a dead worker
+            self.close()
+            raise TradeMDError(
+                f"an energy worker process died ({type(error).__name__}): it may have run out "
+                "of memory or been killed; the pool restarts on the next call"
+            ) from None
         except BaseException:
             self.close()
             raise
-        return energies, forces
 
     def close(self) -> None:
         """Stop the workers (asking first, then terminating, then killing) and reap them."""
@@ -419,4 +527,4 @@ class WorkerPool:
                 process.close()
             except ValueError:
                 pass
-        self._conns, self._processes = [], []
+        self._conns, self._processes, self._batch = [], [], None

@@ -35,6 +35,11 @@ __all__ = ["OBJECTIVES", "TrainConfig", "Trainer", "importance_weights"]
 
 OBJECTIVES = ("trade", "nll", "reverse-kl", "nll+reverse-kl")
 
+#: Columns of metrics.csv (a term that an objective lacks stays empty).
+METRICS_COLUMNS = ("step", "loss", "nll_t0", "val_nll_t0", "trade", "trade_weight",
+                   "trade_residual_rms", "trade_points_kept", "reverse_kl", "ess_tmin", "ess_t0",
+                   "ess_tmax", "bad_batches", "steps_per_s")
+
 
 @dataclass
 class TrainConfig:
@@ -55,6 +60,7 @@ class TrainConfig:
     ramp_fraction: float = 0.2
     residual_loss: str = "huber"
     huber_delta: float = 1.0
+    residual_cutoff: float = 50.0
     grid_size: int = 25
     cache_samples: int = 2000
     cache_every: int = 200
@@ -208,11 +214,18 @@ class Trainer:
                 self.target.reduced_energy(z_s, temperature)
             expected_u = snis_mean(u_s, log_importance_weights(u_s, log_p_s) + log_det_s).expand(n)
         expected = expected_u.repeat(len(points))
-        finite = torch.isfinite(u) & torch.isfinite(expected)
-        derivative = t * self.flow.dlogp_dT(z[finite], t[finite], create_graph=True)
-        residual = trade_residual(derivative, u[finite], expected[finite])
+        # points whose Boltzmann weight at T is negligible (u more than residual_cutoff above
+        # its mean: a relative weight below exp(-cutoff)), e.g. clashing samples of an early
+        # flow, carry no information about the density there and only add noise
+        keep = (torch.isfinite(u) & torch.isfinite(expected)
+                & ((u - expected).abs() <= c.residual_cutoff))
+        if not bool(keep.any()):
+            return torch.zeros((), device=self.device), {"trade_points_kept": 0.0}
+        derivative = t[keep] * self.flow.dlogp_dT(z[keep], t[keep], create_graph=True)
+        residual = trade_residual(derivative, u[keep], expected[keep])
         loss = residual_loss(residual, c.residual_loss, c.huber_delta)
-        return loss, {"trade_residual_rms": float(residual.detach().pow(2).mean().sqrt())}
+        return loss, {"trade_residual_rms": float(residual.detach().pow(2).mean().sqrt()),
+                      "trade_points_kept": float(keep.float().mean())}
 
     def _reverse_kl(self) -> Tensor:
         n = self.config.reverse_kl_samples
@@ -307,11 +320,10 @@ class Trainer:
         row = {**self.metrics(), **parts}
         self.last_metrics = row
         path = self.run_dir / "metrics.csv"
-        existing = path.read_text().splitlines()[0].split(",") if path.exists() else None
-        columns = existing or list(row)
+        new_file = not path.exists()
         with path.open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-            if existing is None:
+            writer = csv.DictWriter(handle, fieldnames=METRICS_COLUMNS)
+            if new_file:
                 writer.writeheader()
             writer.writerow(row)
 

@@ -19,7 +19,8 @@ PRESETS = {
     "quick": dict(
         steps=1500, batch_size=256, learning_rate=1e-3, trade_mode="grid", grid_size=9,
         cache_samples=500, cache_every=100, cache_momentum=0.5, trade_points=128,
-        warmup_fraction=0.3, ramp_fraction=0.2, metrics_every=100, checkpoint_every=250,
+        evaluation_points="both", warmup_fraction=0.3, ramp_fraction=0.2, metrics_every=100,
+        checkpoint_every=250,
         flow={"width": 64, "depth": 2, "bins": 8},
     ),
     "paper": dict(
