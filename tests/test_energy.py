@@ -347,7 +347,8 @@ def test_workers_exit_when_the_parent_dies(tmp_path):
         print(*bridge.worker_pids, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                            cwd=tmp_path)  # not the repository root: use the installed package
     assert result.returncode == -signal.SIGKILL, result.stderr
     pids = [int(p) for p in result.stdout.split()]
     assert len(pids) == 2

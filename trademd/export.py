@@ -3,11 +3,10 @@
 import io
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from .errors import TradeMDError
-from .h5io import SAMPLES_FORMAT, read_samples, read_trajectory
+from .h5io import SAMPLES_FORMAT, file_format, read_samples, read_trajectory
 
 __all__ = ["EXPORT_FORMATS", "export_file"]
 
@@ -57,27 +56,18 @@ def export_file(path: str | Path, fmt: str, out: str | Path | None = None,
 
 def _frames(path: Path, temperature_k: float | None):
     """(positions [n, atoms, 3], normalised weights or None, topology PDB, per-frame extras)."""
-    if path.is_file():
-        try:
-            with h5py.File(path, "r") as h5:
-                fmt = h5.attrs.get("format")
-        except OSError:
-            fmt = None
-        if fmt == SAMPLES_FORMAT:
-            groups = read_samples(path)
-            temperatures = sorted(t for t in groups if t is not None)
-            if temperature_k is None:
-                if len(temperatures) != 1:
-                    raise TradeMDError(f"{str(path)!r} holds samples at {temperatures} K: pick one with --temperature")
-                temperature_k = temperatures[0]
-            if temperature_k not in groups:
-                raise TradeMDError(f"{str(path)!r} has no samples at {temperature_k:g} K (it has {temperatures})")
-            group = groups[temperature_k]
-            with h5py.File(path, "r") as h5:
-                topology_pdb = h5["topology_pdb"][()].decode()
-            extra = {k: group[k] for k in ("energy_kj_mol", "phi", "psi")}
-            return group["positions_nm"], group["weights"], topology_pdb, extra
-    trajectory = read_trajectory(path)  # also the one-line errors for missing or wrong files
-    extra = {"energy_kj_mol": trajectory.energy_kj_mol, "time_ps": trajectory.time_ps}
-    return trajectory.positions_nm, None, trajectory.topology_pdb, extra
-
+    if file_format(path) != SAMPLES_FORMAT:
+        trajectory = read_trajectory(path)  # also the one-line errors for wrong files
+        extra = {"energy_kj_mol": trajectory.energy_kj_mol, "time_ps": trajectory.time_ps}
+        return trajectory.positions_nm, None, trajectory.topology_pdb, extra
+    groups = read_samples(path)
+    temperatures = sorted(t for t in groups if t is not None)
+    if temperature_k is None:
+        if len(temperatures) != 1:
+            raise TradeMDError(f"{str(path)!r} holds samples at {temperatures} K: pick one with --temperature")
+        temperature_k = temperatures[0]
+    if temperature_k not in groups:
+        raise TradeMDError(f"{str(path)!r} has no samples at {temperature_k:g} K (it has {temperatures})")
+    group = groups[temperature_k]
+    extra = {k: group[k] for k in ("energy_kj_mol", "phi", "psi")}
+    return group["positions_nm"], group["weights"], groups[None]["topology_pdb"], extra

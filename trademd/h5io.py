@@ -16,6 +16,8 @@ import numpy as np
 from .errors import TradeMDError
 
 __all__ = [
+    "open_hdf5",
+    "file_format",
     "SAMPLES_FORMAT",
     "write_samples",
     "read_samples",
@@ -40,15 +42,27 @@ TRAJECTORY_DATASETS = {
 }
 
 
-def open_checked(path: str | Path, expected_format: str) -> h5py.File:
-    """Open ``path`` for reading and check that it is a trade-md file of ``expected_format``."""
+def open_hdf5(path: str | Path) -> h5py.File:
+    """Open an existing HDF5 file for reading, with one-line errors for a missing or non-HDF5 file."""
     path = Path(path)
     if not path.is_file():
         raise TradeMDError(f"file {str(path)!r} not found: check the path")
     try:
-        h5 = h5py.File(path, "r")
+        return h5py.File(path, "r")
     except OSError:
         raise TradeMDError(f"{str(path)!r} is not an HDF5 file: give a file trade-md wrote") from None
+
+
+def file_format(path: str | Path) -> str | None:
+    """The ``format`` attribute of a trade-md file (None for other HDF5 files)."""
+    with open_hdf5(path) as h5:
+        found = h5.attrs.get("format")
+    return None if found is None else str(found)
+
+
+def open_checked(path: str | Path, expected_format: str) -> h5py.File:
+    """Open ``path`` for reading and check that it is a trade-md file of ``expected_format``."""
+    h5 = open_hdf5(path)
     found = h5.attrs.get("format")
     if found != expected_format:
         h5.close()
@@ -234,13 +248,7 @@ class TrajectoryWriter:
 
 def describe(path: str | Path) -> str:
     """A human-readable summary of any trade-md HDF5 file: format, attributes, datasets."""
-    path = Path(path)
-    if not path.is_file():
-        raise TradeMDError(f"file {str(path)!r} not found: check the path")
-    try:
-        h5 = h5py.File(path, "r")
-    except OSError:
-        raise TradeMDError(f"{str(path)!r} is not an HDF5 file") from None
+    h5 = open_hdf5(path)
     lines = [f"{path}"]
     with h5:
         fmt = h5.attrs.get("format", "(not a trade-md file)")
@@ -320,9 +328,9 @@ def write_samples(path: str | Path, groups: list[dict], attrs: dict, topology_pd
 
 def read_samples(path: str | Path) -> dict[float, dict]:
     """Read a samples file: {temperature_k: {dataset name: array, "attrs": dict,
-    "histograms": {...}}}, plus the root attributes under key ``None``."""
+    "histograms": {...}}}, plus the root attributes and ``topology_pdb`` under key ``None``."""
     with open_checked(path, SAMPLES_FORMAT) as h5:
-        result: dict = {None: dict(h5.attrs)}
+        result: dict = {None: {**h5.attrs, "topology_pdb": _text(h5["topology_pdb"][()])}}
         for name, group in h5.items():
             if not isinstance(group, h5py.Group):
                 continue
