@@ -427,3 +427,24 @@ def test_energy_command_bad_input(tmp_path):
         h5.attrs["format"] = "trade-md/samples"
     result = runner.invoke(app, ["energy", str(other)])
     assert result.exit_code == 1 and "expected 'trade-md/trajectory'" in result.output
+
+
+def test_energy_command_repairs_non_finite_stored_energies(tmp_path):
+    """A file with a NaN energy is refused by readers but repaired by `trade-md energy --write`."""
+    import h5py
+    from typer.testing import CliRunner
+
+    from trademd.cli.app import app
+    from trademd.h5io import read_trajectory
+    from trademd.simulate import SimulationConfig, simulate
+
+    path = simulate(SimulationConfig(system_name="ala2-vacuum", temperature_k=300, time_ps=2,
+                                     replicas=2, save_every_ps=1, equilibration_ps=0,
+                                     platform="CPU"), tmp_path / "t.h5", show_progress=False)
+    with h5py.File(path, "a") as h5:
+        h5["energy_kj_mol"][0] = float("nan")
+    with pytest.raises(TradeMDError, match="--write"):
+        read_trajectory(path)
+    result = CliRunner().invoke(app, ["energy", str(path), "--write", "--platform", "CPU"])
+    assert result.exit_code == 0, result.output
+    assert np.all(np.isfinite(read_trajectory(path).energy_kj_mol))

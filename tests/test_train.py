@@ -62,6 +62,15 @@ def test_trade_transfers_the_double_well_and_nll_does_not(tmp_path):
 
 
 @pytest.mark.slow
+def test_continuous_trade_mode_transfers_the_double_well(tmp_path):
+    """The paper's other mode: one temperature per step, E[u] by SNIS from that step's samples."""
+    system = get_analytic_system("double-well-5d")
+    trade = _train(tmp_path, "trade", trade_mode="continuous", trade_points=256)
+    for temperature, bound in ((0.5, 0.15), (2.0, 0.4)):
+        assert _kl_to_truth(trade.flow, system, temperature) < bound
+
+
+@pytest.mark.slow
 def test_trade_transfers_the_gaussian(tmp_path):
     system = get_analytic_system("gaussian-2d")
     trade = _train(tmp_path, "trade", steps=200, system="gaussian-2d")

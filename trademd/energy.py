@@ -445,7 +445,7 @@ def recompute_trajectory_energies(path: str | Path, platform: str = "auto", writ
     from .h5io import read_trajectory
     from .systems import system_from_record
 
-    trajectory = read_trajectory(path)
+    trajectory = read_trajectory(path, require_finite_energies=False)
     if trajectory.n_frames == 0:
         raise TradeMDError(f"{str(path)!r} holds no frames: nothing to recompute")
     try:

@@ -118,18 +118,23 @@ class Trajectory:
         return mdtraj.Trajectory(self.positions_nm, topology, time=self.time_ps)
 
 
-def read_trajectory(path: str | Path) -> Trajectory:
-    """Read a ``trade-md/trajectory`` file written by ``trade-md simulate``."""
+def read_trajectory(path: str | Path, require_finite_energies: bool = True) -> Trajectory:
+    """Read a ``trade-md/trajectory`` file written by ``trade-md simulate``.
+
+    Args:
+        require_finite_energies: refuse a file with NaN/inf energies (every consumer but
+            ``trade-md energy``, which recomputes them, wants this).
+    """
     with open_checked(path, TRAJECTORY_FORMAT) as h5:
         missing = [name for name in (*TRAJECTORY_DATASETS, "topology_pdb") if name not in h5]
         if missing:
             raise TradeMDError(f"{str(path)!r} lacks datasets {missing}: the file is damaged")
         data = {name: h5[name][()] for name in TRAJECTORY_DATASETS}
         energy = data["energy_kj_mol"]
-        if not np.all(np.isfinite(energy)):
+        if require_finite_energies and not np.all(np.isfinite(energy)):
             raise TradeMDError(
                 f"{str(path)!r} holds {int(np.sum(~np.isfinite(energy)))} non-finite energies: "
-                "recompute them with `trade-md energy` or rerun the simulation"
+                "recompute them with `trade-md energy FILE --write` or rerun the simulation"
             )
         return Trajectory(
             topology_pdb=_text(h5["topology_pdb"][()]),

@@ -110,7 +110,7 @@ class MoleculeTarget:
         coordinates: the fitted internal-coordinate transform.
         reference_temperature: T0 of the data (K).
         platform: OpenMM platform of the energy bridge.
-        workers: energy worker processes (None: one per core).
+        workers: energy worker processes besides this one (None: cores - 1).
     """
 
     def __init__(self, molecule, coordinates: InternalCoordinates, reference_temperature: float,
