@@ -30,7 +30,7 @@ import numpy as np
 import openmm
 
 from .errors import TradeMDError
-from .replicas import copy_energy_parameter, replicate_system
+from .replicas import SUPPORTED_FORCES, copy_energy_parameter, replicate_system
 
 __all__ = [
     "KernelSpec",
@@ -45,12 +45,7 @@ __all__ = [
 #: systems made only of these are centred (in float64) before OpenMM sees them, so that large
 #: absolute coordinates lose no precision on single-precision platforms.
 _TRANSLATION_INVARIANT_FORCES = (
-    "HarmonicBondForce",
-    "HarmonicAngleForce",
-    "PeriodicTorsionForce",
-    "NonbondedForce",
-    "GBSAOBCForce",
-    "CMMotionRemover",
+    *SUPPORTED_FORCES,
     "CustomBondForce",
     "CustomAngleForce",
     "CustomTorsionForce",

@@ -28,7 +28,7 @@ import openmm
 
 from .errors import TradeMDError
 
-__all__ = ["ReplicaLayout", "replicate_system", "copy_energy_parameter"]
+__all__ = ["ReplicaLayout", "replicate_system", "copy_energy_parameter", "SUPPORTED_FORCES"]
 
 #: 1/(4 pi eps0) in kJ nm/(mol e^2), the value OpenMM uses internally.
 COULOMB_KJ_NM_MOL = 138.935456
@@ -36,7 +36,8 @@ COULOMB_KJ_NM_MOL = 138.935456
 _OBC_OFFSET_NM = 0.009
 _PROBE_RADIUS_NM = 0.14
 
-_SUPPORTED_FORCES = (
+#: Forces of a single-molecule system that :func:`replicate_system` can rewrite.
+SUPPORTED_FORCES = (
     "HarmonicBondForce",
     "HarmonicAngleForce",
     "PeriodicTorsionForce",
@@ -107,7 +108,7 @@ def replicate_system(
     """Build a ``System`` of ``n_copies`` non-interacting copies of ``system``.
 
     Args:
-        system: the single-molecule system (NoCutoff; forces in ``_SUPPORTED_FORCES``).
+        system: the single-molecule system (NoCutoff; forces in ``SUPPORTED_FORCES``).
         n_copies: number of copies (>= 1).
         per_copy_energies: scale copy c's terms by ``lam_c`` with energy-parameter derivatives.
         molecule_radius_nm: largest distance of an atom from its copy's centroid that the
@@ -122,10 +123,10 @@ def replicate_system(
     if n_copies < 1:
         raise TradeMDError(f"the number of copies must be at least 1, got {n_copies}")
     names = [type(f).__name__ for f in system.getForces()]
-    unsupported = sorted(set(names) - set(_SUPPORTED_FORCES))
+    unsupported = sorted(set(names) - set(SUPPORTED_FORCES))
     if unsupported:
         raise TradeMDError(
-            f"cannot replicate forces {unsupported}: supported are {list(_SUPPORTED_FORCES)} "
+            f"cannot replicate forces {unsupported}: supported are {list(SUPPORTED_FORCES)} "
             "(implicit solvent OBC or vacuum, NoCutoff)"
         )
     has_gb = "GBSAOBCForce" in names
