@@ -198,21 +198,25 @@ class Trainer:
             expected_u = self.cache.lookup(index).float()
         else:
             temperature = self._temperatures(1).expand(n)
-        points = []
-        if c.evaluation_points in ("samples", "both"):
-            z, log_p = self.flow.sample(n, temperature)
-            points.append((z, log_p))
+        use_samples = c.evaluation_points in ("samples", "both")
+        points = []  # (features z, reduced energies u) of the evaluation points
+        if use_samples or c.trade_mode == "continuous":
+            z_s, log_p_s = self.flow.sample(n, temperature)
+            with torch.no_grad():
+                u_s, log_det_s = self.target.reduced_energy(z_s, temperature)
+            if c.trade_mode == "continuous":
+                log_w = log_importance_weights(u_s, log_p_s) + log_det_s
+                expected_u = snis_mean(u_s, log_w).expand(n)
+            if use_samples:
+                points.append((z_s, u_s))
         if c.evaluation_points in ("data", "both"):
-            points.append((self.data[torch.randint(len(self.data), (n,), device=self.device)], None))
+            z_d = self.data[torch.randint(len(self.data), (n,), device=self.device)]
+            with torch.no_grad():
+                u_d, _ = self.target.reduced_energy(z_d, temperature)
+            points.append((z_d, u_d))
         z = torch.cat([p[0] for p in points])
+        u = torch.cat([p[1] for p in points])
         t = temperature.repeat(len(points))
-        with torch.no_grad():
-            u, log_det = self.target.reduced_energy(z, t)
-        if c.trade_mode == "continuous":
-            z_s, log_p_s = points[0] if points[0][1] is not None else self.flow.sample(n, temperature)
-            u_s, log_det_s = (u[:n], log_det[:n]) if points[0][1] is not None else \
-                self.target.reduced_energy(z_s, temperature)
-            expected_u = snis_mean(u_s, log_importance_weights(u_s, log_p_s) + log_det_s).expand(n)
         expected = expected_u.repeat(len(points))
         # points whose Boltzmann weight at T is negligible (u more than residual_cutoff above
         # its mean: a relative weight below exp(-cutoff)), e.g. clashing samples of an early
