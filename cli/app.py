@@ -245,7 +245,7 @@ def run(
     system: str = typer.Option("ala2-implicit", help="built-in system"),
     temperature: List[float] = typer.Option([300.0], help="temperature(s) to sample at (K)"),
     data_temperature: float = typer.Option(600.0, help="simulation temperature T0 (K)"),
-    time: str = typer.Option("300ps", help="simulation time per replica"),
+    time: str = typer.Option("1ns", help="simulation time per replica (16 replicas x 1 ns: 16,000 frames)"),
     replicas: int = typer.Option(16, help="MD replicas"),
     preset: str = typer.Option("quick", help="training preset: quick or paper"),
     steps: Optional[int] = typer.Option(None, help="training steps (default: the preset's)"),

@@ -39,7 +39,7 @@ class RunConfig:
     """
 
     def __init__(self, system: str = "ala2-implicit", temperatures_k=(300.0,),
-                 data_temperature_k: float = 600.0, simulation_ps: float = 300.0,
+                 data_temperature_k: float = 600.0, simulation_ps: float = 1000.0,
                  replicas: int = 16, preset: str = "quick", steps: int | None = None,
                  n_samples: int = 20000):
         self.system = system
