@@ -12,7 +12,6 @@ from trademd.errors import TradeMDError
 from trademd.systems.analytic import get_analytic_system
 from trademd.targets import AnalyticTarget
 from trademd.train import TrainConfig, Trainer
-import trademd.train
 
 runner = CliRunner()
 
@@ -119,7 +118,7 @@ def test_non_finite_batches_are_skipped_then_stop(tmp_path):
 
 @pytest.mark.parametrize("objective", ["reverse-kl", "nll+reverse-kl"])
 def test_reverse_kl_objectives_lower_their_loss(tmp_path, objective):
-    trainer = _train(tmp_path, objective, steps=40, system="gaussian-2d", metrics_every=10)
+    _train(tmp_path, objective, steps=40, system="gaussian-2d", metrics_every=10)
     rows = (tmp_path / objective / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
     column = header.index("reverse_kl")

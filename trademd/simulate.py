@@ -9,7 +9,6 @@ interrupted run resumes losing at most one chunk.
 """
 
 from dataclasses import asdict, dataclass
-import io
 import json
 from pathlib import Path
 import time
