@@ -293,7 +293,9 @@ class Trainer:
             if self.step % c.metrics_every == 0 or self.step == c.steps:
                 rate = (self.step - start_step) / (time.perf_counter() - started)
                 self._write_metrics({"loss": float(loss.detach()), **parts, "steps_per_s": rate})
-                progress.update(self.step, loss=f"{float(loss.detach()):.3f}")
+                terms = {k: f"{parts[k]:.3f}" for k in ("nll_t0", "trade", "reverse_kl") if k in parts}
+                progress.update(self.step, loss=f"{float(loss.detach()):.3f}", **terms,
+                                ess_tmin=f"{self.last_metrics['ess_tmin']:.3f}")
             if self.step % c.checkpoint_every == 0 or self.step == c.steps:
                 self.save_checkpoint()
         return self.save_model()
