@@ -95,7 +95,7 @@ def simulate(
         time_ps=parse_time_ps(time),
         replicas=replicas,
         save_every_ps=parse_time_ps(save_every),
-        equilibration_ps=0.0 if equilibration.strip() in ("0", "0ps") else parse_time_ps(equilibration),
+        equilibration_ps=parse_time_ps(equilibration, allow_zero=True),
         seed=seed,
         platform=platform,
         pdb_path=str(pdb) if pdb is not None else None,

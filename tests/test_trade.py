@@ -111,3 +111,16 @@ def test_analytic_samplers_are_exact():
     assert float(torch.trapezoid(density_1d, grid)) == pytest.approx(1.0, abs=1e-6)
     outside = torch.full((1, 5), 3.6)
     assert float(well.log_prob(outside, 1.0)) == -math.inf
+
+
+def test_durations():
+    from trademd.errors import TradeMDError
+    from trademd.units import parse_time_ps
+
+    assert parse_time_ps("20ns") == 20000.0
+    assert parse_time_ps("500 fs") == pytest.approx(0.5)
+    assert parse_time_ps("1.5e1ps") == 15.0
+    assert parse_time_ps("0", allow_zero=True) == parse_time_ps("0ps", allow_zero=True) == 0.0
+    for bad in ("0ps", "20", "ten ns", "-1ps"):
+        with pytest.raises(TradeMDError):
+            parse_time_ps(bad)
