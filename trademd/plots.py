@@ -17,13 +17,13 @@ def plot_losses(metrics_csv: str | Path, out_png: str | Path) -> Path:
         rows = list(csv.DictReader(handle))
     steps = [float(r["step"]) for r in rows]
     columns = [c for c in ("nll_t0", "val_nll_t0", "trade", "reverse_kl", "trade_residual_rms")
-               if rows and c in rows[0]]
+               if any(r.get(c) not in (None, "") for r in rows)]
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
     for column in columns:
         values = [float(r[column]) if r.get(column) not in (None, "") else float("nan") for r in rows]
         axes[0 if "nll" in column else 1].plot(steps, values, label=column)
     for name in ("ess_tmin", "ess_t0", "ess_tmax"):
-        if rows and name in rows[0]:
+        if any(r.get(name) not in (None, "") for r in rows):
             axes[1].plot(steps, [float(r[name]) for r in rows], "--", label=name)
     axes[0].set_ylabel("negative log-likelihood")
     axes[1].set_yscale("symlog", linthresh=1.0)
