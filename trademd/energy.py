@@ -438,21 +438,16 @@ def recompute_trajectory_energies(path: str | Path, platform: str = "auto", writ
         write: replace the stored ``energy_kj_mol`` with the recomputed values.
         batch: frames evaluated per call.
     """
-    import json
 
     import h5py
 
     from .h5io import read_trajectory
-    from .systems import system_from_record
 
     trajectory = read_trajectory(path, require_finite_energies=False)
     if trajectory.n_frames == 0:
         raise TradeMDError(f"{str(path)!r} holds no frames: nothing to recompute")
     try:
-        molecule = system_from_record(
-            str(trajectory.attrs["system"]), trajectory.topology_pdb,
-            json.loads(trajectory.attrs["forcefield_files"]),
-        )
+        molecule = trajectory.molecule()
     except (KeyError, ValueError, TypeError):
         raise TradeMDError(
             f"{str(path)!r} does not record its system and force field (attributes 'system', "

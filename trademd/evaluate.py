@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import TradeMDError
 from .h5io import read_samples, read_trajectory
-from .sample import basin_free_energy, phi_psi_histogram
+from .sample import basin_free_energy, phi_psi, phi_psi_histogram
 
 __all__ = ["EPSILON", "METRIC_BINS", "kl_divergence", "js_divergence", "wasserstein_1",
            "evaluate_samples"]
@@ -64,14 +64,6 @@ def wasserstein_1(x: np.ndarray, y: np.ndarray, x_weights: np.ndarray | None = N
     return float(np.sum(np.abs(at_x - at_y) * np.diff(support)))
 
 
-def _reference_dihedrals(trajectory, molecule) -> tuple[np.ndarray, np.ndarray]:
-    import mdtraj
-
-    md = mdtraj.Trajectory(trajectory.positions_nm, molecule.mdtraj_topology())
-    angles = mdtraj.compute_dihedrals(md, [molecule.phi_atoms, molecule.psi_atoms])
-    return angles[:, 0].astype(np.float64), angles[:, 1].astype(np.float64)
-
-
 def evaluate_samples(samples_path: str | Path, reference_path: str | Path,
                      temperature_k: float | None = None, model_path: str | Path | None = None,
                      out_json: str | Path | None = None, out_png: str | Path | None = None) -> dict:
@@ -80,8 +72,6 @@ def evaluate_samples(samples_path: str | Path, reference_path: str | Path,
     Returns the metrics (also written as JSON to ``out_json``); ``out_png`` gets the figure:
     Ramachandran plots side by side, phi marginals, energy histograms.
     """
-    from trademd.systems import system_from_record
-
     samples_file = read_samples(samples_path)
     reference = read_trajectory(reference_path)
     temperature_k = reference.temperature_k if temperature_k is None else float(temperature_k)
@@ -97,11 +87,10 @@ def evaluate_samples(samples_path: str | Path, reference_path: str | Path,
             "compare samples with a reference at the same temperature"
         )
     samples = samples_file[temperature_k]
-    molecule = system_from_record(str(reference.attrs["system"]), reference.topology_pdb,
-                                  json.loads(reference.attrs["forcefield_files"]))
+    molecule = reference.molecule()
     if molecule.phi_atoms is None:
         raise TradeMDError(f"system {molecule.name!r} has no phi/psi dihedrals to compare")
-    ref_phi, ref_psi = _reference_dihedrals(reference, molecule)
+    ref_phi, ref_psi = phi_psi(molecule, reference.positions_nm)
     weights = samples["weights"]
     ref_hist, _ = phi_psi_histogram(ref_phi, ref_psi, bins=METRIC_BINS)
     weighted_hist, _ = phi_psi_histogram(samples["phi"], samples["psi"], weights, bins=METRIC_BINS)

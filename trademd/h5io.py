@@ -107,6 +107,14 @@ class Trajectory:
     def n_frames(self) -> int:
         return int(self.positions_nm.shape[0])
 
+    def molecule(self):
+        """The :class:`~trademd.systems.MolecularSystem` the file records (system name, PDB,
+        force-field files)."""
+        from trademd.systems import system_from_record
+
+        return system_from_record(str(self.attrs["system"]), self.topology_pdb,
+                                  json.loads(self.attrs["forcefield_files"]))
+
     def to_mdtraj(self):
         """The frames as an ``mdtraj.Trajectory`` (time in ps)."""
         import io

@@ -1,18 +1,21 @@
 """Figures trade-md writes (matplotlib, Agg backend: no screen needed)."""
 
 import csv
+import io
+import math
 from pathlib import Path
 
-__all__ = ["plot_losses"]
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no screen needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+__all__ = ["plot_losses", "ramachandran_png", "comparison_figure"]
 
 
 def plot_losses(metrics_csv: str | Path, out_png: str | Path) -> Path:
     """Plot every loss column of a training ``metrics.csv`` against the step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     with open(metrics_csv, newline="") as handle:
         rows = list(csv.DictReader(handle))
     steps = [float(r["step"]) for r in rows]
@@ -38,25 +41,11 @@ def plot_losses(metrics_csv: str | Path, out_png: str | Path) -> Path:
 
 def ramachandran_png(phi, psi, weights=None, title: str = "", bins: int = 60) -> bytes:
     """A Ramachandran plot (free energy -ln p in kT of the phi/psi histogram) as PNG bytes."""
-    import io
-    import math
 
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    edges = np.linspace(-math.pi, math.pi, bins + 1)
-    histogram, _, _ = np.histogram2d(phi, psi, bins=[edges, edges], weights=weights, density=True)
-    with np.errstate(divide="ignore"):
-        free_energy = -np.log(histogram)
-    free_energy -= np.nanmin(free_energy[np.isfinite(free_energy)]) if np.isfinite(free_energy).any() else 0
     figure, axis = plt.subplots(figsize=(4.5, 4))
-    image = axis.pcolormesh(edges, edges, free_energy.T, cmap="viridis", vmax=8)
+    image = _draw_free_energy(axis, phi, psi, weights, bins)
     figure.colorbar(image, ax=axis, label="free energy / kT")
-    axis.set_xlabel("phi (rad)")
-    axis.set_ylabel("psi (rad)")
     axis.set_title(title, fontsize=9)
     figure.tight_layout()
     buffer = io.BytesIO()
@@ -69,13 +58,6 @@ def comparison_figure(out_png, reference_phi_psi, samples_phi_psi_weights, refer
                       samples_energy, temperature_k: float) -> None:
     """The TRADE paper's Figure 3 layout: Ramachandran plots of reference and reweighted
     samples side by side, phi marginals, energy histograms."""
-    import math
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
 
     ref_phi, ref_psi = reference_phi_psi
     phi, psi, weights = samples_phi_psi_weights
@@ -83,14 +65,8 @@ def comparison_figure(out_png, reference_phi_psi, samples_phi_psi_weights, refer
     figure, axes = plt.subplots(1, 4, figsize=(17, 4))
     for axis, (x, y, w, title) in zip(axes[:2], ((ref_phi, ref_psi, None, "reference"),
                                                  (phi, psi, weights, "samples, reweighted"))):
-        histogram, _, _ = np.histogram2d(x, y, bins=[edges, edges], weights=w, density=True)
-        with np.errstate(divide="ignore"):
-            free_energy = -np.log(histogram)
-        free_energy -= free_energy[np.isfinite(free_energy)].min()
-        axis.pcolormesh(edges, edges, free_energy.T, cmap="viridis", vmax=8)
+        _draw_free_energy(axis, x, y, w, len(edges) - 1)
         axis.set_title(f"{title}, {temperature_k:g} K")
-        axis.set_xlabel("phi (rad)")
-        axis.set_ylabel("psi (rad)")
     centres = 0.5 * (edges[1:] + edges[:-1])
     for x, w, label in ((ref_phi, None, "reference"), (phi, None, "samples"),
                         (phi, weights, "samples, reweighted")):
@@ -112,3 +88,18 @@ def comparison_figure(out_png, reference_phi_psi, samples_phi_psi_weights, refer
     figure.tight_layout()
     figure.savefig(out_png, dpi=100)
     plt.close(figure)
+
+
+def _draw_free_energy(axis, phi, psi, weights, bins: int):
+    """Draw -ln p (kT, minimum 0, capped at 8) of the phi/psi histogram on ``axis``; returns
+    the mesh (for a colour bar). Empty bins stay blank."""
+    edges = np.linspace(-math.pi, math.pi, bins + 1)
+    histogram, _, _ = np.histogram2d(phi, psi, bins=[edges, edges], weights=weights, density=True)
+    with np.errstate(divide="ignore"):
+        free_energy = -np.log(histogram)
+    finite = np.isfinite(free_energy)
+    if finite.any():
+        free_energy -= free_energy[finite].min()
+    axis.set_xlabel("phi (rad)")
+    axis.set_ylabel("psi (rad)")
+    return axis.pcolormesh(edges, edges, free_energy.T, cmap="viridis", vmax=8)

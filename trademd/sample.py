@@ -26,7 +26,7 @@ from .progress import Progress
 from .trade import kish_ess, log_importance_weights
 
 __all__ = ["TrainedModel", "load_model", "TemperatureSamples", "draw_samples",
-           "basin_free_energy", "phi_psi_histogram", "PHI_PSI_BINS"]
+           "basin_free_energy", "phi_psi", "phi_psi_histogram", "PHI_PSI_BINS"]
 
 #: Bins per axis of the phi/psi histograms (the TRADE paper's KL uses 30 x 30... here 60).
 PHI_PSI_BINS = 60
@@ -170,7 +170,7 @@ def draw_samples(model: TrainedModel, temperature_k: float, n: int, batch_size: 
     log_w = log_importance_weights(energy / (target.boltzmann_k * temperature_k), log_prob)
     log_w[wrong | nonfinite | ~np.isfinite(log_w)] = -np.inf
     weights = _normalised(log_w)
-    phi, psi = _phi_psi(target.molecule, positions)
+    phi, psi = phi_psi(target.molecule, positions)
     return TemperatureSamples(float(temperature_k), positions, log_prob, energy, log_w, weights,
                               wrong, nonfinite, phi, psi)
 
@@ -186,7 +186,7 @@ def _normalised(log_weights: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum()
 
 
-def _phi_psi(molecule, positions_nm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def phi_psi(molecule, positions_nm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Backbone dihedrals (radians) by mdtraj, empty arrays if the system has none."""
     import mdtraj
 

@@ -131,13 +131,8 @@ class MoleculeTarget:
                         workers: int | None = None) -> "MoleculeTarget":
         """Fit the coordinates on the training frames of a trajectory file; sets ``split``,
         ``data_features`` and ``validation_features``."""
-        from trademd.systems import system_from_record
-
         trajectory = read_trajectory(data_path)
-        molecule = system_from_record(
-            str(trajectory.attrs["system"]), trajectory.topology_pdb,
-            json.loads(trajectory.attrs["forcefield_files"]),
-        )
+        molecule = trajectory.molecule()
         n_replicas = int(trajectory.attrs.get("n_replicas", 1))
         split = split_frames(np.arange(trajectory.n_frames) // n_replicas)
         positions = torch.as_tensor(trajectory.positions_nm, dtype=torch.float64)
