@@ -79,10 +79,16 @@ def comparison_figure(out_png, reference_phi_psi, samples_phi_psi_weights, refer
     finite = np.isfinite(samples_energy) & (weights > 0)
     low, high = np.percentile(reference_energy, [0.1, 99.9])
     bins = np.linspace(low - 20, high + 20, 80)
-    axes[3].hist(reference_energy, bins=bins, density=True, histtype="step", label="reference")
-    axes[3].hist(samples_energy[finite], bins=bins, density=True, histtype="step", label="samples")
-    axes[3].hist(samples_energy[finite], bins=bins, weights=weights[finite], density=True,
-                 histtype="step", label="samples, reweighted")
+    for values, w, label in ((reference_energy, None, "reference"),
+                             (samples_energy[finite], None, "samples"),
+                             (samples_energy[finite], weights[finite], "samples, reweighted")):
+        in_range = (values >= bins[0]) & (values <= bins[-1])
+        mass = in_range.sum() if w is None else w[in_range].sum()
+        if mass <= 0:  # nothing to draw: a density of an empty range is 0/0
+            axes[3].plot([], [], label=f"{label} (outside the range)")
+            continue
+        axes[3].hist(values[in_range], bins=bins, density=True, histtype="step", label=label,
+                     weights=None if w is None else w[in_range])
     axes[3].set_xlabel("energy (kJ/mol)")
     axes[3].legend(fontsize=8)
     figure.tight_layout()
