@@ -22,6 +22,9 @@ __all__ = [
     "write_samples",
     "read_samples",
     "TRAJECTORY_FORMAT",
+    "REPLICA_EXCHANGE_FORMAT",
+    "create_replica_exchange_file",
+    "ensemble_temperatures",
     "Trajectory",
     "TrajectoryWriter",
     "read_trajectory",
@@ -30,6 +33,7 @@ __all__ = [
 ]
 
 TRAJECTORY_FORMAT = "trade-md/trajectory"
+REPLICA_EXCHANGE_FORMAT = "trade-md/replica-exchange"
 SAMPLES_FORMAT = "trade-md/samples"
 FORMAT_VERSION = 1
 
@@ -60,16 +64,19 @@ def file_format(path: str | Path) -> str | None:
     return None if found is None else str(found)
 
 
-def open_checked(path: str | Path, expected_format: str) -> h5py.File:
-    """Open ``path`` for reading and check that it is a trade-md file of ``expected_format``."""
+def open_checked(path: str | Path, expected_format: str | tuple[str, ...], mode: str = "r") -> h5py.File:
+    """Open ``path`` (mode ``r`` or ``a``) and check that it is a trade-md file of
+    ``expected_format`` (one format or a tuple of accepted ones)."""
+    accepted = (expected_format,) if isinstance(expected_format, str) else tuple(expected_format)
     h5 = open_hdf5(path)
     found = h5.attrs.get("format")
-    if found != expected_format:
+    if found not in accepted:
         h5.close()
         what = f"a {found!r} file" if found else "not a trade-md file (no 'format' attribute)"
+        maker = "sample" if accepted == (SAMPLES_FORMAT,) else "simulate"
         raise TradeMDError(
-            f"{str(path)!r} is {what}, expected {expected_format!r}: give the file "
-            f"`trade-md {'simulate' if expected_format == TRAJECTORY_FORMAT else 'sample'}` wrote"
+            f"{str(path)!r} is {what}, expected {' or '.join(map(repr, accepted))}: give the "
+            f"file `trade-md {maker}` wrote"
         )
     version = int(h5.attrs.get("format_version", 0))
     if version > FORMAT_VERSION:
@@ -78,6 +85,9 @@ def open_checked(path: str | Path, expected_format: str) -> h5py.File:
             f"{str(path)!r} has format version {version}, newer than this trade-md reads "
             f"({FORMAT_VERSION}): upgrade trade-md"
         )
+    if mode != "r":
+        h5.close()
+        h5 = h5py.File(path, mode)
     return h5
 
 
@@ -126,18 +136,23 @@ class Trajectory:
         return mdtraj.Trajectory(self.positions_nm, topology, time=self.time_ps)
 
 
-def read_trajectory(path: str | Path, require_finite_energies: bool = True) -> Trajectory:
-    """Read a ``trade-md/trajectory`` file written by ``trade-md simulate``.
+def read_trajectory(path: str | Path, temperature_k: float | None = None,
+                    require_finite_energies: bool = True) -> Trajectory:
+    """Read the frames of a ``trade-md simulate`` file at one temperature.
 
     Args:
+        temperature_k: which ensemble of a replica-exchange file (K; required there); for a
+            plain trajectory file None or its temperature.
         require_finite_energies: refuse a file with NaN/inf energies (every consumer but
             ``trade-md energy``, which recomputes them, wants this).
     """
-    with open_checked(path, TRAJECTORY_FORMAT) as h5:
-        missing = [name for name in (*TRAJECTORY_DATASETS, "topology_pdb") if name not in h5]
+    with open_checked(path, (TRAJECTORY_FORMAT, REPLICA_EXCHANGE_FORMAT)) as h5:
+        group = _ensemble_group(h5, path, temperature_k)
+        missing = [name for name in TRAJECTORY_DATASETS if name not in group]
+        missing += [] if "topology_pdb" in h5 else ["topology_pdb"]
         if missing:
             raise TradeMDError(f"{str(path)!r} lacks datasets {missing}: the file is damaged")
-        data = {name: h5[name][()] for name in TRAJECTORY_DATASETS}
+        data = {name: group[name][()] for name in TRAJECTORY_DATASETS}
         energy = data["energy_kj_mol"]
         if require_finite_energies and not np.all(np.isfinite(energy)):
             raise TradeMDError(
@@ -146,60 +161,126 @@ def read_trajectory(path: str | Path, require_finite_energies: bool = True) -> T
             )
         return Trajectory(
             topology_pdb=_text(h5["topology_pdb"][()]),
-            temperature_k=float(h5.attrs["temperature_k"]),
-            attrs=dict(h5.attrs),
+            temperature_k=float(group.attrs["temperature_k"]),
+            attrs={**h5.attrs, **group.attrs},
             **data,
         )
 
 
+def ensemble_temperatures(path: str | Path) -> list[float]:
+    """Temperatures (K) of the ensembles a simulate file holds: one for a plain run, the
+    ladder for replica exchange."""
+    with open_checked(path, (TRAJECTORY_FORMAT, REPLICA_EXCHANGE_FORMAT)) as h5:
+        if h5.attrs["format"] == TRAJECTORY_FORMAT:
+            return [float(h5.attrs["temperature_k"])]
+        return [float(t) for t in json.loads(h5.attrs["temperatures_k"])]
+
+
+def _ensemble_group(h5: h5py.File, path, temperature_k: float | None) -> h5py.Group:
+    """The group holding the frames at ``temperature_k``: the root of a plain trajectory,
+    ``T<temperature>`` of a replica-exchange file."""
+    if h5.attrs["format"] == TRAJECTORY_FORMAT:
+        stored = float(h5.attrs["temperature_k"])
+        if temperature_k is not None and abs(temperature_k - stored) > 1e-6:
+            raise TradeMDError(
+                f"{str(path)!r} holds frames at {stored:g} K, not {temperature_k:g} K: give the "
+                "file simulated at that temperature"
+            )
+        return h5
+    available = [float(t) for t in json.loads(h5.attrs["temperatures_k"])]
+    if temperature_k is None or not any(abs(t - temperature_k) < 1e-6 for t in available):
+        asked = "no temperature was given" if temperature_k is None else f"{temperature_k:g} K is not one"
+        raise TradeMDError(
+            f"{str(path)!r} is a replica-exchange file with ensembles at "
+            f"{', '.join(f'{t:g}' for t in available)} K and {asked}: pick one with --temperature"
+        )
+    return h5[group_name(temperature_k)]
+
+
+def _write_attrs(node: h5py.Group, attrs: dict) -> None:
+    """Store attributes; lists and dicts as JSON text."""
+    for key, value in attrs.items():
+        node.attrs[key] = json.dumps(value) if isinstance(value, (list, tuple, dict)) else value
+
+
+def _create_frame_datasets(group: h5py.Group, n_atoms: int) -> None:
+    """The empty, extendable per-frame datasets of :data:`TRAJECTORY_DATASETS` and the
+    per-save kinetic temperature in ``group``."""
+    for name, (dtype, unit, description) in TRAJECTORY_DATASETS.items():
+        shape = (0, n_atoms, 3) if name == "positions_nm" else (0,)
+        chunks = (256, n_atoms, 3) if name == "positions_nm" else (4096,)
+        dataset = group.create_dataset(
+            name, shape=shape, maxshape=(None, *shape[1:]), dtype=dtype, chunks=chunks
+        )
+        dataset.attrs["unit"] = unit
+        dataset.attrs["description"] = description
+    kinetic = group.create_dataset(
+        "kinetic_temperature_k", shape=(0,), maxshape=(None,), dtype="float64", chunks=(1024,)
+    )
+    kinetic.attrs["unit"] = "K"
+    kinetic.attrs["description"] = "instantaneous kinetic temperature of the replicas [saves]"
+
+
+def _new_file(path: Path, file_format: str, attrs: dict, topology_pdb: str,
+              overwrite: bool) -> h5py.File:
+    """A new trade-md file with format, version, attributes, units and topology."""
+    if path.exists() and not overwrite:
+        raise TradeMDError(
+            f"{str(path)!r} exists: pass --overwrite to replace it or --resume to continue it"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h5 = h5py.File(path, "w")
+    h5.attrs["format"] = file_format
+    h5.attrs["format_version"] = FORMAT_VERSION
+    _write_attrs(h5, attrs)
+    units = {k: v[1] for k, v in TRAJECTORY_DATASETS.items() if v[1]}
+    h5.attrs["units"] = json.dumps({**units, "kinetic_temperature_k": "K", "temperature_k": "K"})
+    h5.create_dataset("topology_pdb", data=topology_pdb)
+    return h5
+
+
+def create_replica_exchange_file(path: str | Path, attrs: dict, topology_pdb: str, n_atoms: int,
+                                 temperatures_k: list[float], overwrite: bool = False) -> h5py.File:
+    """Create a ``trade-md/replica-exchange`` file: root attributes as a trajectory file plus
+    ``temperatures_k``, one group ``T<temperature>`` per ensemble with the trajectory
+    datasets, and an empty ``exchange/`` group for the exchange statistics (docs/formats.md)."""
+    h5 = _new_file(Path(path), REPLICA_EXCHANGE_FORMAT,
+                   {**attrs, "temperatures_k": [float(t) for t in temperatures_k]},
+                   topology_pdb, overwrite)
+    for temperature_k in temperatures_k:
+        group = h5.create_group(group_name(temperature_k))
+        group.attrs["temperature_k"] = float(temperature_k)
+        _create_frame_datasets(group, n_atoms)
+    h5.create_group("exchange")
+    return h5
+
+
 class TrajectoryWriter:
-    """Appends frames to a trajectory file chunk by chunk and keeps a resumable checkpoint.
+    """Appends frames to a trajectory file (or to one ensemble group of a replica-exchange
+    file) chunk by chunk and keeps a resumable checkpoint.
 
     Use as a context manager; the file is valid after every :meth:`append` (flushed), and an
     interruption loses only frames not yet appended.
+
+    Args:
+        group: the root of a trajectory file, or an ensemble group.
     """
 
-    def __init__(self, h5: h5py.File):
-        self.h5 = h5
+    def __init__(self, group: h5py.Group):
+        self.h5 = group
 
     @classmethod
     def create(cls, path: str | Path, attrs: dict, topology_pdb: str, n_atoms: int,
                overwrite: bool = False) -> "TrajectoryWriter":
         """Create a new file at ``path`` with the given attributes (see docs/formats.md)."""
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise TradeMDError(
-                f"{str(path)!r} exists: pass --overwrite to replace it or --resume to continue it"
-            )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        h5 = h5py.File(path, "w")
-        h5.attrs["format"] = TRAJECTORY_FORMAT
-        h5.attrs["format_version"] = FORMAT_VERSION
-        for key, value in attrs.items():
-            h5.attrs[key] = json.dumps(value) if isinstance(value, (list, tuple, dict)) else value
-        units = {k: v[1] for k, v in TRAJECTORY_DATASETS.items() if v[1]}
-        h5.attrs["units"] = json.dumps({**units, "kinetic_temperature_k": "K", "temperature_k": "K"})
-        h5.create_dataset("topology_pdb", data=topology_pdb)
-        for name, (dtype, unit, description) in TRAJECTORY_DATASETS.items():
-            shape = (0, n_atoms, 3) if name == "positions_nm" else (0,)
-            chunks = (256, n_atoms, 3) if name == "positions_nm" else (4096,)
-            dataset = h5.create_dataset(
-                name, shape=shape, maxshape=(None, *shape[1:]), dtype=dtype, chunks=chunks
-            )
-            dataset.attrs["unit"] = unit
-            dataset.attrs["description"] = description
-        kinetic = h5.create_dataset(
-            "kinetic_temperature_k", shape=(0,), maxshape=(None,), dtype="float64", chunks=(1024,)
-        )
-        kinetic.attrs["unit"] = "K"
-        kinetic.attrs["description"] = "instantaneous kinetic temperature of all replicas [saves]"
+        h5 = _new_file(Path(path), TRAJECTORY_FORMAT, attrs, topology_pdb, overwrite)
+        _create_frame_datasets(h5, n_atoms)
         return cls(h5)
 
     @classmethod
     def reopen(cls, path: str | Path) -> "TrajectoryWriter":
         """Open an existing trajectory file to continue it (``--resume``)."""
-        open_checked(path, TRAJECTORY_FORMAT).close()
-        return cls(h5py.File(path, "a"))
+        return cls(open_checked(path, TRAJECTORY_FORMAT, mode="a"))
 
     @property
     def n_frames(self) -> int:
@@ -220,7 +301,14 @@ class TrajectoryWriter:
             start = dataset.shape[0]
             dataset.resize(start + len(values), axis=0)
             dataset[start:] = values
-        self.h5.flush()
+        self.h5.file.flush()
+
+    def truncate(self, n_saves: int, frames_per_save: int) -> None:
+        """Drop frames written after save ``n_saves`` (they follow the last checkpoint)."""
+        keep = n_saves * frames_per_save
+        for name in TRAJECTORY_DATASETS:
+            self.h5[name].resize(keep, axis=0)
+        self.h5["kinetic_temperature_k"].resize(n_saves, axis=0)
 
     def save_checkpoint(self, openmm_checkpoint: bytes, state_xml: str, n_saves: int,
                         platform: str) -> None:
@@ -232,7 +320,7 @@ class TrajectoryWriter:
         group.create_dataset("state_xml", data=state_xml)
         group.attrs["n_saves"] = n_saves
         group.attrs["platform"] = platform
-        self.h5.flush()
+        self.h5.file.flush()
 
     def load_checkpoint(self) -> tuple[bytes, str, int, str]:
         """(openmm checkpoint bytes, state XML, saves done, platform name)."""
@@ -250,7 +338,7 @@ class TrajectoryWriter:
         )
 
     def close(self) -> None:
-        self.h5.close()
+        self.h5.file.close()
 
     def __enter__(self) -> "TrajectoryWriter":
         return self
@@ -319,8 +407,7 @@ def write_samples(path: str | Path, groups: list[dict], attrs: dict, topology_pd
     with h5py.File(path, "w") as h5:
         h5.attrs["format"] = SAMPLES_FORMAT
         h5.attrs["format_version"] = FORMAT_VERSION
-        for key, value in attrs.items():
-            h5.attrs[key] = json.dumps(value) if isinstance(value, (list, tuple, dict)) else value
+        _write_attrs(h5, attrs)
         h5.attrs["units"] = json.dumps({k: v[0] for k, v in SAMPLE_DATASETS.items() if v[0]})
         h5.create_dataset("topology_pdb", data=topology_pdb)
         for group_data in groups:

@@ -28,13 +28,16 @@ import openmm
 
 from .errors import TradeMDError
 
-__all__ = ["ReplicaLayout", "replicate_system", "copy_energy_parameter", "SUPPORTED_FORCES"]
+__all__ = ["ReplicaLayout", "replicate_system", "copy_energy_parameter", "com_restraint_energies",
+           "SUPPORTED_FORCES"]
 
 #: 1/(4 pi eps0) in kJ nm/(mol e^2), the value OpenMM uses internally.
 COULOMB_KJ_NM_MOL = 138.935456
 #: OBC radius offset (nm) and probe radius of the ACE surface-area term (nm), as in OpenMM.
 _OBC_OFFSET_NM = 0.009
 _PROBE_RADIUS_NM = 0.14
+#: Force constant of the flat-bottom centre-of-mass restraint, kJ/(mol nm^2).
+COM_RESTRAINT_KJ_MOL_NM2 = 1000.0
 
 #: Forces of a single-molecule system that :func:`replicate_system` can rewrite.
 SUPPORTED_FORCES = (
@@ -301,12 +304,30 @@ def _gb_force(force: openmm.GBSAOBCForce, layout: ReplicaLayout, per_copy: bool)
     return gb
 
 
+def com_restraint_energies(offsets_nm: np.ndarray, masses_amu: np.ndarray,
+                           radius_nm: float) -> np.ndarray:
+    """Energy of each copy's centre-of-mass restraint (the force ``com_restraint_nm`` adds).
+
+    Args:
+        offsets_nm: positions relative to the copies' lattice points (what
+            :meth:`ReplicaLayout.split` returns), [n_copies, n_atoms, 3] in nm.
+        masses_amu: atom masses of one copy [n_atoms].
+        radius_nm: the restraint's radius.
+
+    Returns:
+        float64 [n_copies] in kJ/mol.
+    """
+    centre = np.einsum("cai,a->ci", offsets_nm, masses_amu) / masses_amu.sum()
+    excess = np.maximum(0.0, np.linalg.norm(centre, axis=1) - radius_nm)
+    return 0.5 * COM_RESTRAINT_KJ_MOL_NM2 * excess ** 2
+
+
 def _com_restraint(layout: ReplicaLayout, radius_nm: float) -> openmm.CustomCentroidBondForce:
     """Flat-bottom harmonic restraint of each copy's centre of mass to its lattice point."""
     restraint = openmm.CustomCentroidBondForce(
         1, "0.5*k_com*max(0, d-d_com)^2; d=sqrt((x1-x0)^2+(y1-y0)^2+(z1-z0)^2)"
     )
-    restraint.addGlobalParameter("k_com", 1000.0)  # kJ/mol/nm^2
+    restraint.addGlobalParameter("k_com", COM_RESTRAINT_KJ_MOL_NM2)
     restraint.addGlobalParameter("d_com", radius_nm)
     for name in ("x0", "y0", "z0"):
         restraint.addPerBondParameter(name)

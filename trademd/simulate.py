@@ -182,12 +182,7 @@ def _restore(writer: TrajectoryWriter, context: openmm.Context, platform_name: s
         context.loadCheckpoint(checkpoint)
     else:  # another platform cannot read the checkpoint: continue from positions + velocities
         context.setState(openmm.XmlSerializer.deserialize(state_xml))
-    n_replicas = int(writer.h5.attrs["n_replicas"])
-    keep = saves_done * n_replicas
-    if writer.n_frames != keep:
-        for name in ("positions_nm", "energy_kj_mol", "replica", "time_ps"):
-            writer.h5[name].resize(keep, axis=0)
-        writer.h5["kinetic_temperature_k"].resize(saves_done, axis=0)
+    writer.truncate(saves_done, int(writer.h5.attrs["n_replicas"]))
     return saves_done
 
 
