@@ -74,8 +74,12 @@ def simulate(
     pdb: Optional[Path] = typer.Option(None, help="user system: PDB file of one molecule"),
     forcefield: Optional[List[str]] = typer.Option(None, help="user system: force-field XML (repeat)"),
     temperature: float = typer.Option(600.0, help="temperature in K"),
+    temperatures: Optional[List[float]] = typer.Option(
+        None, help="replica exchange over these temperatures (K), e.g. --temperatures 300 350 400"),
+    exchange_every: str = typer.Option("1ps", help="replica exchange: interval between exchange attempts"),
     time: str = typer.Option("1ns", help="production time per replica, e.g. 20ns"),
-    replicas: int = typer.Option(64, help="copies of the molecule simulated together"),
+    replicas: Optional[int] = typer.Option(
+        None, help="copies simulated together (default 64); replica exchange: ladders (default 4)"),
     save_every: str = typer.Option("1ps", help="interval between saved frames"),
     equilibration: str = typer.Option("100ps", help="discarded equilibration per replica"),
     platform: str = typer.Option("auto", help="OpenMM platform: auto, CPU or CUDA"),
@@ -84,16 +88,16 @@ def simulate(
     resume: bool = typer.Option(False, help="continue an interrupted run of --out"),
     quiet: bool = typer.Option(False, help="no progress display"),
 ) -> None:
-    """Run Langevin MD of many replicas in one OpenMM Context and write frames to HDF5."""
+    """Run Langevin MD of many replicas in one OpenMM Context and write frames to HDF5; with
+    --temperatures, replica exchange writing one ensemble per temperature."""
+    from trademd.replica_exchange import ExchangeConfig, replica_exchange
     from trademd.simulate import SimulationConfig
     from trademd.simulate import simulate as run_simulation
     from trademd.units import parse_time_ps
 
-    config = SimulationConfig(
+    common = dict(
         system_name=system if pdb is None else f"user:{pdb.name}",
-        temperature_k=temperature,
         time_ps=parse_time_ps(time),
-        replicas=replicas,
         save_every_ps=parse_time_ps(save_every),
         equilibration_ps=parse_time_ps(equilibration, allow_zero=True),
         seed=seed,
@@ -101,8 +105,15 @@ def simulate(
         pdb_path=str(pdb) if pdb is not None else None,
         forcefield_files=tuple(forcefield or ()),
     )
-    path = run_simulation(config, out, overwrite=overwrite, resume=resume,
-                          command=full_command(ctx), show_progress=not quiet)
+    if temperatures:
+        config = ExchangeConfig(temperatures_k=tuple(temperatures), ladders=replicas or 4,
+                                exchange_every_ps=parse_time_ps(exchange_every), **common)
+        path = replica_exchange(config, out, overwrite=overwrite, resume=resume,
+                                command=full_command(ctx), show_progress=not quiet)
+    else:
+        config = SimulationConfig(temperature_k=temperature, replicas=replicas or 64, **common)
+        path = run_simulation(config, out, overwrite=overwrite, resume=resume,
+                              command=full_command(ctx), show_progress=not quiet)
     typer.echo(str(path))
 
 
@@ -121,7 +132,7 @@ def export(
     file: Path = typer.Argument(..., help="trajectory (simulate) or samples (sample) file"),
     format: str = typer.Option("dcd", "--format", help="dcd, xtc, pdb or npz"),
     out: Optional[Path] = typer.Option(None, help="output path (default: FILE with new suffix)"),
-    temperature: Optional[float] = typer.Option(None, help="samples file: which temperature (K)"),
+    temperature: Optional[float] = typer.Option(None, help="samples or replica-exchange file: which temperature (K)"),
     resample: Optional[int] = typer.Option(None, help="samples file: draw N frames by importance weight"),
     seed: int = typer.Option(0, help="random seed of --resample"),
 ) -> None:
@@ -137,11 +148,12 @@ def energy(
     file: Path = typer.Argument(..., help="trajectory file written by `trade-md simulate`"),
     platform: str = typer.Option("auto", help="OpenMM platform: auto, CPU, CUDA or Reference"),
     write: bool = typer.Option(False, help="replace the stored energies with the recomputed ones"),
+    temperature: Optional[float] = typer.Option(None, help="replica-exchange file: which ensemble (K)"),
 ) -> None:
     """Recompute the potential energy of every frame and compare with the stored values."""
     from trademd.energy import recompute_trajectory_energies
 
-    check = recompute_trajectory_energies(file, platform=platform, write=write)
+    check = recompute_trajectory_energies(file, platform=platform, write=write, temperature_k=temperature)
     typer.echo(f"frames: {check.n_frames}")
     typer.echo(f"max |recomputed - stored|: {check.max_abs_difference_kj_mol:.6g} kJ/mol")
     typer.echo(f"mean energy: {check.mean_energy_kj_mol:.6f} kJ/mol")
@@ -219,7 +231,7 @@ def sample(
 @reports_errors
 def evaluate(
     samples: Path = typer.Option(..., help="samples file from `trade-md sample`"),
-    reference: Path = typer.Option(..., help="reference trajectory at the same temperature (MD)"),
+    reference: Path = typer.Option(..., help="reference trajectory (MD, or replica exchange with --temperature)"),
     temperature: Optional[float] = typer.Option(None, help="temperature (K); default: the reference's"),
     model: Optional[Path] = typer.Option(None, help="model.pt, to report the reference frames' NLL"),
     out: Optional[Path] = typer.Option(None, help="metrics JSON (default: SAMPLES_T<T>_metrics.json)"),
@@ -268,6 +280,29 @@ def run(
         typer.echo(json.dumps(entry))
 
 
+#: Options that take several values: ``--temperature 300 400`` means
+#: ``--temperature 300 --temperature 400``.
+MULTI_VALUE_OPTIONS = ("--temperature", "--temperatures", "--forcefield")
+
+
+def expand_multi_value_options(argv: list[str]) -> list[str]:
+    """Repeat a multi-value option before each of the values that follow it (up to the next
+    word starting with ``--``), so that ``--temperatures 300 350 400`` parses as a list."""
+    expanded, option, has_value = [], None, False
+    for word in argv:
+        if word.startswith("--"):
+            option, has_value = (word if word in MULTI_VALUE_OPTIONS else None), False
+            expanded.append(word)
+        elif option is not None and has_value:
+            expanded += [option, word]
+        else:
+            expanded.append(word)
+            has_value = True
+    return expanded
+
+
 def main() -> None:
     """Entry point of the ``trade-md`` console script."""
-    app()
+    import sys
+
+    app(args=expand_multi_value_options(sys.argv[1:]))

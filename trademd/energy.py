@@ -429,11 +429,12 @@ class EnergyCheck:
 
 
 def recompute_trajectory_energies(path: str | Path, platform: str = "auto", write: bool = False,
-                                  batch: int = 4096) -> EnergyCheck:
+                                  batch: int = 4096, temperature_k: float | None = None) -> EnergyCheck:
     """Recompute the potential energy of every frame of a ``trade-md simulate`` file.
 
     Args:
-        path: the trajectory file.
+        path: the trajectory (or replica-exchange) file.
+        temperature_k: the ensemble of a replica-exchange file (K).
         platform: OpenMM platform (see :class:`EnergyBridge`).
         write: replace the stored ``energy_kj_mol`` with the recomputed values.
         batch: frames evaluated per call.
@@ -441,9 +442,9 @@ def recompute_trajectory_energies(path: str | Path, platform: str = "auto", writ
 
     import h5py
 
-    from .h5io import read_trajectory
+    from .h5io import REPLICA_EXCHANGE_FORMAT, file_format, group_name, read_trajectory
 
-    trajectory = read_trajectory(path, require_finite_energies=False)
+    trajectory = read_trajectory(path, temperature_k, require_finite_energies=False)
     if trajectory.n_frames == 0:
         raise TradeMDError(f"{str(path)!r} holds no frames: nothing to recompute")
     try:
@@ -472,7 +473,8 @@ def recompute_trajectory_energies(path: str | Path, platform: str = "auto", writ
                 "the trajectory holds broken configurations"
             )
         with h5py.File(path, "a") as h5:
-            h5["energy_kj_mol"][...] = energies
+            group = h5[group_name(trajectory.temperature_k)] if file_format(path) == REPLICA_EXCHANGE_FORMAT else h5
+            group["energy_kj_mol"][...] = energies
     finite = np.isfinite(energies)
     return EnergyCheck(
         n_frames=trajectory.n_frames,

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import TradeMDError
-from .h5io import read_samples, read_trajectory
+from .h5io import ensemble_temperatures, read_samples, read_trajectory
 from .sample import basin_free_energy, phi_psi, phi_psi_histogram
 
 __all__ = ["EPSILON", "METRIC_BINS", "kl_divergence", "js_divergence", "wasserstein_1",
@@ -73,7 +73,8 @@ def evaluate_samples(samples_path: str | Path, reference_path: str | Path,
     Ramachandran plots side by side, phi marginals, energy histograms.
     """
     samples_file = read_samples(samples_path)
-    reference = read_trajectory(reference_path)
+    ensembles = ensemble_temperatures(reference_path)
+    reference = read_trajectory(reference_path, temperature_k if len(ensembles) > 1 else None)
     temperature_k = reference.temperature_k if temperature_k is None else float(temperature_k)
     if temperature_k not in samples_file:
         available = sorted(t for t in samples_file if t is not None)

@@ -57,7 +57,7 @@ def export_file(path: str | Path, fmt: str, out: str | Path | None = None,
 def _frames(path: Path, temperature_k: float | None):
     """(positions [n, atoms, 3], normalised weights or None, topology PDB, per-frame extras)."""
     if file_format(path) != SAMPLES_FORMAT:
-        trajectory = read_trajectory(path)  # also the one-line errors for wrong files
+        trajectory = read_trajectory(path, temperature_k)  # also the one-line errors for wrong files
         extra = {"energy_kj_mol": trajectory.energy_kj_mol, "time_ps": trajectory.time_ps}
         return trajectory.positions_nm, None, trajectory.topology_pdb, extra
     groups = read_samples(path)
