@@ -5,7 +5,8 @@
   before renormalising so that empty bins stay finite), for weighted and unweighted samples;
 - Wasserstein-1 distance of the energy distributions (kJ/mol);
 - free-energy difference of the positive-phi region against the negative-phi (alpha/beta)
-  region, in kT, with standard errors, for samples and reference;
+  region, in kT, with standard errors, for samples (from the Kish ESS) and reference (from
+  frames / integrated autocorrelation time of the basin indicator, per replica);
 - relative ESS and the fraction of flagged samples (from the samples file);
 - optionally the NLL of the reference frames under the model at the reference temperature.
 """
@@ -19,6 +20,7 @@ import numpy as np
 from .errors import TradeMDError
 from .h5io import ensemble_temperatures, read_samples, read_trajectory
 from .sample import basin_free_energy, phi_psi, phi_psi_histogram
+from .statistics import effective_sample_size
 
 __all__ = ["EPSILON", "METRIC_BINS", "kl_divergence", "js_divergence", "wasserstein_1",
            "evaluate_samples"]
@@ -99,11 +101,15 @@ def evaluate_samples(samples_path: str | Path, reference_path: str | Path,
     unweighted_hist, _ = phi_psi_histogram(samples["phi"][~flagged], samples["psi"][~flagged],
                                            bins=METRIC_BINS)
     delta_f, delta_f_error = basin_free_energy(samples["phi"], weights, samples["attrs"]["ess"])
-    ref_delta_f, ref_delta_f_error = basin_free_energy(ref_phi)
+    # reference frames are correlated: the error uses frames / tau_int of the basin indicator
+    ref_effective = effective_sample_size((ref_phi > 0).astype(np.float64), reference.replica,
+                                          reference.time_ps)
+    ref_delta_f, ref_delta_f_error = basin_free_energy(ref_phi, ess=ref_effective)
     metrics = {
         "samples": str(samples_path), "reference": str(reference_path),
         "temperature_k": temperature_k, "n_samples": int(len(weights)),
         "n_reference_frames": reference.n_frames,
+        "reference_effective_frames_positive_phi": ref_effective,
         "kl_phi_psi_weighted": kl_divergence(ref_hist, weighted_hist),
         "kl_phi_psi_unweighted": kl_divergence(ref_hist, unweighted_hist),
         "js_phi_psi_weighted": js_divergence(ref_hist, weighted_hist),

@@ -311,8 +311,11 @@ class TrajectoryWriter:
         self.h5["kinetic_temperature_k"].resize(n_saves, axis=0)
 
     def save_checkpoint(self, openmm_checkpoint: bytes, state_xml: str, n_saves: int,
-                        platform: str) -> None:
-        """Store what ``--resume`` needs after ``n_saves`` saves of all replicas."""
+                        platform: str, wall_time_s: float) -> None:
+        """Store what ``--resume`` needs after ``n_saves`` saves of all replicas, and add
+        ``wall_time_s`` (seconds since the last checkpoint or the start of this run) to the
+        file's ``wall_time_s`` attribute: the run's cost, set-up and resumes included."""
+        self.h5.attrs["wall_time_s"] = float(self.h5.attrs.get("wall_time_s", 0.0)) + wall_time_s
         if "checkpoint" in self.h5:
             del self.h5["checkpoint"]
         group = self.h5.create_group("checkpoint")

@@ -221,6 +221,7 @@ def replica_exchange(config: ExchangeConfig, out: str | Path, overwrite: bool = 
         so far and ``resume=True`` continues it.
     """
     out = Path(out)
+    mark = time.perf_counter()
     if resume:
         if not out.is_file():
             raise TradeMDError(f"nothing to resume: {str(out)!r} does not exist (drop --resume)")
@@ -278,12 +279,13 @@ def replica_exchange(config: ExchangeConfig, out: str | Path, overwrite: bool = 
             root.save_checkpoint(
                 engine.context.createCheckpoint(),
                 openmm.XmlSerializer.serialize(engine.context.getState(getPositions=True, getVelocities=True)),
-                saves_done, engine.platform_name,
+                saves_done, engine.platform_name, wall_time_s=time.perf_counter() - mark,
             )
+            mark = time.perf_counter()
             h5["checkpoint"].attrs["exchange_state"] = state.to_json()
             h5["checkpoint"].attrs["rng_state"] = json.dumps(rng.bit_generator.state)
             h5.flush()
-            elapsed = time.perf_counter() - start
+            elapsed = mark - start
             ns_per_day = n_chunk * config.save_every_ps * 1e-3 * engine.layout.n_copies * 86400 / elapsed
             rates = ", ".join(f"{r:.2f}" for r in state.acceptance_rates)
             progress.update(saves_done, ns_day=f"{ns_per_day:.1f}", acceptance=f"[{rates}]",

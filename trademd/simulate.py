@@ -92,6 +92,7 @@ def simulate(config: SimulationConfig, out: str | Path, overwrite: bool = False,
         and ``resume=True`` continues it.
     """
     out = Path(out)
+    mark = time.perf_counter()
     if resume:
         if not out.is_file():
             raise TradeMDError(f"nothing to resume: {str(out)!r} does not exist (drop --resume)")
@@ -156,9 +157,10 @@ def simulate(config: SimulationConfig, out: str | Path, overwrite: bool = False,
             writer.save_checkpoint(
                 context.createCheckpoint(),
                 openmm.XmlSerializer.serialize(context.getState(getPositions=True, getVelocities=True)),
-                saves_done, platform.getName(),
+                saves_done, platform.getName(), wall_time_s=time.perf_counter() - mark,
             )
-            elapsed = time.perf_counter() - start
+            mark = time.perf_counter()
+            elapsed = mark - start
             ns_per_day = n_chunk * config.save_every_ps * 1e-3 * config.replicas * 86400 / elapsed
             progress.update(saves_done * config.replicas, ns_day=f"{ns_per_day:.1f}",
                             T_kin=f"{np.mean(kinetic):.0f}K")
