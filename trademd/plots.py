@@ -96,6 +96,24 @@ def comparison_figure(out_png, reference_phi_psi, samples_phi_psi_weights, refer
     plt.close(figure)
 
 
+def ess_against_temperature(out_png, series: dict) -> None:
+    """Relative ESS (percent, log axis) against temperature, one line per method.
+
+    Args:
+        series: {label: (temperatures in K, relative ESS in [0, 1])}.
+    """
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    for label, (temperatures_k, relative_ess) in series.items():
+        axis.plot(temperatures_k, 100 * np.asarray(relative_ess), marker="o", label=label)
+    axis.set_yscale("log")
+    axis.set_xlabel("temperature (K)")
+    axis.set_ylabel("relative ESS (%)")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out_png, dpi=100)
+    plt.close(figure)
+
+
 def _draw_free_energy(axis, phi, psi, weights, bins: int):
     """Draw -ln p (kT, minimum 0, capped at 8) of the phi/psi histogram on ``axis``; returns
     the mesh (for a colour bar). Empty bins stay blank."""
