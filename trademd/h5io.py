@@ -362,6 +362,9 @@ def describe(path: str | Path) -> str:
                 lines.append(f"  {key}: {_text(h5.attrs[key])}")
 
         def visit(name, obj):
+            if isinstance(obj, h5py.Group) and obj.attrs:
+                attrs = ", ".join(f"{k}={_text(v)}" for k, v in sorted(obj.attrs.items()) if len(_text(v)) < 200)
+                lines.append(f"  /{name}/ ({attrs})")
             if isinstance(obj, h5py.Dataset):
                 unit = obj.attrs.get("unit", "")
                 lines.append(f"  /{name}: {obj.dtype} {obj.shape}" + (f" [{unit}]" if unit else ""))

@@ -34,7 +34,7 @@ from .platforms import openmm_platform
 from .progress import Progress
 from .provenance import provenance
 from .replicas import com_restraint_energies, replicate_system
-from .simulate import COM_RESTRAINT_NM, MOLECULE_RADIUS_NM, load_system
+from .simulate import COM_RESTRAINT_NM, MOLECULE_RADIUS_NM, load_system, molecule_attrs
 from .units import BOLTZMANN_KJ_MOL_K
 
 __all__ = ["ExchangeConfig", "LadderEngine", "langevin_middle_per_dof", "replica_exchange"]
@@ -359,11 +359,7 @@ def _file_attrs(config: ExchangeConfig, molecule, platform_name: str, command) -
     settings["temperatures_k"] = [float(t) for t in config.temperatures_k]
     settings["forcefield_files"] = list(config.forcefield_files)
     return {
-        "system": molecule.name,
-        "description": molecule.description,
-        "solvent": molecule.solvent,
-        "forcefield_files": list(molecule.forcefield_files),
-        "constraints": molecule.constraints,
+        **molecule_attrs(molecule),
         "method": "replica exchange (parallel tempering), even-odd neighbour swaps",
         "integrator": "LangevinMiddle (CustomIntegrator, per-copy temperature)",
         "timestep_ps": config.timestep_ps,
@@ -374,8 +370,6 @@ def _file_attrs(config: ExchangeConfig, molecule, platform_name: str, command) -
         "save_every_ps": config.save_every_ps,
         "equilibration_ps": config.equilibration_ps,
         "platform": platform_name,
-        "phi_atoms": list(molecule.phi_atoms or []),
-        "psi_atoms": list(molecule.psi_atoms or []),
         "simulation_config": settings,
         **provenance(command),
     }

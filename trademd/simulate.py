@@ -197,15 +197,24 @@ def _config_from_file(writer: TrajectoryWriter, time_ps: float, platform: str) -
     return config
 
 
-def _file_attrs(config: SimulationConfig, molecule, platform_name: str, command) -> dict:
-    settings = asdict(config)
-    settings["forcefield_files"] = list(config.forcefield_files)
+def molecule_attrs(molecule) -> dict:
+    """File attributes that record a :class:`~trademd.systems.MolecularSystem`."""
     return {
         "system": molecule.name,
         "description": molecule.description,
         "solvent": molecule.solvent,
         "forcefield_files": list(molecule.forcefield_files),
         "constraints": molecule.constraints,
+        "phi_atoms": list(molecule.phi_atoms or []),
+        "psi_atoms": list(molecule.psi_atoms or []),
+    }
+
+
+def _file_attrs(config: SimulationConfig, molecule, platform_name: str, command) -> dict:
+    settings = asdict(config)
+    settings["forcefield_files"] = list(config.forcefield_files)
+    return {
+        **molecule_attrs(molecule),
         "temperature_k": config.temperature_k,
         "integrator": "LangevinMiddleIntegrator",
         "timestep_ps": config.timestep_ps,
@@ -215,8 +224,6 @@ def _file_attrs(config: SimulationConfig, molecule, platform_name: str, command)
         "save_every_ps": config.save_every_ps,
         "equilibration_ps": config.equilibration_ps,
         "platform": platform_name,
-        "phi_atoms": list(molecule.phi_atoms or []),
-        "psi_atoms": list(molecule.psi_atoms or []),
         "simulation_config": settings,
         **provenance(command),
     }
