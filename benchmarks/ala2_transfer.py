@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 
+from trademd.errors import TradeMDError
 from trademd.evaluate import evaluate_samples
 from trademd.h5io import ensemble_temperatures, open_hdf5, read_trajectory
 from trademd.plots import ess_against_temperature
@@ -112,6 +113,35 @@ def phi_tau_frames(path: Path, temperature_k: float) -> dict:
     return result
 
 
+def sample_and_evaluate(model: Path, objective: str, temperature_k: float, out: Path,
+                        reference: Path, n_samples: int, device: str, platform: str) -> dict:
+    """Sample (timed, energies included) and evaluate against the reference; a model whose
+    samples are all flagged is recorded as failed with the reason."""
+    samples = out / f"samples_{objective}_{temperature_k:g}K.h5"
+    summary_path = samples.with_suffix(".json")
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+    else:
+        samples.unlink(missing_ok=True)
+        start = time.perf_counter()
+        try:
+            [summary] = sample_run(model, [temperature_k], n_samples, samples, device=device,
+                                   platform=platform, command=COMMAND)
+        except TradeMDError as error:
+            summary = {"failed": str(error)}
+        summary["sample_s"] = time.perf_counter() - start
+        summary_path.write_text(json.dumps(summary, indent=2))
+    if "failed" in summary:
+        log(f"{objective} at {temperature_k:g} K failed: {summary['failed']}")
+        return summary
+    stem = out / "metrics" / f"{objective}_{temperature_k:g}K"
+    metrics = evaluate_samples(samples, reference, temperature_k, model,
+                               stem.with_suffix(".json"), stem.with_suffix(".png"))
+    metrics["sample_s"] = summary["sample_s"]
+    metrics["effective_samples_per_s"] = summary["ess"] / summary["sample_s"]
+    return metrics
+
+
 def run(scale: str, out: Path, platform: str, device: str) -> dict:
     settings = SCALES[scale]
     out.mkdir(parents=True, exist_ok=True)
@@ -142,22 +172,8 @@ def run(scale: str, out: Path, platform: str, device: str) -> dict:
                       platform=platform, resume=(run_dir / "checkpoint.pt").exists())
         entry = {"train_s": training_seconds(run_dir), "temperatures": {}}
         for temperature_k in EVALUATION_TEMPERATURES_K:
-            samples = out / f"samples_{objective}_{temperature_k:g}K.h5"
-            if samples.exists():
-                summary_path = samples.with_suffix(".json")
-                summary = json.loads(summary_path.read_text())
-            else:
-                start = time.perf_counter()
-                [summary] = sample_run(model, [temperature_k], settings["n_samples"], samples,
-                                       device=device, platform=platform, command=COMMAND)
-                summary["sample_s"] = time.perf_counter() - start
-                samples.with_suffix(".json").write_text(json.dumps(summary, indent=2))
-            stem = out / "metrics" / f"{objective}_{temperature_k:g}K"
-            metrics = evaluate_samples(samples, reference, temperature_k, model,
-                                       stem.with_suffix(".json"), stem.with_suffix(".png"))
-            metrics["sample_s"] = summary["sample_s"]
-            metrics["effective_samples_per_s"] = summary["ess"] / summary["sample_s"]
-            entry["temperatures"][f"{temperature_k:g}"] = metrics
+            entry["temperatures"][f"{temperature_k:g}"] = sample_and_evaluate(
+                model, objective, temperature_k, out, reference, settings["n_samples"], device, platform)
         results["objectives"][objective] = entry
 
     md_tau = phi_tau_frames(md300, 300.0)
@@ -168,8 +184,8 @@ def run(scale: str, out: Path, platform: str, device: str) -> dict:
         rate = None if wall_s is None else tau["frames"] / tau["tau_phi_frames"] / wall_s
         results["time_to_solution_300K"][name] = {**tau, "wall_s": wall_s, "effective_samples_per_s": rate}
     ess_against_temperature(out / "ess_vs_temperature.png", {
-        objective: ([float(t) for t in entry["temperatures"]],
-                    [m["relative_ess"] for m in entry["temperatures"].values()])
+        objective: ([float(t) for t, m in entry["temperatures"].items() if "failed" not in m],
+                    [m["relative_ess"] for m in entry["temperatures"].values() if "failed" not in m])
         for objective, entry in results["objectives"].items()
     })
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -200,7 +216,8 @@ def markdown(results: dict) -> str:
     lines += ["", f"Replica exchange over {remd['ladder_k']} K: acceptance per neighbour pair "
               f"[{rates}], {remd['round_trips']} round trips.", ""]
     for temperature in (f"{t:g}" for t in EVALUATION_TEMPERATURES_K):
-        first = next(iter(results["objectives"].values()))["temperatures"][temperature]
+        first = next(m for entry in results["objectives"].values()
+                     for t, m in entry["temperatures"].items() if t == temperature and "failed" not in m)
         reference_df = first["reference_delta_f_positive_phi_kt"]
         reference_err = first["reference_delta_f_positive_phi_kt_error"]
         lines += [f"### {temperature} K (reference: replica exchange, {first['n_reference_frames']} "
@@ -211,6 +228,9 @@ def markdown(results: dict) -> str:
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for objective, entry in results["objectives"].items():
             m = entry["temperatures"][temperature]
+            if "failed" in m:
+                lines.append(f"| {objective} | failed: {m['failed']} |" + " |" * 7)
+                continue
             lines.append(
                 f"| {objective} | {_number(m.get('reference_nll'), '.2f')} | "
                 f"{m['kl_phi_psi_weighted']:.3f} / {m['kl_phi_psi_unweighted']:.3f} | "
@@ -233,6 +253,9 @@ def markdown(results: dict) -> str:
                      f"{_number(t['effective_samples_per_s'], '.3g')} |")
     for objective, entry in results["objectives"].items():
         m = entry["temperatures"]["300"]
+        if "failed" in m:
+            lines.append(f"| flow ({objective}) | failed: {m['failed']} |" + " |" * 5)
+            continue
         ess = m["relative_ess"] * m["n_samples"]
         lines.append(f"| flow ({objective}), sampling only | {m['n_samples']} | | | | "
                      f"{m['sample_s']:.0f} | {m['effective_samples_per_s']:.3g} |")

@@ -12,6 +12,7 @@ from trademd.coordinates import (
     InternalCoordinates,
     canonical_frame,
     cartesian_to_internal,
+    chirality_restraint,
     chirality_signs,
     constrained_bonds_from_openmm,
     internal_log_det,
@@ -428,3 +429,22 @@ def test_tetrahedral_centres(ala2):
     _, heavy, tree_bonds = _random_tree(seed=11, n_atoms=12)
     for row in tetrahedral_centres(12, tree_bonds):
         assert sum(row[0] in pair for pair in tree_bonds) == 4
+
+
+def test_chirality_restraint_is_flat_on_the_physical_enantiomer_and_differentiable(ala2):
+    reference = ala2.positions_nm()
+    x = _ala2_configurations(ala2, 4, seed=3)
+    centres = ala2.chiral_centres
+    assert torch.equal(chirality_restraint(x, centres, reference), torch.zeros(4, dtype=x.dtype))
+    mirrored = chirality_restraint(-x, centres, reference)
+    assert (mirrored > 0.5 * len(centres)).all()  # about 1 per mirrored centre
+    wrong = wrong_chirality_mask(-x, centres, reference)
+    assert wrong.all()
+    # gradient against central finite differences on a mirrored configuration
+    y = (-x[:1]).clone().requires_grad_(True)
+    chirality_restraint(y, centres, reference).sum().backward()
+    direction = torch.randn_like(y)
+    h = 1e-6
+    plus = chirality_restraint(-x[:1] + h * direction, centres, reference)
+    minus = chirality_restraint(-x[:1] - h * direction, centres, reference)
+    assert float((y.grad * direction).sum()) == pytest.approx(float((plus - minus) / (2 * h)), rel=1e-6)

@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from trademd.cli.app import app
 from trademd.evaluate import js_divergence, kl_divergence, wasserstein_1
-from trademd.h5io import read_samples
+from trademd.h5io import read_samples, read_trajectory
 from trademd.molecule_energy import MoleculeEnergy
-from trademd.sample import basin_free_energy, phi_psi_histogram
+from trademd.sample import basin_free_energy, load_model, phi_psi_histogram
 from trademd.simulate import SimulationConfig, simulate
 from trademd.systems import get_system
 from trademd.systems.analytic import get_analytic_system
@@ -177,3 +177,25 @@ def test_evaluate_against_a_reference(trained_model, tmp_path):
         assert key in metrics
     assert 0 <= metrics["js_phi_psi_weighted"] <= math.log(2)
     assert (tmp_path / "s_metrics.png").is_file() and (tmp_path / "s_metrics.json").is_file()
+
+
+def test_reverse_kl_energy_restrains_the_mirror_image(trained_model):
+    """The chirality restraint adds about 100 kT per mirrored centre and nothing otherwise."""
+    model_path, data = trained_model
+    model = load_model(model_path, device="cpu", platform="CPU")
+    try:
+        target = model.target
+        frames = torch.as_tensor(read_trajectory(data).positions_nm[:8], dtype=torch.float64)
+        z = target.features(frames).double()
+        mirrored = z.clone()
+        mirrored[:, : target.n_torsions] = -mirrored[:, : target.n_torsions]  # x -> mirror image
+        temperature = torch.full((len(z),), 600.0, dtype=torch.float64)
+        for features, expected_min in ((z, 0.0), (mirrored, 50.0)):
+            plain, _ = target.reduced_energy(features, temperature)
+            restrained, _ = target.reduced_energy(features, temperature, chirality_restraint_kt=100.0)
+            extra = restrained - plain
+            assert (extra >= expected_min).all() and (extra <= 100.0 * len(target.molecule.chiral_centres) * 3).all()
+            if expected_min == 0.0:
+                assert torch.equal(extra, torch.zeros_like(extra))
+    finally:
+        model.close()

@@ -602,6 +602,32 @@ def wrong_chirality_mask(x, centres, reference) -> Tensor:
     return (chirality_signs(x, centres) != ref).any(-1)
 
 
+def chirality_restraint(x: Tensor, centres, reference) -> Tensor:
+    """Flat-bottom restraint that keeps every centre's handedness that of ``reference``:
+    sum over centres of relu(-V / V_ref), V the signed volume of :func:`chirality_signs`.
+
+    Zero for every configuration with the reference's chirality (so a target
+    exp(-u - k * restraint) equals exp(-u) there), about 1 per mirrored centre, and
+    differentiable in x: reverse-KL training uses it to keep a flow on the physical enantiomer.
+
+    Args:
+        x: [B, n_atoms, 3] (nm).
+        centres: int [m, 4] rows (centre, a, b, d).
+        reference: [n_atoms, 3] positions with the wanted chirality.
+
+    Returns:
+        [B], dimensionless.
+    """
+    idx = torch.as_tensor(np.asarray(centres), dtype=torch.long, device=x.device)
+
+    def volumes(y: Tensor) -> Tensor:
+        c, a, b, d = (y[..., idx[:, i], :] for i in range(4))
+        return ((a - c) * torch.cross(b - c, d - c, dim=-1)).sum(-1)
+
+    reference_volume = volumes(torch.as_tensor(reference, dtype=x.dtype, device=x.device))
+    return torch.relu(-volumes(x) / reference_volume).sum(-1)
+
+
 def wrong_chirality_fraction(x, centres, reference) -> float:
     """Fraction of the configurations x [B, n_atoms, 3] whose chirality differs from
     ``reference``: ``wrong_chirality_mask(...).float().mean()``."""

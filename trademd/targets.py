@@ -21,7 +21,7 @@ from torch import Tensor
 
 from trademd.systems.analytic import AnalyticSystem
 
-from .coordinates import InternalCoordinates, constrained_bonds_from_openmm
+from .coordinates import InternalCoordinates, chirality_restraint, constrained_bonds_from_openmm
 from .energy import EnergyBridge, potential_energy
 from .errors import TradeMDError
 from .h5io import read_trajectory
@@ -51,8 +51,10 @@ class AnalyticTarget:
         generator = torch.Generator().manual_seed(seed)
         self.data_features = system.sample(n_data, system.reference_temperature, generator).float()
 
-    def reduced_energy(self, z: Tensor, temperature: Tensor) -> tuple[Tensor, Tensor]:
-        """(u [B], log|dx/dz| [B]) for features z [B, D] at temperatures [B]; differentiable."""
+    def reduced_energy(self, z: Tensor, temperature: Tensor,
+                       chirality_restraint_kt: float = 0.0) -> tuple[Tensor, Tensor]:
+        """(u [B], log|dx/dz| [B]) for features z [B, D] at temperatures [B]; differentiable.
+        (No chiral centres: ``chirality_restraint_kt`` changes nothing.)"""
         energy = self.system.energy(z)
         return energy / (self.boltzmann_k * temperature), torch.zeros_like(energy)
 
@@ -170,12 +172,18 @@ class MoleculeTarget:
         x, log_det = coordinates.inverse(z[:, : self.n_torsions].double(), z[:, self.n_torsions :].double())
         return x, log_det
 
-    def reduced_energy(self, z: Tensor, temperature: Tensor) -> tuple[Tensor, Tensor]:
+    def reduced_energy(self, z: Tensor, temperature: Tensor,
+                       chirality_restraint_kt: float = 0.0) -> tuple[Tensor, Tensor]:
         """(u = U / (k T) [B], log|dx/dz| [B]) of features z [B, D] at T [B] (K); differentiable
-        in z through the OpenMM forces; +inf where the energy overflows."""
+        in z through the OpenMM forces; +inf where the energy overflows. With
+        ``chirality_restraint_kt`` > 0, u also holds that many kT per mirrored chiral centre
+        (:func:`~trademd.coordinates.chirality_restraint`; zero on the physical enantiomer)."""
         x, log_det = self.positions(z)
         energy_kj_mol = potential_energy(x, self.bridge)
         u = energy_kj_mol / (self.boltzmann_k * temperature.double())
+        centres = self.molecule.chiral_centres
+        if chirality_restraint_kt > 0 and len(centres):
+            u = u + chirality_restraint_kt * chirality_restraint(x, centres, self.molecule.positions_nm())
         return u.to(z.dtype), log_det.to(z.dtype)
 
     def record(self) -> dict:

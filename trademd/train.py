@@ -66,6 +66,7 @@ class TrainConfig:
     cache_every: int = 200
     cache_momentum: float = 0.5
     reverse_kl_samples: int = 256
+    chirality_restraint_kt: float = 100.0
     max_bad_batches: int = 50
     metrics_every: int = 100
     checkpoint_every: int = 500
@@ -235,7 +236,7 @@ class Trainer:
         n = self.config.reverse_kl_samples
         temperature = self._temperatures(n)
         z, log_p = self.flow.rsample(n, temperature)
-        u, log_det = self.target.reduced_energy(z, temperature)
+        u, log_det = self.target.reduced_energy(z, temperature, self.config.chirality_restraint_kt)
         return (log_p + u - log_det).mean()
 
     def loss(self) -> tuple[Tensor, dict]:
