@@ -105,8 +105,10 @@ def simulate(
         pdb_path=str(pdb) if pdb is not None else None,
         forcefield_files=tuple(forcefield or ()),
     )
-    if temperatures:
-        config = ExchangeConfig(temperatures_k=tuple(temperatures), ladders=replicas or 4,
+    from trademd.h5io import REPLICA_EXCHANGE_FORMAT, file_format
+
+    if temperatures or (resume and out.is_file() and file_format(out) == REPLICA_EXCHANGE_FORMAT):
+        config = ExchangeConfig(temperatures_k=tuple(temperatures or ()), ladders=replicas or 4,
                                 exchange_every_ps=parse_time_ps(exchange_every), **common)
         path = replica_exchange(config, out, overwrite=overwrite, resume=resume,
                                 command=full_command(ctx), show_progress=not quiet)

@@ -219,6 +219,9 @@ def test_cli_replica_exchange_and_reference_selection(tmp_path):
     assert result.exit_code == 1 and "pick one with --temperature" in result.output
     result = runner.invoke(app, ["energy", str(out), "--temperature", "300", "--platform", "Reference"])
     assert result.exit_code == 0 and "frames: 4" in result.output
+    result = runner.invoke(app, ["simulate", "--out", str(out), "--resume", "--time", "2ps", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert read_trajectory(out, 450.0).n_frames == 8  # 4 saves more of both ladders
     result = runner.invoke(app, expand_multi_value_options(words[:4] + ["450", "300"] + words[6:]))
     assert result.exit_code == 1 and "increasing order" in result.output
 
