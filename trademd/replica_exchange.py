@@ -34,34 +34,23 @@ from .platforms import openmm_platform
 from .progress import Progress
 from .provenance import provenance
 from .replicas import com_restraint_energies, replicate_system
-from .simulate import COM_RESTRAINT_NM, MOLECULE_RADIUS_NM, load_system, molecule_attrs
+from .simulate import COM_RESTRAINT_NM, MOLECULE_RADIUS_NM, DynamicsSettings, load_system, molecule_attrs
 from .units import BOLTZMANN_KJ_MOL_K
 
 __all__ = ["ExchangeConfig", "LadderEngine", "langevin_middle_per_dof", "replica_exchange"]
 
 
-@dataclass
-class ExchangeConfig:
+@dataclass(kw_only=True)
+class ExchangeConfig(DynamicsSettings):
     """Settings of a replica-exchange run (times in ps, temperatures in K).
 
     ``ladders`` independent copies of the temperature ladder run side by side: each
     temperature's ensemble gets ``ladders`` frames per save.
     """
 
-    system_name: str
     temperatures_k: tuple[float, ...]
-    time_ps: float
     exchange_every_ps: float = 1.0
     ladders: int = 4
-    save_every_ps: float = 1.0
-    equilibration_ps: float = 100.0
-    timestep_ps: float = 0.002
-    friction_per_ps: float = 1.0
-    seed: int = 0
-    platform: str = "auto"
-    chunk_saves: int = 10
-    pdb_path: str | None = None
-    forcefield_files: tuple[str, ...] = ()
 
     def validate(self) -> None:
         """Raise :class:`TradeMDError` for impossible settings."""
@@ -74,25 +63,13 @@ class ExchangeConfig:
             raise TradeMDError(f"give --temperatures in increasing order without repeats, got {temperatures}")
         if self.ladders < 1:
             raise TradeMDError(f"--replicas (ladders) must be at least 1, got {self.ladders}")
-        for name, value in (("--save-every", self.save_every_ps), ("--exchange-every", self.exchange_every_ps)):
-            if value < self.timestep_ps:
-                raise TradeMDError(f"{name} must be at least one time step ({self.timestep_ps * 1000:g} fs)")
-        if self.time_ps < self.save_every_ps:
-            raise TradeMDError("--time must be at least one --save-every interval")
-        if self.equilibration_ps < 0:
-            raise TradeMDError("--equilibration must not be negative")
-
-    @property
-    def steps_per_save(self) -> int:
-        return max(1, int(round(self.save_every_ps / self.timestep_ps)))
+        if self.exchange_every_ps < self.timestep_ps:
+            raise TradeMDError(f"--exchange-every must be at least one time step ({self.timestep_ps * 1000:g} fs)")
+        super().validate()
 
     @property
     def steps_per_exchange(self) -> int:
         return max(1, int(round(self.exchange_every_ps / self.timestep_ps)))
-
-    @property
-    def n_saves(self) -> int:
-        return int(round(self.time_ps / self.save_every_ps))
 
 
 def langevin_middle_per_dof(timestep_ps: float, friction_per_ps: float) -> openmm.CustomIntegrator:

@@ -26,7 +26,7 @@ from .replicas import replicate_system
 from .units import BOLTZMANN_KJ_MOL_K
 from .systems import system_from_record
 
-__all__ = ["SimulationConfig", "simulate", "load_system"]
+__all__ = ["DynamicsSettings", "SimulationConfig", "simulate", "load_system"]
 
 #: Radius of the flat-bottom centre-of-mass restraint (nm) and the molecule size the lattice
 #: tolerates (nm): copies never come within the GB neighbour-list cutoff of each other.
@@ -34,14 +34,13 @@ COM_RESTRAINT_NM = 0.5
 MOLECULE_RADIUS_NM = 1.5
 
 
-@dataclass
-class SimulationConfig:
-    """Settings of a ``trade-md simulate`` run (times in ps, temperature in K)."""
+@dataclass(kw_only=True)
+class DynamicsSettings:
+    """What plain MD and replica exchange share: the system, how long, how often to save,
+    the Langevin settings (times in ps). Keyword arguments only."""
 
     system_name: str
-    temperature_k: float
     time_ps: float
-    replicas: int = 64
     save_every_ps: float = 1.0
     equilibration_ps: float = 100.0
     timestep_ps: float = 0.002
@@ -53,13 +52,9 @@ class SimulationConfig:
     forcefield_files: tuple[str, ...] = ()
 
     def validate(self) -> None:
-        """Raise :class:`TradeMDError` for impossible settings."""
-        if not self.temperature_k > 0:
-            raise TradeMDError(f"temperature must be positive (kelvin), got {self.temperature_k}")
-        if self.replicas < 1:
-            raise TradeMDError(f"--replicas must be at least 1, got {self.replicas}")
+        """Raise :class:`TradeMDError` for impossible times."""
         if self.save_every_ps < self.timestep_ps:
-            raise TradeMDError("--save-every must be at least one time step (2 fs)")
+            raise TradeMDError(f"--save-every must be at least one time step ({self.timestep_ps * 1000:g} fs)")
         if self.time_ps < self.save_every_ps:
             raise TradeMDError("--time must be at least one --save-every interval")
         if self.equilibration_ps < 0:
@@ -72,6 +67,22 @@ class SimulationConfig:
     @property
     def n_saves(self) -> int:
         return int(round(self.time_ps / self.save_every_ps))
+
+
+@dataclass(kw_only=True)
+class SimulationConfig(DynamicsSettings):
+    """Settings of a plain ``trade-md simulate`` run: ``replicas`` copies at ``temperature_k`` (K)."""
+
+    temperature_k: float
+    replicas: int = 64
+
+    def validate(self) -> None:
+        """Raise :class:`TradeMDError` for impossible settings."""
+        if not self.temperature_k > 0:
+            raise TradeMDError(f"temperature must be positive (kelvin), got {self.temperature_k}")
+        if self.replicas < 1:
+            raise TradeMDError(f"--replicas must be at least 1, got {self.replicas}")
+        super().validate()
 
 
 def load_system(config: SimulationConfig):
