@@ -120,10 +120,7 @@ class Trajectory:
     def molecule(self):
         """The :class:`~trademd.systems.MolecularSystem` the file records (system name, PDB,
         force-field files)."""
-        from trademd.systems import system_from_record
-
-        return system_from_record(str(self.attrs["system"]), self.topology_pdb,
-                                  json.loads(self.attrs["forcefield_files"]))
+        return recorded_molecule(self.attrs, self.topology_pdb)
 
     def to_mdtraj(self):
         """The frames as an ``mdtraj.Trajectory`` (time in ps)."""
@@ -134,6 +131,19 @@ class Trajectory:
 
         topology = mdtraj.Topology.from_openmm(app.PDBFile(io.StringIO(self.topology_pdb)).topology)
         return mdtraj.Trajectory(self.positions_nm, topology, time=self.time_ps)
+
+
+def recorded_molecule(attrs, topology_pdb: str):
+    """The :class:`~trademd.systems.MolecularSystem` a simulate file's root attributes
+    (``system``, ``forcefield_files``) and topology record."""
+    from trademd.systems import system_from_record
+
+    return system_from_record(str(attrs["system"]), topology_pdb, json.loads(attrs["forcefield_files"]))
+
+
+def stored_molecule(h5: h5py.File):
+    """:func:`recorded_molecule` of an open simulate file."""
+    return recorded_molecule(h5.attrs, _text(h5["topology_pdb"][()]))
 
 
 def read_trajectory(path: str | Path, temperature_k: float | None = None,

@@ -27,8 +27,8 @@ import openmm
 
 from .errors import TradeMDError
 from .exchange import ExchangeState
-from .h5io import TrajectoryWriter, create_replica_exchange_file, group_name, open_checked
-from .h5io import REPLICA_EXCHANGE_FORMAT
+from .h5io import (REPLICA_EXCHANGE_FORMAT, TrajectoryWriter, create_replica_exchange_file, group_name,
+                   open_checked, stored_molecule)
 from .molecule_energy import MoleculeEnergy
 from .platforms import openmm_platform
 from .progress import Progress
@@ -206,10 +206,7 @@ def replica_exchange(config: ExchangeConfig, out: str | Path, overwrite: bool = 
         time_ps, platform = config.time_ps, config.platform
         config = ExchangeConfig(**json.loads(h5.attrs["simulation_config"]))
         config.time_ps, config.platform = time_ps, platform
-        from trademd.systems import system_from_record
-
-        molecule = system_from_record(str(h5.attrs["system"]), h5["topology_pdb"][()].decode(),
-                                      json.loads(h5.attrs["forcefield_files"]))
+        molecule = stored_molecule(h5)
     else:
         molecule = load_system(config)
     config.validate()

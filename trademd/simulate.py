@@ -17,14 +17,13 @@ import numpy as np
 import openmm
 
 from .errors import TradeMDError
-from .h5io import TrajectoryWriter
+from .h5io import TrajectoryWriter, stored_molecule
 from .molecule_energy import MoleculeEnergy
 from .platforms import openmm_platform
 from .progress import Progress
 from .provenance import provenance
 from .replicas import replicate_system
 from .units import BOLTZMANN_KJ_MOL_K
-from .systems import system_from_record
 
 __all__ = ["DynamicsSettings", "SimulationConfig", "simulate", "load_system"]
 
@@ -109,10 +108,7 @@ def simulate(config: SimulationConfig, out: str | Path, overwrite: bool = False,
             raise TradeMDError(f"nothing to resume: {str(out)!r} does not exist (drop --resume)")
         writer = TrajectoryWriter.reopen(out)
         config = _config_from_file(writer, config.time_ps, config.platform)
-        molecule = system_from_record(
-            str(writer.h5.attrs["system"]), writer.h5["topology_pdb"][()].decode(),
-            json.loads(writer.h5.attrs["forcefield_files"]),
-        )
+        molecule = stored_molecule(writer.h5)
     else:
         molecule = load_system(config)
     config.validate()
