@@ -587,11 +587,15 @@ def chirality_signs(x, centres) -> Tensor:
         [..., m] in {-1, 0, +1} (0 only for an exactly planar centre). A mirror image
         (x -> -x) flips every sign.
     """
-    x = torch.as_tensor(x)
+    return torch.sign(signed_volumes(torch.as_tensor(x), centres))
+
+
+def signed_volumes(x: Tensor, centres) -> Tensor:
+    """``(a - c) . ((b - c) x (d - c))`` per centre row (c, a, b, d) of ``centres`` (int
+    [m, 4]) for positions x [..., n_atoms, 3]: [..., m] (nm^3)."""
     idx = torch.as_tensor(np.asarray(centres), dtype=torch.long, device=x.device)
     c, a, b, d = (x[..., idx[:, i], :] for i in range(4))
-    volume = ((a - c) * torch.cross(b - c, d - c, dim=-1)).sum(-1)
-    return torch.sign(volume)
+    return ((a - c) * torch.cross(b - c, d - c, dim=-1)).sum(-1)
 
 
 def wrong_chirality_mask(x, centres, reference) -> Tensor:
@@ -618,14 +622,8 @@ def chirality_restraint(x: Tensor, centres, reference) -> Tensor:
     Returns:
         [B], dimensionless.
     """
-    idx = torch.as_tensor(np.asarray(centres), dtype=torch.long, device=x.device)
-
-    def volumes(y: Tensor) -> Tensor:
-        c, a, b, d = (y[..., idx[:, i], :] for i in range(4))
-        return ((a - c) * torch.cross(b - c, d - c, dim=-1)).sum(-1)
-
-    reference_volume = volumes(torch.as_tensor(reference, dtype=x.dtype, device=x.device))
-    return torch.relu(-volumes(x) / reference_volume).sum(-1)
+    reference_volume = signed_volumes(torch.as_tensor(reference, dtype=x.dtype, device=x.device), centres)
+    return torch.relu(-signed_volumes(x, centres) / reference_volume).sum(-1)
 
 
 def wrong_chirality_fraction(x, centres, reference) -> float:
