@@ -285,3 +285,31 @@ def test_cuda_matches_cpu():
                           atol=1e-5)
     samples, logp = on_gpu.sample(128, torch.full((128,), 400.0, device="cuda"))
     assert samples.is_cuda and torch.allclose(on_gpu.log_prob(samples, 400.0), logp, atol=1e-4)
+
+
+def test_torsion_seams_are_spread_over_the_circle_and_the_density_stays_continuous():
+    flow = make_flow(3, 2, torsion_shifts="golden")
+    shifts = [layer.seam_shift for layer in flow.layers]
+    assert len(set(round(s, 6) for s in shifts)) == len(shifts)  # no two layers share a seam
+    assert all(0.0 <= s < 2.0 for s in shifts)
+    # continuity where a layer's seam now lies (-shift, in radians -pi * shift)
+    z = random_z(flow, 20)
+    eps = 1e-7
+    for shift in shifts[1:4]:
+        seam = math.remainder(-math.pi * shift, 2 * math.pi)
+        for d in range(3):
+            below, above = z.clone(), z.clone()
+            below[:, d], above[:, d] = seam - eps, seam + eps
+            diff = flow.log_prob(below, 400.0) - flow.log_prob(above, 400.0)
+            assert diff.abs().max() < 1e-4, (shift, d)
+    # "none" is the old behaviour, and model files without the key load as "none"
+    plain = make_flow(3, 2, torsion_shifts="none")
+    assert all(layer.seam_shift == 0.0 for layer in plain.layers)
+    old = plain.checkpoint()
+    del old["config"]["torsion_shifts"]
+    again = load_flow(old)
+    assert torch.equal(again.log_prob(z, 321.0), plain.log_prob(z, 321.0))
+    shifted = make_flow(3, 2, torsion_shifts="golden")  # same weights, other seams
+    assert not torch.allclose(shifted.log_prob(z, 321.0), plain.log_prob(z, 321.0))
+    with pytest.raises(TradeMDError):
+        make_flow(3, 2, torsion_shifts="random")

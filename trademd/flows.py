@@ -50,6 +50,10 @@ __all__ = ["DEFAULT_LAYERS", "SplineCoupling", "TemperatureFlow", "build_flow", 
 #: Close to the TRADE alanine-dipeptide setting: 9 blocks, each also reversed (18 layers).
 DEFAULT_LAYERS = ("torsions|torsions", "bounded|torsions", "bounded|bounded") * 3
 
+#: Seam placements of the circular splines (see :class:`TemperatureFlow`).
+TORSION_SHIFTS = ("golden", "none")
+_GOLDEN = 0.5 * (math.sqrt(5.0) - 1.0)
+
 _ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
 
@@ -147,6 +151,11 @@ def parse_layers(layers: Sequence[str], n_torsions: int, n_bounded: int,
 # coupling layer
 
 
+def _seam_shift(kind: str, layer_index: int) -> float:
+    """Torsion rotation of layer ``layer_index`` in normalised units ([0, 2): a full turn)."""
+    return 2.0 * ((layer_index * _GOLDEN) % 1.0) if kind == "golden" else 0.0
+
+
 def _conditioner(kind: str, n_in: int, n_out: int, width: int, depth: int,
                  activation: str) -> nn.Module:
     act = _ACTIVATIONS[activation]
@@ -173,14 +182,16 @@ class SplineCoupling(nn.Module):
         bins: spline bins K.
         width, depth, conditioner, activation: the conditioner network.
         min_slope: lower bound of every spline slope (upper bound 1 / min_slope).
+        seam_shift: rotation of the transformed torsions (normalised units, half-turn = 1)
+            that puts this layer's seam at -seam_shift instead of at +-1 (+-pi).
     """
 
     def __init__(self, transformed: Sequence[int], conditioning: Sequence[int], n_torsions: int,
                  bins: int = 8, width: int = 256, depth: int = 2, conditioner: str = "residual",
-                 activation: str = "silu", min_slope: float = 1e-3):
+                 activation: str = "silu", min_slope: float = 1e-3, seam_shift: float = 0.0):
         super().__init__()
         transformed, conditioning = sorted(transformed), sorted(conditioning)
-        self.bins, self.min_slope = bins, min_slope
+        self.bins, self.min_slope, self.seam_shift = bins, min_slope, float(seam_shift)
         self.n_periodic = sum(i < n_torsions for i in transformed)
         self.n_cond_periodic = sum(i < n_torsions for i in conditioning)
         self.register_buffer("transformed", torch.tensor(transformed, dtype=torch.long),
@@ -193,7 +204,7 @@ class SplineCoupling(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"transformed={self.transformed.tolist()}, "
-                f"conditioning={self.conditioning.tolist()}")
+                f"conditioning={self.conditioning.tolist()}, seam_shift={self.seam_shift:.3f}")
 
     def spline(self, w: Tensor, t: Tensor) -> _KnotSpline:
         """The spline of this layer given w [B, D] (only Y is read) and the T feature [B, 1]."""
@@ -218,18 +229,29 @@ class SplineCoupling(nn.Module):
                            x_new[:, p:].clamp(-1.0, 1.0)], dim=1)
         return w.index_copy(1, self.transformed, x_new)
 
+    def _rotate(self, x: Tensor, shift: float) -> Tensor:
+        """Rotate the transformed torsions [B, |X|] by ``shift`` (normalised units) onto
+        [-1, 1); bounded columns untouched. A rotation has unit Jacobian."""
+        if not self.seam_shift or not self.n_periodic:
+            return x
+        p = self.n_periodic
+        return torch.cat([torch.remainder(x[:, :p] + shift + 1.0, 2.0) - 1.0, x[:, p:]], dim=1)
+
     def forward(self, w: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """Data -> base direction: (w', log|det dw'/dw|) with shapes [B, D], [B]."""
+        """Data -> base direction: (w', log|det dw'/dw|) with shapes [B, D], [B].
+
+        Torsions are rotated by ``seam_shift`` before the circular spline and back after it,
+        so this layer's seam (the fixed point of the spline) lies at -seam_shift."""
         spline = self.spline(w, t)
-        x_new, ladj = spline.call_and_ladj(w[:, self.transformed])
-        return self._finish(w, x_new), ladj.sum(dim=1)
+        x_new, ladj = spline.call_and_ladj(self._rotate(w[:, self.transformed], self.seam_shift))
+        return self._finish(w, self._rotate(x_new, -self.seam_shift)), ladj.sum(dim=1)
 
     def inverse(self, w: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Base -> data direction: (w, log|det dw'/dw| of the forward map at the result)."""
         spline = self.spline(w, t)
-        x = spline._inverse(w[:, self.transformed])
+        x = spline._inverse(self._rotate(w[:, self.transformed], self.seam_shift))
         _, ladj = spline.call_and_ladj(x)
-        return self._finish(w, x), ladj.sum(dim=1)
+        return self._finish(w, self._rotate(x, -self.seam_shift)), ladj.sum(dim=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,6 +277,10 @@ class TemperatureFlow(nn.Module):
         reference_temperature_k: T0 of a temperature-scaled base; default sqrt(T_min T_max).
         groups: extra feature groups for the layer pattern, {name: [column indices of z]}.
         min_slope: smallest spline slope.
+        torsion_shifts: where each layer's circular splines have their seam: ``"golden"``
+            rotates the torsions of layer l by (l x golden ratio mod 1) half-turns x 2, so
+            seams are spread over the circle and no torsion mode sits on a seam in every
+            layer; ``"none"`` keeps every seam at +-pi (models written before shifts existed).
 
     >>> flow = TemperatureFlow(2, 3, (250.0, 650.0), width=8, layers=["bounded|torsions"])
     >>> z, logp = flow.sample(5, 300.0)
@@ -270,7 +296,7 @@ class TemperatureFlow(nn.Module):
                  torsion_base: str = "uniform", bounded_base: str = "uniform",
                  base_sigma: float = 0.5, base_kappa: float = 1.0,
                  reference_temperature_k: float | None = None, groups: dict | None = None,
-                 min_slope: float = 1e-3):
+                 min_slope: float = 1e-3, torsion_shifts: str = "golden"):
         super().__init__()
         t_min, t_max = (float(t) for t in temperature_range_k)
         low, high = (float(b) for b in bounded_interval)
@@ -280,6 +306,9 @@ class TemperatureFlow(nn.Module):
             raise TradeMDError(f"bounded interval {bounded_interval} must have low < high")
         if bins < 2 or width < 1 or depth < 0 or n_torsions < 0 or n_bounded < 0:
             raise TradeMDError("bins >= 2, width >= 1, depth >= 0 and feature counts >= 0, please")
+        if torsion_shifts not in TORSION_SHIFTS:
+            raise TradeMDError(
+                f"unknown torsion_shifts {torsion_shifts!r}: use one of {list(TORSION_SHIFTS)}")
         if activation not in _ACTIVATIONS:
             raise TradeMDError(
                 f"unknown activation {activation!r}: use one of {sorted(_ACTIVATIONS)}")
@@ -294,7 +323,7 @@ class TemperatureFlow(nn.Module):
             "torsion_base": torsion_base, "bounded_base": bounded_base,
             "base_sigma": float(base_sigma), "base_kappa": float(base_kappa),
             "reference_temperature_k": float(reference_temperature_k), "groups": groups,
-            "min_slope": float(min_slope),
+            "min_slope": float(min_slope), "torsion_shifts": torsion_shifts,
         }
         self.n_torsions, self.n_bounded = int(n_torsions), int(n_bounded)
         self._log_t_mid = 0.5 * (math.log(t_min) + math.log(t_max))
@@ -304,8 +333,8 @@ class TemperatureFlow(nn.Module):
                                     base_sigma, base_kappa, reference_temperature_k)
         self.layers = nn.ModuleList(
             SplineCoupling(x, y, n_torsions, bins, width, depth, conditioner, activation,
-                           min_slope)
-            for x, y in parse_layers(layers, n_torsions, n_bounded, groups))
+                           min_slope, _seam_shift(torsion_shifts, index))
+            for index, (x, y) in enumerate(parse_layers(layers, n_torsions, n_bounded, groups)))
         # normalisation z -> w as Python floats (a float32 buffer would round pi, and .double()
         # would then give torsions a period that is not 2 pi)
         self._centre, self._half = 0.5 * (low + high), 0.5 * (high - low)
@@ -456,7 +485,8 @@ def build_flow(config: dict) -> TemperatureFlow:
 
 def load_flow(checkpoint: dict, map_location=None) -> TemperatureFlow:
     """Rebuild a flow from ``{"config", "state_dict"}`` (e.g. ``torch.load`` of a model file)."""
-    flow = build_flow(checkpoint["config"])
+    # files written before seam shifts existed have every seam at +-pi
+    flow = build_flow({"torsion_shifts": "none", **checkpoint["config"]})
     state = checkpoint["state_dict"]
     dtypes = [v.dtype for v in state.values() if v.is_floating_point()]
     if dtypes:
