@@ -5,25 +5,38 @@ from pathlib import Path
 
 import numpy as np
 
+from .ess import weight_diagnostics
 from .h5io import group_name, write_samples
 from .platforms import torch_device
 from .plots import ramachandran_png
 from .provenance import provenance
 from .sample import basin_free_energy, draw_samples, load_model, phi_psi_histogram
 
-__all__ = ["sample_run", "summarise"]
+__all__ = ["ESS_BATCHES", "sample_run", "summarise"]
+
+#: Consecutive batches whose Kish ESS gives the spread of the pooled figure.
+ESS_BATCHES = 5
 
 
 def summarise(samples, path: Path) -> dict:
-    """The one-line JSON summary of samples at one temperature."""
+    """The one-line JSON summary of samples at one temperature: the Kish ESS pooled over all
+    samples, that of each of ``ESS_BATCHES`` consecutive batches (its spread), the weight
+    share of the 10 largest weights and the Pareto k of the weight tail
+    (:mod:`trademd.ess`)."""
     finite = samples.weights > 0
     mean_energy = float(np.sum(samples.weights[finite] * samples.energy_kj_mol[finite]))
+    diagnostics = weight_diagnostics(samples.log_weights, n_batches=ESS_BATCHES)
     summary = {
         "path": str(path),
         "temperature_k": samples.temperature_k,
         "n": samples.n,
         "ess": samples.ess,
         "relative_ess": samples.relative_ess,
+        "relative_ess_batches": list(diagnostics.batch_relative_ess),
+        "relative_ess_batch_min": diagnostics.batch_relative_ess_min,
+        "relative_ess_batch_max": diagnostics.batch_relative_ess_max,
+        "top10_weight_share": diagnostics.top10_weight_share,
+        "pareto_k": diagnostics.pareto_k if math.isfinite(diagnostics.pareto_k) else None,
         "mean_energy_kj_mol": mean_energy,
         "fraction_flagged": samples.fraction_flagged,
     }

@@ -8,9 +8,23 @@ Objectives (same flow, same loop, selected by ``TrainConfig.objective``):
 - ``reverse-kl``: reverse KL divergence to exp(-u) at temperatures drawn over the range.
 - ``nll+reverse-kl``: both.
 
+Weight averaging and model selection: an exponential moving average (EMA) of the parameters
+is kept beside the trained ones; at every metrics step the EMA flow is scored on held-out
+criteria (validation NLL at T0 for ``nll``; the mean log relative ESS over the selection
+temperatures, pooled over ``metrics_samples`` flow samples each, for the energy-aware
+objectives once their full weight is on), and ``model.pt`` holds the best-scoring EMA
+parameters. ``metrics.csv`` marks the chosen step, ``selection.json`` says why.
+
+Refinement (optional, ``refine_rounds`` > 0): after the main phase, importance-weighted
+forward KL on buffers of flow samples drawn over the temperature range (the annealing step of
+temperature-annealed Boltzmann generators, Schopmans and Friederich 2025), started from the
+selected parameters; each round is scored and selected like the main phase
+(:mod:`trademd.refine`).
+
 A run directory holds ``config.json``, ``metrics.csv``, ``checkpoint.pt`` (everything
-``resume`` needs: parameters, optimiser, scheduler, expectation cache, RNG state) and, at the
-end, ``model.pt`` (what sampling needs) and ``loss.png``.
+``resume`` needs: parameters, EMA, best parameters, optimiser, scheduler, expectation cache,
+refinement buffer, RNG state) and, at the end, ``model.pt`` (what sampling needs),
+``selection.json`` and ``loss.png``.
 """
 
 from dataclasses import asdict, dataclass, field
@@ -22,10 +36,12 @@ import time
 
 import torch
 from torch import Tensor
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .errors import TradeMDError
 from .flows import TemperatureFlow, build_flow
 from .progress import Progress
+from .refine import RefinementBuffer
 from .trade import (
     ExpectationCache, kish_ess, log_importance_weights, log_spaced_grid, residual_loss,
     snis_mean, trade_residual,
@@ -36,9 +52,10 @@ __all__ = ["OBJECTIVES", "TrainConfig", "Trainer", "importance_weights"]
 OBJECTIVES = ("trade", "nll", "reverse-kl", "nll+reverse-kl")
 
 #: Columns of metrics.csv (a term that an objective lacks stays empty).
-METRICS_COLUMNS = ("step", "loss", "nll_t0", "val_nll_t0", "trade", "trade_weight",
-                   "trade_residual_rms", "trade_points_kept", "reverse_kl", "ess_tmin", "ess_t0",
-                   "ess_tmax", "bad_batches", "steps_per_s")
+METRICS_COLUMNS = ("step", "phase", "loss", "nll_t0", "val_nll_t0", "trade", "trade_weight",
+                   "trade_residual_rms", "trade_points_kept", "reverse_kl", "refine_nll",
+                   "buffer_ess", "ess_tmin", "ess_t0", "ess_tmax", "selection_score", "selected",
+                   "bad_batches", "steps_per_s")
 
 
 @dataclass
@@ -69,9 +86,22 @@ class TrainConfig:
     chirality_restraint_kt: float = 100.0
     max_bad_batches: int = 50
     metrics_every: int = 100
+    metrics_samples: int = 10000
     checkpoint_every: int = 500
+    ema_decay: float = 0.99
+    focus_temperatures: list = field(default_factory=list)
+    refine_rounds: int = 0
+    refine_steps: int = 200
+    refine_samples: int = 20000
+    refine_learning_rate: float = 2e-4
+    refine_clip_fraction: float = 1e-3
     seed: int = 0
     flow: dict = field(default_factory=dict)
+
+    @property
+    def total_steps(self) -> int:
+        """Main phase plus refinement rounds."""
+        return self.steps + self.refine_rounds * self.refine_steps
 
     def validate(self, reference_temperature: float) -> None:
         """Raise :class:`TradeMDError` for impossible settings."""
@@ -90,23 +120,45 @@ class TrainConfig:
             raise TradeMDError("evaluation points must be samples, data or both")
         if self.steps < 2 or self.batch_size < 2:
             raise TradeMDError("--steps and --batch-size must be at least 2")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise TradeMDError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        if self.metrics_samples < 100:
+            raise TradeMDError("metrics_samples must be at least 100 (ESS from fewer is noise)")
+        if self.refine_rounds < 0 or (self.refine_rounds and (self.refine_steps < 1 or self.refine_samples < 100)):
+            raise TradeMDError("refinement needs refine_rounds >= 0, refine_steps >= 1 and refine_samples >= 100")
+        outside = [t for t in self.focus_temperatures if not self.t_min <= t <= self.t_max]
+        if outside:
+            raise TradeMDError(f"focus temperatures {outside} lie outside [{self.t_min:g}, {self.t_max:g}]: widen --tmin/--tmax")
+
+    @property
+    def selects_by_ess(self) -> bool:
+        """Energy-aware objectives are selected by ESS, ``nll`` by validation NLL."""
+        return self.objective != "nll"
 
 
-def importance_weights(flow: TemperatureFlow, target, n: int, temperature: float,
-                       chunk: int = 4096) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def importance_weights(flow: TemperatureFlow, target, n: int, temperature,
+                       chunk: int = 4096, chirality_restraint_kt: float = 0.0,
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Draw n flow samples at T and weigh them for exp(-u).
+
+    Args:
+        temperature: a float, or a tensor [n] of per-sample temperatures.
+        chirality_restraint_kt: kT added per mirrored chiral centre (molecules), so that
+            samples of the wrong enantiomer carry (essentially) zero weight, as in sampling.
 
     Returns:
         (z [n, D], log p_flow [n], u [n], log w [n]) with log w = -u + log|dx/dz| - log p,
         unnormalised; non-finite u gives log w = -inf.
     """
+    per_sample = isinstance(temperature, Tensor)
     parts = []
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
-        z, log_p = flow.sample(m, temperature)
-        t = torch.full((m,), float(temperature), dtype=z.dtype, device=z.device)
+        t_chunk = temperature[start:start + m] if per_sample else float(temperature)
+        z, log_p = flow.sample(m, t_chunk)
+        t = torch.as_tensor(t_chunk, dtype=z.dtype, device=z.device).expand(m)
         with torch.no_grad():
-            u, log_det = target.reduced_energy(z, t)
+            u, log_det = target.reduced_energy(z, t, chirality_restraint_kt)
         log_w = log_importance_weights(u, log_p) + log_det
         log_w = torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf))
         parts.append((z, log_p, u, log_w))
@@ -139,11 +191,18 @@ class Trainer:
             self.optimizer, max_lr=config.learning_rate, total_steps=config.steps,
             pct_start=min(0.5, max(0.05, 2.0 / config.steps)),
         )
-        grid = log_spaced_grid(config.t_min, config.t_max, config.grid_size)
-        self.cache = ExpectationCache(grid.to(self.device), momentum=config.cache_momentum)
+        self.ema = AveragedModel(self.flow, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay))
+        self.cache = ExpectationCache(self._grid().to(self.device), momentum=config.cache_momentum)
         self.step = 0
         self.bad_batches = 0
         self.last_metrics: dict = {}
+        self.best: dict | None = None  # {"step", "score", "criterion", "state_dict"} of the EMA
+        self.buffer: RefinementBuffer | None = None
+
+    @property
+    def model(self) -> TemperatureFlow:
+        """The averaged (EMA) flow: what metrics score and what selection keeps."""
+        return self.ema.module
 
     # -- configuration -------------------------------------------------------------------
 
@@ -170,6 +229,20 @@ class Trainer:
             "reference_temperature_k": self.target.reference_temperature,
         })
         return config
+
+    def _grid(self) -> Tensor:
+        """TRADE grid: log-spaced over [t_min, t_max], plus T0 and the focus temperatures."""
+        c = self.config
+        extra = torch.tensor([self.target.reference_temperature, *c.focus_temperatures], dtype=torch.float64)
+        grid = torch.cat([log_spaced_grid(c.t_min, c.t_max, c.grid_size), extra])
+        return torch.unique(grid)
+
+    def selection_temperatures(self) -> list[tuple[str, float]]:
+        """(name, T) at which ESS is measured and model selection scores: T_min, T0, T_max
+        and every focus temperature."""
+        c = self.config
+        named = [("tmin", c.t_min), ("t0", self.target.reference_temperature), ("tmax", c.t_max)]
+        return named + [(f"{t:g}", float(t)) for t in c.focus_temperatures]
 
     # -- loss terms ------------------------------------------------------------------------
 
@@ -263,10 +336,44 @@ class Trainer:
             parts["reverse_kl"] = float(kl.detach())
         return loss, parts
 
+    # -- refinement ----------------------------------------------------------------------
+
+    def _start_refinement_round(self, round_index: int) -> None:
+        """Draw this round's buffer from the EMA flow; the first round starts from the
+        selected parameters with a fresh optimiser at the refinement learning rate."""
+        c = self.config
+        if round_index == 0:
+            if self.best is not None:
+                self.flow.load_state_dict(self.best["state_dict"])
+            self.ema = AveragedModel(self.flow, multi_avg_fn=get_ema_multi_avg_fn(c.ema_decay))
+            self.optimizer = torch.optim.Adam(self.flow.parameters(), lr=c.refine_learning_rate)
+        grid = self.cache.temperatures.float()
+        per_temperature = max(1, c.refine_samples // len(grid))
+        temperatures = grid.repeat_interleave(per_temperature)
+        z, _, _, log_w = importance_weights(self.model, self.target, len(temperatures), temperatures,
+                                            chirality_restraint_kt=c.chirality_restraint_kt)
+        self.buffer = RefinementBuffer.from_samples(round_index, z, temperatures.to(z.device),
+                                                    log_w, c.refine_clip_fraction)
+
+    def _refine_loss(self) -> tuple[Tensor, dict]:
+        """Weighted forward KL on the buffer plus the NLL of the data at T0."""
+        c = self.config
+        round_index = (self.step - c.steps) // c.refine_steps
+        if self.buffer is None or self.buffer.round_index != round_index:
+            self._start_refinement_round(round_index)
+        z, t = self.buffer.batch(c.batch_size)
+        refine_nll = -self.flow.log_prob(z, t).mean()
+        batch = self.data[torch.randint(len(self.data), (c.batch_size,), device=self.device)]
+        nll = -self.flow.log_prob(batch, self.target.reference_temperature).mean()
+        return refine_nll + nll, {"refine_nll": float(refine_nll.detach()),
+                                  "nll_t0": float(nll.detach()),
+                                  "buffer_ess": self.buffer.relative_ess}
+
     # -- the loop ----------------------------------------------------------------------------
 
     def train(self, show_progress: bool = True) -> Path:
-        """Run until ``config.steps``; checkpoint and write metrics as configured.
+        """Run the main phase and the refinement rounds; checkpoint and write metrics as
+        configured. Afterwards ``self.flow`` holds the selected parameters.
 
         Returns:
             The path of ``model.pt``.
@@ -275,11 +382,12 @@ class Trainer:
         (self.run_dir / "config.json").write_text(json.dumps(asdict(c), indent=2))
         if self.step == 0:  # a fresh run: no metrics of an earlier one
             (self.run_dir / "metrics.csv").unlink(missing_ok=True)
-        progress = Progress(c.steps, "steps", enabled=show_progress)
+        progress = Progress(c.total_steps, "steps", enabled=show_progress)
         started, start_step = time.perf_counter(), self.step
-        while self.step < c.steps:
+        while self.step < c.total_steps:
+            refining = self.step >= c.steps
             self.optimizer.zero_grad(set_to_none=True)
-            loss, parts = self.loss()
+            loss, parts = self._refine_loss() if refining else self.loss()
             if not torch.isfinite(loss):
                 self._bad_batch()
                 continue
@@ -289,17 +397,29 @@ class Trainer:
                 self._bad_batch()
                 continue
             self.optimizer.step()
-            self.scheduler.step()
+            if not refining:
+                self.scheduler.step()
+            self.ema.update_parameters(self.flow)
             self.step += 1
-            if self.step % c.metrics_every == 0 or self.step == c.steps:
+            if self._metrics_due():
                 rate = (self.step - start_step) / (time.perf_counter() - started)
-                self._write_metrics({"loss": float(loss.detach()), **parts, "steps_per_s": rate})
-                terms = {k: f"{parts[k]:.3f}" for k in ("nll_t0", "trade", "reverse_kl") if k in parts}
+                self._write_metrics({"phase": "refine" if refining else "main",
+                                     "loss": float(loss.detach()), **parts, "steps_per_s": rate})
+                terms = {k: f"{parts[k]:.3f}" for k in ("nll_t0", "trade", "reverse_kl", "refine_nll")
+                         if k in parts}
                 progress.update(self.step, loss=f"{float(loss.detach()):.3f}", **terms,
                                 ess_tmin=f"{self.last_metrics['ess_tmin']:.3f}")
-            if self.step % c.checkpoint_every == 0 or self.step == c.steps:
+            if self.step % c.checkpoint_every == 0 or self.step == c.total_steps:
                 self.save_checkpoint()
+        if self.best is not None:
+            self.flow.load_state_dict(self.best["state_dict"])
         return self.save_model()
+
+    def _metrics_due(self) -> bool:
+        """Every ``metrics_every`` steps, at the end of the main phase and of every round."""
+        c = self.config
+        end_of_round = self.step > c.steps and (self.step - c.steps) % c.refine_steps == 0
+        return self.step % c.metrics_every == 0 or self.step == c.steps or end_of_round
 
     def _bad_batch(self) -> None:
         self.bad_batches += 1
@@ -310,26 +430,63 @@ class Trainer:
                 f"(last at step {self.step}); lower the learning rate or check the data energies"
             )
 
+    # -- metrics and model selection ---------------------------------------------------------
+
     @torch.no_grad()
     def metrics(self) -> dict:
-        """Validation NLL at T0 and relative ESS at T_min, T0 and T_max (1000 samples each)."""
+        """Scores of the EMA flow: validation NLL at T0 and the Kish relative ESS at every
+        selection temperature, each pooled over ``metrics_samples`` flow samples."""
+        c = self.config
         values = {"step": self.step, "bad_batches": self.bad_batches}
         if self.validation is not None:
             values["val_nll_t0"] = float(
-                -self.flow.log_prob(self.validation, self.target.reference_temperature).mean())
-        for name, temperature in (("tmin", self.config.t_min), ("t0", self.target.reference_temperature),
-                                  ("tmax", self.config.t_max)):
-            _, _, _, log_w = importance_weights(self.flow, self.target, 1000, temperature)
-            values[f"ess_{name}"] = float(kish_ess(log_w.double())) / 1000
+                -self.model.log_prob(self.validation, self.target.reference_temperature).mean())
+        for name, temperature in self.selection_temperatures():
+            _, _, _, log_w = importance_weights(self.model, self.target, c.metrics_samples, temperature,
+                                                chirality_restraint_kt=c.chirality_restraint_kt)
+            values[f"ess_{name}"] = float(kish_ess(log_w.double())) / c.metrics_samples
         return values
+
+    def _selection_score(self, values: dict) -> tuple[float | None, str]:
+        """(score, criterion) of a metrics row; None where this step may not be selected."""
+        c = self.config
+        if not c.selects_by_ess:
+            if "val_nll_t0" not in values:
+                return None, "last step (no validation data)"
+            return -values["val_nll_t0"], "validation NLL at T0"
+        if c.objective == "trade" and self.step < (c.warmup_fraction + c.ramp_fraction) * c.steps:
+            return None, "TRADE weight still ramping up"
+        floor = 1.0 / c.metrics_samples
+        logs = [math.log(max(values[f"ess_{name}"], floor)) for name, _ in self.selection_temperatures()]
+        names = ", ".join(f"{t:g}" for _, t in self.selection_temperatures())
+        return sum(logs) / len(logs), f"mean log relative ESS at {names}"
+
+    def _select(self, values: dict) -> bool:
+        """Keep the EMA parameters if this step scores best so far; returns whether it did."""
+        score, criterion = self._selection_score(values)
+        if score is None and self.best is not None and self.best["score"] is not None:
+            return False
+        if score is not None and self.best is not None and self.best["score"] is not None \
+                and score <= self.best["score"]:
+            return False
+        self.best = {"step": self.step, "score": score, "criterion": criterion,
+                     "state_dict": {k: v.detach().clone() for k, v in self.model.state_dict().items()}}
+        return True
+
+    def _columns(self) -> list[str]:
+        focus = [f"ess_{name}" for name, _ in self.selection_temperatures()[3:]]
+        return list(METRICS_COLUMNS) + focus
 
     def _write_metrics(self, parts: dict) -> None:
         row = {**self.metrics(), **parts}
+        selected = self._select(row)
+        row["selection_score"] = self.best["score"] if selected else None
+        row["selected"] = int(selected)
         self.last_metrics = row
         path = self.run_dir / "metrics.csv"
         new_file = not path.exists()
         with path.open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=METRICS_COLUMNS)
+            writer = csv.DictWriter(handle, fieldnames=self._columns())
             if new_file:
                 writer.writeheader()
             writer.writerow(row)
@@ -341,8 +498,10 @@ class Trainer:
         path = self.run_dir / "checkpoint.pt"
         state = {
             "step": self.step, "bad_batches": self.bad_batches,
-            "flow": self.flow.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "flow": self.flow.state_dict(), "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "cache": self.cache.state_dict(),
+            "best": self.best, "buffer": None if self.buffer is None else self.buffer.state_dict(),
             "torch_rng": torch.get_rng_state(), "config": asdict(self.config),
         }
         if self.device.type == "cuda":
@@ -357,23 +516,38 @@ class Trainer:
         if not path.is_file():
             raise TradeMDError(f"no checkpoint to resume in {str(self.run_dir)!r}: drop --resume")
         state = torch.load(path, map_location=self.device, weights_only=False)
+        if "ema" not in state:
+            raise TradeMDError(f"{str(path)!r} was written by an older trade-md without weight "
+                               "averaging: train into a new --out")
         self.flow.load_state_dict(state["flow"])
+        self.step, self.bad_batches = state["step"], state["bad_batches"]
+        if self.step > self.config.steps:  # inside refinement: its optimiser, not the main one
+            self.optimizer = torch.optim.Adam(self.flow.parameters(), lr=self.config.refine_learning_rate)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.ema.load_state_dict(state["ema"])
         self.cache.load_state_dict(state["cache"])
+        self.best = state["best"]
+        if state["buffer"] is not None:
+            self.buffer = RefinementBuffer.from_state_dict(state["buffer"])
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
-        self.step, self.bad_batches = state["step"], state["bad_batches"]
 
     def save_model(self) -> Path:
-        """Write ``model.pt``: flow, target record, temperature range, T0."""
+        """Write ``model.pt`` (the selected EMA parameters: flow, target record, temperature
+        range, T0) and ``selection.json`` (which step was chosen and why)."""
         path = self.run_dir / "model.pt"
+        flow = build_flow(self.flow.config).to(self.device)
+        flow.load_state_dict(self.best["state_dict"] if self.best else self.model.state_dict())
+        selection = {k: v for k, v in (self.best or {}).items() if k != "state_dict"}
         torch.save({
-            "flow": self.flow.checkpoint(),
+            "flow": flow.checkpoint(),
             "target": self.target.record(),
             "reference_temperature": self.target.reference_temperature,
             "temperature_range": [self.config.t_min, self.config.t_max],
             "objective": self.config.objective,
+            "selection": selection,
         }, path)
+        (self.run_dir / "selection.json").write_text(json.dumps(selection, indent=2))
         return path

@@ -1,0 +1,161 @@
+"""The default `trade-md run` on alanine dipeptide for several seeds, each with its own MD.
+
+Per seed (stages timed separately): simulate at 600 K with the default settings, train with
+the quick preset (focus temperature 300 K), draw 100,000 samples at 300 K and at 600 K, and
+record the pooled relative ESS with its spread over 5 batches, the top-10 weight share, the
+Pareto k, the positive-phi free energy at 300 K (against a replica-exchange reference file if
+given, else against the recorded reference value), phi/psi JS and KL against the reference,
+and the 10,000-sample ESS of the training metrics at the end of the main phase and after
+refinement (what refinement adds, in the same run).
+
+    python benchmarks/ala2_default_seeds.py --out runs/bench-seeds --seeds 0 1 2 \
+        [--reference reference_remd.h5] [--platform CPU --device cpu]
+    python benchmarks/ala2_default_seeds.py --out runs/bench-seeds --aggregate   # tables only
+
+Seeds can run as separate processes (e.g. pinned to 2 cores each with ``taskset``) into the
+same ``--out``; ``--aggregate`` then writes ``results.md`` and ``results.json`` over all seeds
+(mean +- standard error).
+"""
+
+import argparse
+import csv
+import json
+import math
+from pathlib import Path
+import time
+
+import numpy as np
+
+#: Replica-exchange reference at 300 K (docs/results.md, 2 ladders x 6 ns, 2026-11-24), used
+#: when no reference file is given.
+RECORDED_REFERENCE_DF_300K = (3.31, 0.22)
+TEMPERATURES_K = (300.0, 600.0)
+
+
+def run_seed(seed: int, out: Path, platform: str, device: str, reference: Path | None,
+             overrides: dict | None = None) -> dict:
+    from trademd.evaluate import evaluate_samples
+    from trademd.pipeline import RunConfig
+    from trademd.sampling_run import sample_run
+    from trademd.simulate import SimulationConfig, simulate
+    from trademd.training_run import train_run
+
+    config = RunConfig(temperatures_k=(300.0,), seed=seed, **(overrides or {}))
+    run_dir = out / f"seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    wall = {}
+    data = run_dir / "data_600K.h5"
+    start = time.perf_counter()
+    if not data.exists():
+        simulate(SimulationConfig(system_name=config.system, temperature_k=config.data_temperature_k,
+                                  time_ps=config.simulation_ps, replicas=config.replicas,
+                                  save_every_ps=config.save_every_ps, equilibration_ps=20.0,
+                                  seed=seed, platform=platform), data, show_progress=False)
+    wall["simulate_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    t_min, t_max = config.temperature_range_k
+    model = run_dir / "train" / "model.pt"
+    if not model.exists():
+        train_run(run_dir / "train", t_min, t_max, data=data, preset=config.preset,
+                  overrides={"seed": seed, "focus_temperatures": list(config.temperatures_k)},
+                  device=device, platform=platform, show_progress=False)
+    wall["train_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    samples = run_dir / "samples.h5"
+    summaries = sample_run(model, list(TEMPERATURES_K), config.n_samples, samples, overwrite=True,
+                           device=device, platform=platform, show_progress=False)
+    wall["sample_s"] = time.perf_counter() - start
+    result = {"seed": seed, "overrides": overrides or {}, "wall_time": wall, "samples": summaries,
+              "training": _training_ess(run_dir / "train" / "metrics.csv"),
+              "selection": json.loads((run_dir / "train" / "selection.json").read_text())}
+    if reference is not None:
+        result["evaluation_300K"] = evaluate_samples(samples, reference, 300.0)
+    (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _training_ess(metrics_csv: Path) -> dict:
+    """ESS (10,000 samples, EMA flow) at the end of the main phase and at the last step."""
+    with metrics_csv.open() as handle:
+        rows = list(csv.DictReader(handle))
+    main = [r for r in rows if r["phase"] == "main"][-1]
+    last = rows[-1]
+    keys = [k for k in rows[0] if k.startswith("ess_")]
+    return {"main_end": {k: float(main[k]) for k in keys}, "final": {k: float(last[k]) for k in keys},
+            "main_end_step": int(main["step"]), "final_step": int(last["step"])}
+
+
+def _mean_se(values: list[float]) -> str:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "n/a"
+    mean = float(np.mean(values))
+    if len(values) < 2:
+        return f"{mean:.3g}"
+    return f"{mean:.3g} +- {float(np.std(values, ddof=1) / math.sqrt(len(values))):.2g}"
+
+
+def aggregate(out: Path) -> str:
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("seed*/result.json"))]
+    if not results:
+        raise SystemExit(f"no seed*/result.json under {out}")
+    lines = ["| seed | T | relative ESS (pooled, 100k) | batches min-max | top-10 share | Pareto k | dF(phi>0) / kT | flagged |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    per_t = {t: {"ess": [], "df": []} for t in TEMPERATURES_K}
+    for r in results:
+        for s in r["samples"]:
+            t = s["temperature_k"]
+            per_t[t]["ess"].append(100 * s["relative_ess"])
+            per_t[t]["df"].append(s.get("delta_f_positive_phi_kt"))
+            k = s.get("pareto_k")
+            lines.append(
+                f"| {r['seed']} | {t:g} K | {100 * s['relative_ess']:.1f} % | "
+                f"{100 * s['relative_ess_batch_min']:.1f}-{100 * s['relative_ess_batch_max']:.1f} % | "
+                f"{s['top10_weight_share']:.3f} | {'n/a' if k is None else f'{k:.2f}'} | "
+                f"{s.get('delta_f_positive_phi_kt', float('nan')):.2f} +- "
+                f"{s.get('delta_f_positive_phi_kt_error') or float('nan'):.2f} | "
+                f"{100 * s['fraction_flagged']:.2f} % |")
+    lines += ["", "| T | relative ESS, mean +- s.e. over seeds (%) | worst seed (%) | dF(phi>0) / kT, mean +- s.e. |",
+              "| --- | --- | --- | --- |"]
+    for t, values in per_t.items():
+        lines.append(f"| {t:g} K | {_mean_se(values['ess'])} | {min(values['ess']):.1f} | {_mean_se(values['df'])} |")
+    lines += ["", f"Reference dF(phi>0) at 300 K (replica exchange): {RECORDED_REFERENCE_DF_300K[0]} +- "
+              f"{RECORDED_REFERENCE_DF_300K[1]} kT (recorded, docs/results.md).", "",
+              "| seed | ESS 300 K main phase end (10k) | ESS 300 K after refinement (10k) | ESS T0 main end | ESS T0 after | selected step | simulate (s) | train (s) | sample 2 x 100k (s) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        tr, wall = r["training"], r["wall_time"]
+        lines.append(
+            f"| {r['seed']} | {100 * tr['main_end'].get('ess_300', float('nan')):.1f} % | "
+            f"{100 * tr['final'].get('ess_300', float('nan')):.1f} % | {100 * tr['main_end']['ess_t0']:.1f} % | "
+            f"{100 * tr['final']['ess_t0']:.1f} % | {r['selection']['step']} | {wall['simulate_s']:.0f} | "
+            f"{wall['train_s']:.0f} | {wall['sample_s']:.0f} |")
+        if "evaluation_300K" in r:
+            e = r["evaluation_300K"]
+            lines.append(f"|   | evaluation at 300 K: {json.dumps({k: e[k] for k in e if 'js' in k or 'kl' in k})} | | | | | | | |")
+    text = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(text)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+    parser.add_argument("--platform", default="auto")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--reference", type=Path, default=None)
+    parser.add_argument("--save-every-ps", type=float, default=None,
+                        help="frame interval of the MD (default: the run default)")
+    parser.add_argument("--aggregate", action="store_true", help="only write the tables")
+    args = parser.parse_args()
+    overrides = {} if args.save_every_ps is None else {"save_every_ps": args.save_every_ps}
+    if not args.aggregate:
+        for seed in args.seeds:
+            run_seed(seed, args.out, args.platform, args.device, args.reference, overrides)
+    print(aggregate(args.out))
+
+
+if __name__ == "__main__":
+    main()
