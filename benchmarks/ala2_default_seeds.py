@@ -33,7 +33,7 @@ TEMPERATURES_K = (300.0, 600.0)
 
 
 def run_seed(seed: int, out: Path, platform: str, device: str, reference: Path | None,
-             overrides: dict | None = None) -> dict:
+             overrides: dict | None = None, progress: bool = True) -> dict:
     from trademd.evaluate import evaluate_samples
     from trademd.pipeline import RunConfig
     from trademd.sampling_run import sample_run
@@ -50,21 +50,24 @@ def run_seed(seed: int, out: Path, platform: str, device: str, reference: Path |
         simulate(SimulationConfig(system_name=config.system, temperature_k=config.data_temperature_k,
                                   time_ps=config.simulation_ps, replicas=config.replicas,
                                   save_every_ps=config.save_every_ps, equilibration_ps=20.0,
-                                  seed=seed, platform=platform), data, show_progress=False)
+                                  seed=seed, platform=platform), data, show_progress=progress)
     wall["simulate_s"] = time.perf_counter() - start
+    print(f"seed {seed}: simulate done in {wall['simulate_s']:.0f} s", flush=True)
     start = time.perf_counter()
     t_min, t_max = config.temperature_range_k
     model = run_dir / "train" / "model.pt"
     if not model.exists():
         train_run(run_dir / "train", t_min, t_max, data=data, preset=config.preset,
                   overrides={"seed": seed, "focus_temperatures": list(config.temperatures_k)},
-                  device=device, platform=platform, show_progress=False)
+                  device=device, platform=platform, show_progress=progress)
     wall["train_s"] = time.perf_counter() - start
+    print(f"seed {seed}: train done in {wall['train_s']:.0f} s", flush=True)
     start = time.perf_counter()
     samples = run_dir / "samples.h5"
     summaries = sample_run(model, list(TEMPERATURES_K), config.n_samples, samples, overwrite=True,
-                           device=device, platform=platform, show_progress=False)
+                           device=device, platform=platform, show_progress=progress)
     wall["sample_s"] = time.perf_counter() - start
+    print(f"seed {seed}: sample done in {wall['sample_s']:.0f} s", flush=True)
     result = {"seed": seed, "overrides": overrides or {}, "wall_time": wall, "samples": summaries,
               "training": _training_ess(run_dir / "train" / "metrics.csv"),
               "selection": json.loads((run_dir / "train" / "selection.json").read_text())}
