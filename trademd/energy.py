@@ -63,7 +63,7 @@ KERNEL_CHOICES = ("auto", "single", "replicated")
 #: Copies per replicated Context: (vacuum, implicit solvent) on CUDA and on the CPU. The CPU
 #: values are the measured optima (per-copy GB costs O(copies) per particle); the CUDA values
 #: are a starting point not yet measured on a GPU.
-_COPIES = {"CUDA": (512, 64), "CPU": (64, 4), "Reference": (64, 4)}
+_COPIES = {"CUDA": (64, 64), "CPU": (64, 4), "Reference": (64, 4)}
 
 #: Objects a forked child inherited from its parent and must never destroy (see
 #: :meth:`EnergyBridge._reset_process_state`).
@@ -129,7 +129,11 @@ class EnergyBridge:
             batch (default: usable cores - 1 on CPU platforms, none on CUDA; 0 evaluates
             everything in this process).
         kernel: ``auto``, ``single`` (single-molecule Contexts) or ``replicated`` (per-copy
-            replicated Contexts of ``copies`` copies).
+            replicated Contexts of ``copies`` copies). ``auto`` is ``replicated`` on CUDA for
+            vacuum systems only: per-copy implicit-solvent (GB) energies on CUDA differ from
+            a single-molecule Context by about 620 kJ/mol (measured on an H100,
+            docs/performance.md), so on CUDA implicit-solvent energies run in
+            single-molecule Contexts on the CPU side (and a ``replicated`` request is refused).
         copies: copies per replicated Context (default: measured optimum per platform/solvent).
         molecule_radius_nm: the largest atom-centroid distance (nm) a replicated Context
             accepts; default max(1.0, twice the reference structure's).
@@ -159,7 +163,14 @@ class EnergyBridge:
         platform_name = "CUDA" if gpu else platform
         if platform_name != "auto":
             openmm_platform(platform_name)  # a one-line error if it is not available
-        self.kernel = kernel if kernel != "auto" else ("replicated" if gpu else "single")
+        has_gb = any(isinstance(f, openmm.GBSAOBCForce) for f in openmm_system.getForces())
+        if gpu and has_gb and kernel == "replicated":
+            raise TradeMDError(
+                "per-copy implicit-solvent energies on CUDA do not match a single-molecule "
+                "Context (about 620 kJ/mol apart): use kernel='auto' or 'single'")
+        self.kernel = kernel if kernel != "auto" else ("replicated" if gpu and not has_gb else "single")
+        if gpu and self.kernel == "single":  # single-molecule Contexts run on the CPU side
+            gpu, platform_name = False, "auto"
         if platform_name == "auto":
             platform_name = (
                 _fastest_platform(openmm_system, reference_nm, ("Reference", "CPU"))
@@ -168,7 +179,6 @@ class EnergyBridge:
         self.platform = platform_name
         self.n_atoms = openmm_system.getNumParticles()
         self.n_workers = (0 if gpu else _usable_cores() - 1) if workers is None else workers
-        has_gb = any(isinstance(f, openmm.GBSAOBCForce) for f in openmm_system.getForces())
         self.copies = copies or _COPIES[platform_name][int(has_gb)]
         if self.copies < 1:
             raise TradeMDError(f"copies must be at least 1, got {self.copies}")
@@ -181,7 +191,10 @@ class EnergyBridge:
             "kind": self.kernel,
             "system_xml": openmm.XmlSerializer.serialize(openmm_system),
             "platform": platform_name,
-            "properties": openmm_platform(platform_name, threads=1)[1],
+            # double precision on CUDA: copies sit tens of nm apart, where mixed precision's
+            # float32 positions cost up to 8e-3 kJ/mol (measured on an H100)
+            "properties": {**openmm_platform(platform_name, threads=1)[1],
+                           **({"Precision": "double"} if platform_name == "CUDA" else {})},
             "n_copies": self.copies,
             "molecule_radius_nm": self.molecule_radius_nm,
         }
