@@ -1,15 +1,33 @@
 """The ``trade-md`` command: parses arguments and calls the library, nothing else."""
 
 from functools import wraps
+import inspect
 import shlex
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from trademd.errors import TradeMDError
 
+
+class Commands(TyperGroup):
+    """The command group: checks and expands each command's option values
+    (:func:`expand_multi_value_options`) before click parses them, so that ``trade-md`` and
+    ``app(args)`` read the same words the same way."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        try:
+            args = expand_multi_value_options(args, self)
+        except TradeMDError as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(2) from None
+        return super().parse_args(ctx, args)
+
+
 app = typer.Typer(
+    cls=Commands,
     add_completion=False,
     pretty_exceptions_enable=False,
     no_args_is_help=True,
@@ -35,8 +53,21 @@ def full_command(ctx: typer.Context) -> str:
     return " ".join(words)
 
 
-def reports_errors(command):
-    """Turn :class:`TradeMDError` into a one-line message and exit status 1; Ctrl-C into 130."""
+#: Ctrl-C message of a command with a ``--resume`` option.
+INTERRUPTED_RESUMABLE = "interrupted: the work up to the last checkpoint is saved; continue with --resume"
+
+
+def reports_errors(command=None, *, interrupted: str | None = None):
+    """Turn :class:`TradeMDError` into a one-line message and exit status 1, an output path
+    below a regular file into a one-line message and status 1, and Ctrl-C into ``interrupted``
+    (default: :data:`INTERRUPTED_RESUMABLE` for a command with a ``resume`` parameter, else
+    just "interrupted") and status 130. Use as ``@reports_errors`` or
+    ``@reports_errors(interrupted=...)``."""
+    if command is None:
+        return lambda function: reports_errors(function, interrupted=interrupted)
+    if interrupted is None:
+        resumable = "resume" in inspect.signature(command).parameters
+        interrupted = INTERRUPTED_RESUMABLE if resumable else "interrupted"
 
     @wraps(command)
     def wrapper(*args, **kwargs):
@@ -45,11 +76,27 @@ def reports_errors(command):
         except TradeMDError as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(1) from None
+        except (FileExistsError, NotADirectoryError) as error:
+            typer.echo(f"error: {path_problem(error)}", err=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted: finished chunks are saved; continue with --resume", err=True)
+            typer.echo(interrupted, err=True)
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def path_problem(error: OSError) -> str:
+    """One line for an output that cannot be created because a regular file stands where its
+    folder should be (``--out some.h5/x.h5`` with ``some.h5`` a file)."""
+    if error.filename is None:
+        return f"{error.strerror or error}: check the output path"
+    path = Path(error.filename)
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is None:
+        return f"cannot create {str(path)!r}: {error.strerror}: check the output path"
+    where = "" if blocker == path else f"cannot create {str(path)!r}: "
+    return f"{where}{str(blocker)!r} is a file, not a folder: choose another output path"
 
 
 @app.command()
@@ -108,12 +155,14 @@ def simulate(
     from trademd.h5io import REPLICA_EXCHANGE_FORMAT, file_format
 
     if temperatures or (resume and out.is_file() and file_format(out) == REPLICA_EXCHANGE_FORMAT):
-        config = ExchangeConfig(temperatures_k=tuple(temperatures or ()), ladders=replicas or 4,
-                                exchange_every_ps=parse_time_ps(exchange_every), **common)
+        ladders = {} if replicas is None else {"ladders": replicas}  # None: the library's default
+        config = ExchangeConfig(temperatures_k=tuple(temperatures or ()),
+                                exchange_every_ps=parse_time_ps(exchange_every), **ladders, **common)
         path = replica_exchange(config, out, overwrite=overwrite, resume=resume,
                                 command=full_command(ctx), show_progress=not quiet)
     else:
-        config = SimulationConfig(temperature_k=temperature, replicas=replicas or 64, **common)
+        copies = {} if replicas is None else {"replicas": replicas}
+        config = SimulationConfig(temperature_k=temperature, **copies, **common)
         path = run_simulation(config, out, overwrite=overwrite, resume=resume,
                               command=full_command(ctx), show_progress=not quiet)
     typer.echo(str(path))
@@ -170,6 +219,8 @@ def energy(
 def train(
     out: Path = typer.Option(..., "--out", help="run directory (model.pt, metrics.csv, loss.png)"),
     data: Optional[Path] = typer.Option(None, help="trajectory file from `trade-md simulate` (its T is T0)"),
+    temperature: Optional[float] = typer.Option(
+        None, help="replica-exchange --data: train on the ensemble at this temperature (K)"),
     system: Optional[str] = typer.Option(None, help="analytic system instead of data: gaussian-2d, double-well-5d"),
     tmin: float = typer.Option(..., help="lowest temperature of the trained range (K)"),
     tmax: float = typer.Option(..., help="highest temperature of the trained range (K)"),
@@ -188,9 +239,9 @@ def train(
     from trademd.training_run import train_run
 
     overrides = {"objective": objective, "steps": steps, "batch_size": batch_size, "seed": seed}
-    model = train_run(out, tmin, tmax, data=data, system=system, preset=preset, config_file=config,
-                      overrides=overrides, device=device, platform=platform, resume=resume,
-                      show_progress=not quiet)
+    model = train_run(out, tmin, tmax, data=data, temperature_k=temperature, system=system,
+                      preset=preset, config_file=config, overrides=overrides, device=device,
+                      platform=platform, resume=resume, show_progress=not quiet)
     typer.echo(str(model))
 
 
@@ -252,18 +303,20 @@ def evaluate(
 
 
 @app.command()
-@reports_errors
+@reports_errors(interrupted="interrupted: finished stages are kept; rerun the same command to continue")
 def run(
     ctx: typer.Context,
     out: Path = typer.Option(Path("runs/demo"), "--out", help="run directory"),
     system: str = typer.Option("ala2-implicit", help="built-in system"),
     temperature: List[float] = typer.Option([300.0], help="temperature(s) to sample at (K)"),
     data_temperature: float = typer.Option(600.0, help="simulation temperature T0 (K)"),
-    time: str = typer.Option("1ns", help="simulation time per replica (16 replicas x 1 ns: 16,000 frames)"),
+    time: str = typer.Option("1ns", help="simulation time per replica (16 replicas x 1 ns every 0.1 ps: 160,000 frames)"),
     replicas: int = typer.Option(16, help="MD replicas"),
+    save_every: str = typer.Option("0.1ps", help="MD frame interval"),
+    seed: int = typer.Option(0, help="seed of the MD and of training"),
     preset: str = typer.Option("quick", help="training preset: quick or paper"),
     steps: Optional[int] = typer.Option(None, help="training steps (default: the preset's)"),
-    n: int = typer.Option(20000, help="samples per temperature"),
+    n: int = typer.Option(100000, help="samples per temperature"),
     platform: str = typer.Option("auto", help="OpenMM platform: auto, CPU or CUDA"),
     device: str = typer.Option("auto", help="torch device: auto, cpu or cuda"),
     quiet: bool = typer.Option(False, help="no progress display"),
@@ -275,36 +328,78 @@ def run(
     from trademd.units import parse_time_ps
 
     config = RunConfig(system, list(temperature), data_temperature, parse_time_ps(time), replicas,
-                       preset, steps, n)
+                       preset, steps, n, save_every_ps=parse_time_ps(save_every), seed=seed)
     summary = run_pipeline(config, out, platform=platform, device=device,
                            command=full_command(ctx), show_progress=not quiet)
     for entry in summary["samples"]:
         typer.echo(json.dumps(entry))
 
 
-#: Options that take several values: ``--temperature 300 400`` means
-#: ``--temperature 300 --temperature 400``.
-MULTI_VALUE_OPTIONS = ("--temperature", "--temperatures", "--forcefield")
+def expand_multi_value_options(argv: list[str], group=None) -> list[str]:
+    """Check a command's option values and spell out the list options.
+
+    An option declared as a list (``sample --temperature``, ``simulate --temperatures``,
+    ``--forcefield``) takes every word that follows it up to the next ``--option``:
+    ``--temperatures 300 350 400`` becomes ``--temperatures 300 --temperatures 350
+    --temperatures 400``. Any other option takes one value, once; several values or a repeat
+    raise :class:`TradeMDError` (click alone would keep the last).
+
+    Args:
+        argv: the words after ``trade-md`` (the command name first).
+        group: the (click) command group (default: :data:`app`'s).
+    """
+    group = group if group is not None else typer.main.get_command(app)
+    name_at = next((i for i, word in enumerate(argv) if not word.startswith("-")), None)
+    command = None if name_at is None else getattr(group, "commands", {}).get(argv[name_at])
+    if command is None:
+        return list(argv)
+    return [*argv[: name_at + 1], *_expand_command_options(argv[name_at + 1:], command)]
 
 
-def expand_multi_value_options(argv: list[str]) -> list[str]:
-    """Repeat a multi-value option before each of the values that follow it (up to the next
-    word starting with ``--``), so that ``--temperatures 300 350 400`` parses as a list."""
-    expanded, option, has_value = [], None, False
-    for word in argv:
+def _expand_command_options(words: list[str], command) -> list[str]:
+    options = {flag: p for p in command.params if p.param_type_name == "option"
+               for flag in (*p.opts, *p.secondary_opts)}
+    n_arguments = sum(p.param_type_name == "argument" for p in command.params)
+    expanded, n_loose = [], 0
+    uses: dict[str, list[tuple[str, list[str]]]] = {}  # single-value option -> (flag, words) per use
+    current = None  # (flag, option, words after it) of the option the next words follow
+    for at, word in enumerate(words):
+        if word == "--":  # the rest are arguments
+            expanded += words[at:]
+            n_loose += len(words) - at - 1
+            break
+        expanded.append(word)
         if word.startswith("--"):
-            option, has_value = (word if word in MULTI_VALUE_OPTIONS else None), False
-            expanded.append(word)
-        elif option is not None and has_value:
-            expanded += [option, word]
+            flag, inline, value = word.partition("=")
+            option = options.get(flag)
+            if option is None or option.is_flag or option.count:  # unknown: click reports it
+                current = None
+                continue
+            current = (flag, option, [value] if inline else [])
+            if not option.multiple:
+                uses.setdefault(option.name, []).append((flag, current[2]))
+        elif current is None:
+            n_loose += 1
         else:
-            expanded.append(word)
-            has_value = True
+            flag, option, following = current
+            if option.multiple and following:
+                expanded[-1:] = [flag, word]
+            elif following:  # a second word after a single-value option: an argument, or a mistake
+                n_loose += 1
+            following.append(word)
+    for each_use in uses.values():
+        flag = each_use[0][0]
+        several = [following for _, following in each_use if len(following) > 1]
+        if several and n_loose > n_arguments:
+            plural = options.get(f"{flag}s")
+            other = f", or several with {flag}s" if plural is not None and plural.multiple else ""
+            raise TradeMDError(f"{flag} takes one value (got {' '.join(several[0])}): give one value{other}")
+        if len(each_use) > 1:
+            got = ", ".join(following[0] if following else "nothing" for _, following in each_use)
+            raise TradeMDError(f"{flag} is given {len(each_use)} times ({got}): give it once")
     return expanded
 
 
 def main() -> None:
     """Entry point of the ``trade-md`` console script."""
-    import sys
-
-    app(args=expand_multi_value_options(sys.argv[1:]))
+    app()

@@ -17,6 +17,24 @@ QUICK = ["--system", "ala2-vacuum", "--temperature", "300", "--time", "2ps", "--
          "--save-every", "1ps", "--equilibration", "0", "--platform", "CPU", "--quiet"]
 
 
+def _quick(*changes):
+    """QUICK with the options in ``changes`` (``--option value`` pairs) set to new values (an
+    option given twice is refused)."""
+    arguments = list(QUICK)
+    for option, value in zip(changes[::2], changes[1::2]):
+        if option in arguments:
+            arguments[arguments.index(option) + 1] = value
+        else:
+            arguments += [option, value]
+    return arguments
+
+
+def _extra_value(option, value):
+    """QUICK with a second value right after ``option``'s."""
+    at = QUICK.index(option) + 2
+    return [*QUICK[:at], value, *QUICK[at:]]
+
+
 def _one_line_error(result, *words):
     assert result.exit_code != 0
     assert "Traceback" not in result.output
@@ -78,8 +96,7 @@ def test_simulate_bad_input(tmp_path, arguments, words):
         names = [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
         if "CUDA" in names:
             pytest.skip("this machine has CUDA")
-    base = [a for a in QUICK]
-    result = runner.invoke(app, ["simulate", *base, *arguments, "--out", str(tmp_path / "x.h5")])
+    result = runner.invoke(app, ["simulate", *_quick(*arguments), "--out", str(tmp_path / "x.h5")])
     _one_line_error(result, *words)
 
 
@@ -107,7 +124,7 @@ def test_user_pdb_simulation(tmp_path):
                                  "amber99sbildn.xml", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert read_trajectory(out).attrs["system"] == "user:ala2.pdb"
-    resumed = runner.invoke(app, ["simulate", *QUICK, "--time", "3ps", "--resume", "--out", str(out)])
+    resumed = runner.invoke(app, ["simulate", *_quick("--time", "3ps"), "--resume", "--out", str(out)])
     assert resumed.exit_code == 0, resumed.output
     assert read_trajectory(out).n_frames == 6
 
@@ -128,3 +145,96 @@ def test_info_and_export_of_bad_files(tmp_path, content):
         assert runner.invoke(app, ["info", str(path)]).exit_code == 0
     else:
         _one_line_error(runner.invoke(app, ["info", str(path)]))
+
+
+@pytest.mark.parametrize(
+    "arguments, words",
+    [
+        (["simulate", *_extra_value("--temperature", "400"), "--out", "x.h5"],
+         ["--temperature takes one value (got 300 400)", "--temperatures"]),
+        (["simulate", *QUICK, "--out", "x.h5", "--temperature", "400"],
+         ["--temperature is given 2 times (300, 400)"]),
+        (["simulate", *_extra_value("--time", "3ps"), "--out", "x.h5"], ["--time takes one value (got 2ps 3ps)"]),
+        (["export", "f.h5", "--temperature", "300", "400"], ["--temperature takes one value (got 300 400)"]),
+        (["energy", "f.h5", "--temperature", "300", "400"], ["--temperature takes one value"]),
+        (["evaluate", "--samples", "s.h5", "--reference", "r.h5", "--temperature", "300", "400"],
+         ["--temperature takes one value"]),
+    ],
+)
+def test_a_single_value_option_given_several_values_is_refused(tmp_path, monkeypatch, arguments, words):
+    """Once, all values after a single-value option but the last were dropped silently."""
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, arguments)
+    _one_line_error(result, *words)
+    assert not list(tmp_path.iterdir())  # nothing ran
+
+
+def test_the_console_script_refuses_several_values_too(tmp_path):
+    completed = subprocess.run(["trade-md", "simulate", *_extra_value("--temperature", "400"), "--out",
+                                str(tmp_path / "x.h5")], capture_output=True, text=True, timeout=300)
+    assert completed.returncode != 0 and "Traceback" not in completed.stderr
+    assert completed.stderr.strip() == ("error: --temperature takes one value (got 300 400): give "
+                                        "one value, or several with --temperatures")
+
+
+def test_list_options_take_several_values_and_single_ones_a_positional_after_them():
+    from trademd.cli.app import expand_multi_value_options
+
+    assert expand_multi_value_options(["simulate", "--forcefield", "a.xml", "b.xml", "--temperatures",
+                                       "300", "400"]) == [
+        "simulate", "--forcefield", "a.xml", "--forcefield", "b.xml", "--temperatures", "300",
+        "--temperatures", "400"]
+    assert expand_multi_value_options(["export", "--temperature", "300", "f.h5"]) == [
+        "export", "--temperature", "300", "f.h5"]
+
+
+@pytest.mark.parametrize("exchange", [[], ["--temperatures", "300", "400"]])
+def test_zero_replicas_is_an_error(tmp_path, exchange):
+    """``--replicas 0`` once meant the default (64 copies, 4 ladders)."""
+    base = [a for a in QUICK if a not in ("--replicas", "2")]
+    result = runner.invoke(app, ["simulate", *base, *exchange, "--replicas", "0",
+                                 "--out", str(tmp_path / "x.h5")])
+    _one_line_error(result, "--replicas", "at least 1")
+
+
+@pytest.mark.parametrize(
+    "command, out",
+    [
+        (["simulate", *QUICK], "file.h5/x.h5"),  # FileExistsError when creating the folder
+        (["simulate", *QUICK], "file.h5/sub/x.h5"),  # NotADirectoryError
+        (["run", "--system", "ala2-vacuum"], "file.h5/run"),
+    ],
+)
+def test_an_output_below_a_regular_file_is_one_line(tmp_path, command, out):
+    (tmp_path / "file.h5").write_text("precious")
+    result = runner.invoke(app, [*command, "--out", str(tmp_path / out)])
+    _one_line_error(result, f"{str(tmp_path / 'file.h5')!r} is a file, not a folder")
+    assert (tmp_path / "file.h5").read_text() == "precious"
+
+
+@pytest.mark.parametrize(
+    "function, arguments, message",
+    [
+        ("trademd.simulate.simulate", ["simulate", *QUICK, "--out", "x.h5"],
+         "interrupted: the work up to the last checkpoint is saved; continue with --resume"),
+        ("trademd.training_run.train_run", ["train", "--system", "gaussian-2d", "--tmin", "0.5",
+                                            "--tmax", "2", "--out", "r"],
+         "interrupted: the work up to the last checkpoint is saved; continue with --resume"),
+        ("trademd.pipeline.run_pipeline", ["run", "--out", "r"],
+         "interrupted: finished stages are kept; rerun the same command to continue"),
+        ("trademd.sampling_run.sample_run", ["sample", "--model", "m.pt", "--temperature", "300",
+                                             "--out", "s.h5"], "interrupted"),
+        ("trademd.h5io.describe", ["info", "x.h5"], "interrupted"),
+    ],
+)
+def test_ctrl_c_names_the_way_to_continue(tmp_path, monkeypatch, function, arguments, message):
+    """Only commands with --resume are told to use it."""
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(function, interrupt)
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == 130
+    assert result.output.strip() == message

@@ -8,6 +8,7 @@ import h5py
 import numpy as np
 import openmm
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from trademd.cli.app import app, expand_multi_value_options
@@ -177,6 +178,24 @@ def test_file_holds_one_ensemble_per_temperature(tmp_path):
         read_trajectory(path, 450.0)
 
 
+def test_a_training_target_from_one_rung(tmp_path):
+    """``trade-md train --data RX.h5 --temperature T``: the target holds that ensemble, T0 = T."""
+    from trademd.targets import MoleculeTarget
+
+    path = replica_exchange(_config(temperatures_k=(300.0, 400.0), time_ps=5.0), tmp_path / "rx.h5",
+                            show_progress=False)  # 10 saves x 2 ladders per temperature
+    with pytest.raises(TradeMDError, match="pick one with --temperature"):
+        MoleculeTarget.from_trajectory(path, platform="CPU", workers=0)
+    target = MoleculeTarget.from_trajectory(path, platform="CPU", workers=0, temperature_k=400.0)
+    try:
+        assert target.reference_temperature == 400.0
+        assert len(target.split.train) == 8 * 2 and len(target.split.test) == 1 * 2
+        frames = torch.as_tensor(read_trajectory(path, 400.0).positions_nm[target.split.train])
+        assert torch.equal(target.data_features, target.features(frames))
+    finally:
+        target.close()
+
+
 def test_resume_continues_exactly(tmp_path):
     straight = replica_exchange(_config(), tmp_path / "a.h5", show_progress=False)
     resumed = replica_exchange(_config(time_ps=1.0), tmp_path / "b.h5", show_progress=False)
@@ -227,7 +246,7 @@ def test_cli_replica_exchange_and_reference_selection(tmp_path):
 
 
 def test_expand_multi_value_options():
-    assert expand_multi_value_options(["sample", "--temperature", "300", "400", "--n", "5", "x"]) == [
-        "sample", "--temperature", "300", "--temperature", "400", "--n", "5", "x"]
+    assert expand_multi_value_options(["sample", "--temperature", "300", "400", "--n", "5"]) == [
+        "sample", "--temperature", "300", "--temperature", "400", "--n", "5"]
     assert expand_multi_value_options(["export", "f.h5", "--temperature", "300"]) == [
         "export", "f.h5", "--temperature", "300"]

@@ -172,3 +172,19 @@ def test_resume_with_another_system_is_refused(tmp_path):
     assert runner.invoke(app, ["train", "--system", "gaussian-2d", *base]).exit_code == 0
     result = runner.invoke(app, ["train", "--system", "double-well-5d", *base, "--resume"])
     assert result.exit_code == 1 and "trained on 'gaussian-2d'" in result.output
+
+
+def test_train_temperature_picks_a_replica_exchange_ensemble(tmp_path, monkeypatch):
+    """``--temperature`` (the option the replica-exchange error message names) reaches the
+    library as ``temperature_k``."""
+    import trademd.training_run
+
+    calls = []
+    monkeypatch.setattr(trademd.training_run, "train_run",
+                        lambda *args, **kwargs: calls.append(kwargs) or tmp_path / "model.pt")
+    base = ["train", "--data", str(tmp_path / "rx.h5"), "--tmin", "300", "--tmax", "700",
+            "--out", str(tmp_path / "r"), "--quiet"]
+    result = runner.invoke(app, [*base, "--temperature", "450"])
+    assert result.exit_code == 0, result.output
+    assert calls[-1]["temperature_k"] == 450.0 and calls[-1]["data"] == tmp_path / "rx.h5"
+    assert runner.invoke(app, base).exit_code == 0 and calls[-1]["temperature_k"] is None

@@ -130,10 +130,13 @@ class MoleculeTarget:
 
     @classmethod
     def from_trajectory(cls, data_path: str | Path, platform: str = "auto",
-                        workers: int | None = None) -> "MoleculeTarget":
+                        workers: int | None = None,
+                        temperature_k: float | None = None) -> "MoleculeTarget":
         """Fit the coordinates on the training frames of a trajectory file; sets ``split``,
-        ``data_features`` and ``validation_features``."""
-        trajectory = read_trajectory(data_path)
+        ``data_features`` and ``validation_features``. ``temperature_k`` picks the ensemble
+        of a replica-exchange file (required there; it becomes T0), see
+        :func:`~trademd.h5io.read_trajectory`."""
+        trajectory = read_trajectory(data_path, temperature_k)
         molecule = trajectory.molecule()
         n_replicas = int(trajectory.attrs.get("n_replicas", 1))
         split = split_frames(np.arange(trajectory.n_frames) // n_replicas)

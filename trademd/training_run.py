@@ -58,7 +58,8 @@ def load_config_file(path: str | Path) -> dict:
     return settings
 
 
-def _target(data: str | Path | None, system: str | None, platform: str):
+def _target(data: str | Path | None, system: str | None, platform: str,
+            temperature_k: float | None = None):
     from trademd.systems.analytic import ANALYTIC_SYSTEMS, get_analytic_system
 
     from .targets import AnalyticTarget, MoleculeTarget
@@ -70,10 +71,11 @@ def _target(data: str | Path | None, system: str | None, platform: str):
                 f"system {sorted(ANALYTIC_SYSTEMS)} that needs no data"
             )
         return AnalyticTarget(get_analytic_system(system))
-    return MoleculeTarget.from_trajectory(data, platform=platform)
+    return MoleculeTarget.from_trajectory(data, platform=platform, temperature_k=temperature_k)
 
 
 def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | None = None,
+              temperature_k: float | None = None,
               system: str | None = None, preset: str = "quick", config_file: str | Path | None = None,
               overrides: dict | None = None, device: str = "auto", platform: str = "auto",
               resume: bool = False, show_progress: bool = True) -> Path:
@@ -99,7 +101,7 @@ def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | No
         # small per-step tensors: one thread is fastest, and leaves the other cores to the
         # OpenMM energy workers (measured: 5x faster than 2 threads on a busy 2-core machine)
         torch.set_num_threads(1)
-    target = _target(data, system, platform)
+    target = _target(data, system, platform, temperature_k)
     try:
         trainer = Trainer(target, config, out, device=device,
                           validation_features=getattr(target, "validation_features", None))
