@@ -175,3 +175,17 @@ def test_refinement_resumes_exactly_mid_round(tmp_path, monkeypatch):
     for a, b in zip(whole.flow.parameters(), resumed.flow.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
     assert whole.best["step"] == resumed.best["step"]
+
+
+def test_a_presets_refinement_scales_with_the_steps(tmp_path):
+    from trademd.training_run import PRESETS, train_run
+
+    train_run(tmp_path / "short", 0.5, 2.0, system="gaussian-2d", overrides={"steps": 30},
+              show_progress=False)
+    config = json.loads((tmp_path / "short" / "config.json").read_text())
+    quick = PRESETS["quick"]
+    assert config["refine_steps"] == round(quick["refine_steps"] * 30 / quick["steps"]) == 3
+    assert config["refine_rounds"] == quick["refine_rounds"]
+    train_run(tmp_path / "fixed", 0.5, 2.0, system="gaussian-2d",
+              overrides={"steps": 30, "refine_steps": 5}, show_progress=False)
+    assert json.loads((tmp_path / "fixed" / "config.json").read_text())["refine_steps"] == 5

@@ -147,6 +147,7 @@ def test_train_cli_on_an_analytic_system(tmp_path):
         (["--tmin", "1", "--tmax", "2"], ["--data"]),
         (["--system", "gaussian-2d", "--tmin", "0.5", "--tmax", "2", "--objective", "magic"], ["unknown objective"]),
         (["--system", "gaussian-2d", "--tmin", "0.5", "--tmax", "2", "--preset", "huge"], ["unknown preset"]),
+        (["--system", "gaussian-2d", "--tmin", "0.5", "--tmax", "2", "--steps", "3"], ["--steps must be at least 4"]),
     ],
 )
 def test_train_bad_input(tmp_path, arguments, words):

@@ -118,8 +118,9 @@ class TrainConfig:
             raise TradeMDError("trade mode must be grid or continuous")
         if self.evaluation_points not in ("samples", "data", "both"):
             raise TradeMDError("evaluation points must be samples, data or both")
-        if self.steps < 2 or self.batch_size < 2:
-            raise TradeMDError("--steps and --batch-size must be at least 2")
+        if self.steps < 4 or self.batch_size < 2:
+            # the one-cycle schedule needs a few steps to rise and fall
+            raise TradeMDError("--steps must be at least 4 and --batch-size at least 2")
         if not 0.0 <= self.ema_decay < 1.0:
             raise TradeMDError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         if self.metrics_samples < 100:

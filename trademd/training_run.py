@@ -82,14 +82,18 @@ def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | No
     """Train a flow as ``trade-md train`` does; returns the path of ``model.pt``.
 
     Settings: the preset, then the config file, then ``overrides`` (CLI options), each
-    overriding the one before.
+    overriding the one before; where only the steps change, the preset's refinement steps
+    scale with them.
     """
     if preset not in PRESETS:
         raise TradeMDError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
-    settings = {**PRESETS[preset], "flow": dict(PRESETS[preset]["flow"])}
-    if config_file is not None:
-        settings.update(load_config_file(config_file))
-    settings.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    base = PRESETS[preset]
+    chosen = load_config_file(config_file) if config_file is not None else {}
+    chosen.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    settings = {**base, "flow": dict(base["flow"]), **chosen}
+    if "steps" in chosen and "refine_steps" not in chosen:
+        # the preset's refinement keeps its share of the training when only --steps changes
+        settings["refine_steps"] = max(1, round(base["refine_steps"] * settings["steps"] / base["steps"]))
     config = TrainConfig(t_min=t_min, t_max=t_max, **settings)
     out = Path(out)
     if resume and not (out / "checkpoint.pt").is_file():
