@@ -1,15 +1,13 @@
-"""Figures trade-md writes (matplotlib, Agg backend: no screen needed)."""
+"""Figures trade-md writes, drawn on :class:`matplotlib.figure.Figure` objects (no pyplot, so
+the caller's backend, e.g. a notebook's, is left alone; no screen needed)."""
 
 import csv
 import io
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no screen needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from matplotlib.figure import Figure
+import numpy as np
 
 __all__ = ["plot_losses", "ramachandran_png", "comparison_figure"]
 
@@ -19,9 +17,11 @@ def plot_losses(metrics_csv: str | Path, out_png: str | Path) -> Path:
     with open(metrics_csv, newline="") as handle:
         rows = list(csv.DictReader(handle))
     steps = [float(r["step"]) for r in rows]
-    columns = [c for c in ("nll_t0", "val_nll_t0", "trade", "reverse_kl", "trade_residual_rms")
+    columns = [c for c in ("nll_t0", "val_nll_t0", "refine_nll", "trade", "reverse_kl",
+                                "trade_residual_rms")
                if any(r.get(c) not in (None, "") for r in rows)]
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    figure = Figure(figsize=(10, 4))
+    axes = figure.subplots(1, 2)
     for column in columns:
         values = [float(r[column]) if r.get(column) not in (None, "") else float("nan") for r in rows]
         axes[0 if "nll" in column else 1].plot(steps, values, label=column)
@@ -35,7 +35,6 @@ def plot_losses(metrics_csv: str | Path, out_png: str | Path) -> Path:
         axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(out_png, dpi=100)
-    plt.close(figure)
     return Path(out_png)
 
 
@@ -43,14 +42,14 @@ def ramachandran_png(phi, psi, weights=None, title: str = "", bins: int = 60) ->
     """A Ramachandran plot (free energy -ln p in kT of the phi/psi histogram) as PNG bytes."""
 
 
-    figure, axis = plt.subplots(figsize=(4.5, 4))
+    figure = Figure(figsize=(4.5, 4))
+    axis = figure.subplots()
     image = _draw_free_energy(axis, phi, psi, weights, bins)
     figure.colorbar(image, ax=axis, label="free energy / kT")
     axis.set_title(title, fontsize=9)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
     return buffer.getvalue()
 
 
@@ -62,7 +61,8 @@ def comparison_figure(out_png, reference_phi_psi, samples_phi_psi_weights, refer
     ref_phi, ref_psi = reference_phi_psi
     phi, psi, weights = samples_phi_psi_weights
     edges = np.linspace(-math.pi, math.pi, 61)
-    figure, axes = plt.subplots(1, 4, figsize=(17, 4))
+    figure = Figure(figsize=(17, 4))
+    axes = figure.subplots(1, 4)
     for axis, (x, y, w, title) in zip(axes[:2], ((ref_phi, ref_psi, None, "reference"),
                                                  (phi, psi, weights, "samples, reweighted"))):
         _draw_free_energy(axis, x, y, w, len(edges) - 1)
@@ -93,7 +93,6 @@ def comparison_figure(out_png, reference_phi_psi, samples_phi_psi_weights, refer
     axes[3].legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(out_png, dpi=100)
-    plt.close(figure)
 
 
 def ess_against_temperature(out_png, series: dict) -> None:
@@ -102,7 +101,8 @@ def ess_against_temperature(out_png, series: dict) -> None:
     Args:
         series: {label: (temperatures in K, relative ESS in [0, 1])}.
     """
-    figure, axis = plt.subplots(figsize=(5, 3.5))
+    figure = Figure(figsize=(5, 3.5))
+    axis = figure.subplots()
     for label, (temperatures_k, relative_ess) in series.items():
         axis.plot(temperatures_k, 100 * np.asarray(relative_ess), marker="o", label=label)
     axis.set_yscale("log")
@@ -111,7 +111,6 @@ def ess_against_temperature(out_png, series: dict) -> None:
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(out_png, dpi=100)
-    plt.close(figure)
 
 
 def _draw_free_energy(axis, phi, psi, weights, bins: int):
