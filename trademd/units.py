@@ -5,7 +5,7 @@ Internal units are OpenMM's: nm, ps, kJ/mol, K, amu.
 
 import re
 
-__all__ = ["BOLTZMANN_KJ_MOL_K", "parse_time_ps", "reduced_energy"]
+__all__ = ["BOLTZMANN_KJ_MOL_K", "parse_time_ps"]
 
 #: Boltzmann constant times Avogadro's number, kJ/(mol K) (CODATA 2018, as in OpenMM).
 BOLTZMANN_KJ_MOL_K = 0.0083144626181532395
@@ -35,7 +35,3 @@ def parse_time_ps(text: str, allow_zero: bool = False) -> float:
         raise TradeMDError(f"the duration {text!r} must be positive")
     return value_ps
 
-
-def reduced_energy(energy_kj_mol, temperature_k):
-    """u = U / (k_B T): works elementwise on floats, NumPy arrays and torch tensors."""
-    return energy_kj_mol / (BOLTZMANN_KJ_MOL_K * temperature_k)
