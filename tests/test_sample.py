@@ -103,7 +103,8 @@ def trained_model(tmp_path_factory):
     config = folder / "tiny.json"
     config.write_text(json.dumps({"cache_samples": 64, "grid_size": 3, "trade_points": 32,
                                   "batch_size": 32, "metrics_every": 3, "checkpoint_every": 3,
-                                  "warmup_fraction": 0.0, "flow": {"width": 16}}))
+                                  "warmup_fraction": 0.0, "metrics_samples": 500,
+                                  "refine_samples": 500, "flow": {"width": 16}}))
     result = runner.invoke(app, ["train", "--data", str(data), "--tmin", "300", "--tmax", "700",
                                  "--steps", "6", "--config", str(config), "--out",
                                  str(folder / "run"), "--platform", "CPU", "--quiet"])
@@ -177,6 +178,42 @@ def test_evaluate_against_a_reference(trained_model, tmp_path):
         assert key in metrics
     assert 0 <= metrics["js_phi_psi_weighted"] <= math.log(2)
     assert (tmp_path / "s_metrics.png").is_file() and (tmp_path / "s_metrics.json").is_file()
+
+
+def _samples_from_frames(path, trajectory, phi_shift_rad=0.0):
+    """A samples file holding a trajectory's own frames with equal weights (phi shifted)."""
+    from trademd.h5io import write_samples
+    from trademd.sample import phi_psi
+
+    n = trajectory.n_frames
+    phi, psi = phi_psi(trajectory.molecule(), trajectory.positions_nm)
+    phi = np.remainder(phi + phi_shift_rad + math.pi, 2 * math.pi) - math.pi
+    group = {"positions_nm": trajectory.positions_nm, "log_prob": np.zeros(n),
+             "energy_kj_mol": trajectory.energy_kj_mol, "log_weights": np.zeros(n),
+             "weights": np.full(n, 1.0 / n), "wrong_chirality": np.zeros(n, dtype=bool),
+             "nonfinite_energy": np.zeros(n, dtype=bool), "phi": phi, "psi": psi,
+             "attrs": {"temperature_k": trajectory.temperature_k, "n": n, "ess": float(n),
+                       "relative_ess": 1.0},
+             "histograms": {}, "ramachandran_png": b"png"}
+    write_samples(path, [group], {"system": "ala2-vacuum"}, trajectory.molecule().pdb_text)
+    return path
+
+
+def test_evaluate_scores_a_file_against_itself_as_equal_and_a_shifted_one_as_different(
+        trained_model, tmp_path):
+    from trademd.evaluate import evaluate_samples
+    from trademd.h5io import read_trajectory
+
+    _, data = trained_model
+    trajectory = read_trajectory(data)
+    same = evaluate_samples(_samples_from_frames(tmp_path / "same.h5", trajectory), data)
+    assert same["js_phi_psi_weighted"] == pytest.approx(0.0, abs=1e-12)
+    assert same["kl_phi_psi_weighted"] == pytest.approx(0.0, abs=1e-6)
+    assert same["energy_w1_weighted_kj_mol"] == pytest.approx(0.0, abs=1e-9)
+    assert same["delta_f_positive_phi_kt"] == pytest.approx(same["reference_delta_f_positive_phi_kt"])
+    shifted = evaluate_samples(_samples_from_frames(tmp_path / "shifted.h5", trajectory, math.pi), data)
+    assert shifted["js_phi_psi_weighted"] > 0.3
+    assert shifted["kl_phi_psi_weighted"] > 1.0
 
 
 def test_reverse_kl_energy_restrains_the_mirror_image(trained_model):
