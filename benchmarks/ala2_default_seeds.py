@@ -35,6 +35,7 @@ TEMPERATURES_K = (300.0, 600.0)
 def run_seed(seed: int, out: Path, platform: str, device: str, reference: Path | None,
              overrides: dict | None = None, progress: bool = True) -> dict:
     from trademd.evaluate import evaluate_samples
+    from trademd.h5io import frame_count
     from trademd.pipeline import RunConfig
     from trademd.sampling_run import sample_run
     from trademd.simulate import SimulationConfig, simulate
@@ -46,11 +47,12 @@ def run_seed(seed: int, out: Path, platform: str, device: str, reference: Path |
     wall = {}
     data = run_dir / "data_600K.h5"
     start = time.perf_counter()
-    if not data.exists():
-        simulate(SimulationConfig(system_name=config.system, temperature_k=config.data_temperature_k,
-                                  time_ps=config.simulation_ps, replicas=config.replicas,
-                                  save_every_ps=config.save_every_ps, equilibration_ps=20.0,
-                                  seed=seed, platform=platform), data, show_progress=progress)
+    settings = SimulationConfig(system_name=config.system, temperature_k=config.data_temperature_k,
+                                time_ps=config.simulation_ps, replicas=config.replicas,
+                                save_every_ps=config.save_every_ps, equilibration_ps=20.0,
+                                seed=seed, platform=platform)
+    if not data.exists() or frame_count(data) < settings.n_saves * settings.replicas:
+        simulate(settings, data, resume=data.exists(), show_progress=progress)
     wall["simulate_s"] = time.perf_counter() - start
     print(f"seed {seed}: simulate done in {wall['simulate_s']:.0f} s", flush=True)
     start = time.perf_counter()
@@ -59,7 +61,8 @@ def run_seed(seed: int, out: Path, platform: str, device: str, reference: Path |
     if not model.exists():
         train_run(run_dir / "train", t_min, t_max, data=data, preset=config.preset,
                   overrides={"seed": seed, "focus_temperatures": list(config.temperatures_k)},
-                  device=device, platform=platform, show_progress=progress)
+                  device=device, platform=platform,
+                  resume=(run_dir / "train" / "checkpoint.pt").exists(), show_progress=progress)
     wall["train_s"] = time.perf_counter() - start
     print(f"seed {seed}: train done in {wall['train_s']:.0f} s", flush=True)
     start = time.perf_counter()

@@ -29,7 +29,7 @@ import numpy as np
 
 from trademd.errors import TradeMDError
 from trademd.evaluate import evaluate_samples
-from trademd.h5io import ensemble_temperatures, open_hdf5, read_trajectory
+from trademd.h5io import ensemble_temperatures, frame_count, open_hdf5, read_trajectory
 from trademd.plots import ess_against_temperature
 from trademd.replica_exchange import ExchangeConfig, replica_exchange
 from trademd.sample import phi_psi
@@ -66,7 +66,7 @@ def plain_md(path: Path, temperature_k: float, replicas: int, time_ps: float, pl
     config = SimulationConfig(system_name="ala2-implicit", temperature_k=temperature_k,
                               time_ps=time_ps, replicas=replicas, equilibration_ps=20.0,
                               platform=platform)
-    if path.exists() and read_trajectory(path).n_frames >= config.n_saves * replicas:
+    if path.exists() and frame_count(path) >= config.n_saves * replicas:
         log(f"reusing {path}")
         return
     log(f"MD at {temperature_k:g} K, {replicas} x {time_ps:g} ps -> {path}")
@@ -78,7 +78,7 @@ def reference_remd(path: Path, ladders: int, time_ps: float, platform: str) -> N
     config = ExchangeConfig(system_name="ala2-implicit", temperatures_k=LADDER_K, time_ps=time_ps,
                             exchange_every_ps=1.0, ladders=ladders, equilibration_ps=20.0,
                             platform=platform)
-    if path.exists() and read_trajectory(path, LADDER_K[0]).n_frames >= config.n_saves * ladders:
+    if path.exists() and frame_count(path, LADDER_K[0]) >= config.n_saves * ladders:
         log(f"reusing {path}")
         return
     log(f"replica exchange over {LADDER_K} K, {ladders} ladders x {time_ps:g} ps -> {path}")

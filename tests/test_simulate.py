@@ -4,7 +4,7 @@ import h5py
 import numpy as np
 import pytest
 
-from trademd.h5io import read_trajectory
+from trademd.h5io import frame_count, read_trajectory
 from trademd.molecule_energy import MoleculeEnergy
 from trademd.simulate import SimulationConfig, simulate
 from trademd.systems import get_system
@@ -83,6 +83,7 @@ def test_interrupted_run_resumes_losing_at_most_one_chunk(tmp_path, monkeypatch)
         simulate(config, tmp_path / "cut.h5", show_progress=False)
     partial = read_trajectory(tmp_path / "cut.h5")
     assert partial.n_frames == 2 * 4  # the first chunk: 2 saves x 4 replicas
+    assert frame_count(tmp_path / "cut.h5") == 2 * 4  # from the shape, as `run` reads it
     monkeypatch.setattr(trademd.simulate.MoleculeEnergy, "__call__", original)
 
     simulate(_config(time_ps=3.0), tmp_path / "cut.h5", resume=True, show_progress=False)

@@ -25,6 +25,7 @@ __all__ = [
     "REPLICA_EXCHANGE_FORMAT",
     "create_replica_exchange_file",
     "ensemble_temperatures",
+    "frame_count",
     "Trajectory",
     "TrajectoryWriter",
     "read_trajectory",
@@ -175,6 +176,16 @@ def read_trajectory(path: str | Path, temperature_k: float | None = None,
             attrs={**h5.attrs, **group.attrs},
             **data,
         )
+
+
+def frame_count(path: str | Path, temperature_k: float | None = None) -> int:
+    """Frames written so far at one temperature of a simulate file, read from the dataset
+    shape (no frame is loaded): how ``run`` and the benchmarks tell a finished file."""
+    with open_checked(path, (TRAJECTORY_FORMAT, REPLICA_EXCHANGE_FORMAT)) as h5:
+        group = _ensemble_group(h5, path, temperature_k)
+        if "energy_kj_mol" not in group:
+            raise TradeMDError(f"{str(path)!r} lacks the energy_kj_mol dataset: the file is damaged")
+        return int(group["energy_kj_mol"].shape[0])
 
 
 def ensemble_temperatures(path: str | Path) -> list[float]:

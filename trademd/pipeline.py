@@ -16,7 +16,7 @@ from pathlib import Path
 import sys
 
 from .errors import TradeMDError
-from .h5io import read_trajectory
+from .h5io import frame_count
 from .sampling_run import sample_run
 from .simulate import SimulationConfig, simulate
 from .training_run import train_run
@@ -86,7 +86,7 @@ def run_pipeline(config: RunConfig, out: str | Path, platform: str = "auto", dev
     if not data.exists():
         _log(f"simulating {config.system} at {config.data_temperature_k:g} K -> {data}")
         simulate(simulation, data, command=command, show_progress=show_progress)
-    elif read_trajectory(data).n_frames < simulation.n_saves * simulation.replicas:
+    elif frame_count(data) < simulation.n_saves * simulation.replicas:
         _log(f"resuming the simulation in {data}")
         simulate(simulation, data, resume=True, command=command, show_progress=show_progress)
     else:
