@@ -19,7 +19,7 @@ PRESETS = {
     "quick": dict(
         steps=1500, batch_size=256, learning_rate=1e-3, trade_mode="grid", grid_size=9,
         cache_samples=500, cache_every=100, cache_momentum=0.5, trade_points=128,
-        evaluation_points="samples", warmup_fraction=0.3, ramp_fraction=0.2, metrics_every=150,
+        evaluation_points="both", warmup_fraction=0.3, ramp_fraction=0.2, metrics_every=150,
         metrics_samples=10000, checkpoint_every=250, ema_decay=0.99,
         refine_rounds=2, refine_steps=150, refine_samples=20000, refine_learning_rate=2e-4,
         flow={"width": 64, "depth": 2, "bins": 8},
