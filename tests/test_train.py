@@ -189,3 +189,12 @@ def test_train_temperature_picks_a_replica_exchange_ensemble(tmp_path, monkeypat
     assert result.exit_code == 0, result.output
     assert calls[-1]["temperature_k"] == 450.0 and calls[-1]["data"] == tmp_path / "rx.h5"
     assert runner.invoke(app, base).exit_code == 0 and calls[-1]["temperature_k"] is None
+
+
+def test_resume_on_another_ensemble_of_the_same_file_is_refused(tmp_path):
+    from trademd.training_run import _check_same_target
+
+    (tmp_path / "target.json").write_text(json.dumps({"system": "ala2-implicit", "temperature_k": 600.0}))
+    _check_same_target(tmp_path, "ala2-implicit", 600.0)
+    with pytest.raises(TradeMDError, match="at 600, not 'ala2-implicit' at 400"):
+        _check_same_target(tmp_path, "ala2-implicit", 400.0)

@@ -112,9 +112,10 @@ def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | No
         if hasattr(target, "split"):
             (out / "split.json").write_text(target.split.to_json())
         if resume:
-            _check_same_target(out, target.record()["system"])
+            _check_same_target(out, target.record()["system"], target.reference_temperature)
             trainer.resume()
         (out / "target.json").write_text(json.dumps({"system": target.record()["system"],
+                                                     "temperature_k": target.reference_temperature,
                                                      "data": str(data) if data else None}))
         model = trainer.train(show_progress=show_progress)
     finally:
@@ -124,10 +125,15 @@ def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | No
     return model
 
 
-def _check_same_target(out: Path, system: str) -> None:
-    recorded = json.loads((out / "target.json").read_text())["system"] if (out / "target.json").exists() else system
-    if recorded != system:
+def _check_same_target(out: Path, system: str, temperature_k: float) -> None:
+    """Refuse to resume a run on another system, or on another ensemble (T0) of the same file."""
+    path = out / "target.json"
+    recorded = json.loads(path.read_text()) if path.exists() else {}
+    recorded_system = recorded.get("system", system)
+    recorded_t = recorded.get("temperature_k", temperature_k)
+    if recorded_system != system or abs(recorded_t - temperature_k) > 1e-6:
         raise TradeMDError(
-            f"the checkpoint in {str(out)!r} was trained on {recorded!r}, not {system!r}: "
-            "resume with the same data, or train into a new --out"
+            f"the checkpoint in {str(out)!r} was trained on {recorded_system!r} at "
+            f"{recorded_t:g}, not {system!r} at {temperature_k:g}: resume with the same data "
+            "(and --temperature), or train into a new --out"
         )
