@@ -28,3 +28,11 @@ def test_run_pipeline_then_reuse(tmp_path):
     assert again.output.count("reusing") == 3
     assert stamps == {name: (out / name).stat().st_mtime_ns for name in stamps}
     assert json.loads(again.stdout.strip().splitlines()[-1]) == summary
+
+    # interrupted between the samples file and its summary: the rerun samples again
+    (out / "summary.json").unlink()
+    third = runner.invoke(app, arguments)
+    assert third.exit_code == 0, third.output
+    assert third.output.count("reusing") == 2 and "sampling" in third.output
+    assert (out / "summary.json").is_file()
+    assert json.loads(third.stdout.strip().splitlines()[-1])["n"] == 32
