@@ -214,12 +214,14 @@ class SplineCoupling(nn.Module):
         params = self.net(h)
         k, b = self.bins, w.shape[0]
         split = self.n_periodic * 3 * k
-        periodic = params[:, :split].reshape(b, self.n_periodic, 3 * k)
-        bounded = params[:, split:].reshape(b, -1, 3 * k + 1)
+        # torch.split, not slicing: the backward of a slice zero-fills a tensor of the full size
+        periodic, bounded = params.split([split, params.shape[1] - split], dim=1)
+        widths_p, heights_p, slopes_p = periodic.reshape(b, self.n_periodic, 3 * k).split(k, dim=-1)
+        widths_b, heights_b, slopes_b = bounded.reshape(b, -1, 3 * k + 1).split([k, k, k + 1], dim=-1)
         # circular: one slope shared by both ends, so the circle map is C1 at the seam
-        periodic = torch.cat([periodic, periodic[..., 2 * k:2 * k + 1]], dim=-1)
-        params = torch.cat([periodic, bounded], dim=1)
-        knots = _knots(params[..., :k], params[..., k:2 * k], params[..., 2 * k:], self.min_slope)
+        slopes_p = torch.cat([slopes_p, slopes_p[..., :1]], dim=-1)
+        knots = _knots(torch.cat([widths_p, widths_b], dim=1), torch.cat([heights_p, heights_b], dim=1),
+                       torch.cat([slopes_p, slopes_b], dim=1), self.min_slope)
         return _KnotSpline(*knots)
 
     def _finish(self, w: Tensor, x_new: Tensor) -> Tensor:
