@@ -43,8 +43,8 @@ from .flows import TemperatureFlow, build_flow
 from .progress import Progress
 from .refine import RefinementBuffer
 from .trade import (
-    ExpectationCache, kish_ess, log_importance_weights, log_spaced_grid, residual_loss,
-    snis_mean, trade_residual,
+    ExpectationCache, dlogp_dlogt, kish_ess, log_importance_weights, log_spaced_grid,
+    residual_loss, snis_mean, trade_residual,
 )
 
 __all__ = ["OBJECTIVES", "TrainConfig", "Trainer", "importance_weights"]
@@ -300,7 +300,7 @@ class Trainer:
                 & ((u - expected).abs() <= c.residual_cutoff))
         if not bool(keep.any()):
             return torch.zeros((), device=self.device), {"trade_points_kept": 0.0}
-        derivative = t[keep] * self.flow.dlogp_dT(z[keep], t[keep], create_graph=True)
+        derivative = dlogp_dlogt(self.flow.log_prob, z[keep], t[keep], create_graph=True)
         residual = trade_residual(derivative, u[keep], expected[keep])
         loss = residual_loss(residual, c.residual_loss, c.huber_delta)
         return loss, {"trade_residual_rms": float(residual.detach().pow(2).mean().sqrt()),
