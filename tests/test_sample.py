@@ -236,3 +236,20 @@ def test_reverse_kl_energy_restrains_the_mirror_image(trained_model):
                 assert torch.equal(extra, torch.zeros_like(extra))
     finally:
         model.close()
+
+
+def test_model_file_records_its_format_and_newer_versions_are_refused(trained_model, tmp_path):
+    from trademd.errors import TradeMDError
+    from trademd.sample import load_model
+
+    model, _ = trained_model
+    saved = torch.load(model, weights_only=False)
+    assert saved["format"] == "trade-md/model" and saved["format_version"] == 1
+    newer = tmp_path / "newer.pt"
+    torch.save({**saved, "format_version": 99}, newer)
+    with pytest.raises(TradeMDError, match="upgrade trade-md"):
+        load_model(newer)
+    other = tmp_path / "other.pt"
+    torch.save({**saved, "format": "something/else"}, other)
+    with pytest.raises(TradeMDError, match="not a trade-md model"):
+        load_model(other)

@@ -24,6 +24,7 @@ from .errors import TradeMDError
 from .flows import TemperatureFlow, load_flow
 from .progress import Progress
 from .trade import kish_ess, log_importance_weights
+from .train import MODEL_FORMAT, MODEL_FORMAT_VERSION
 
 __all__ = ["TrainedModel", "load_model", "TemperatureSamples", "draw_samples",
            "basin_free_energy", "phi_psi", "phi_psi_histogram", "PHI_PSI_BINS"]
@@ -66,6 +67,13 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", platform: s
         record = saved["target"]
     except Exception:
         raise TradeMDError(f"{str(path)!r} is not a trade-md model file (model.pt from `trade-md train`)") from None
+    # files written before the format was recorded are version 1 too
+    if saved.get("format", MODEL_FORMAT) != MODEL_FORMAT:
+        raise TradeMDError(f"{str(path)!r} is a {saved['format']!r} file, not a trade-md model (model.pt)")
+    if saved.get("format_version", 1) > MODEL_FORMAT_VERSION:
+        raise TradeMDError(
+            f"{str(path)!r} has model format version {saved['format_version']}, newer than this "
+            f"trade-md reads ({MODEL_FORMAT_VERSION}): upgrade trade-md")
     if record.get("kind") != "molecule":
         raise TradeMDError(
             f"{str(path)!r} was trained on the analytic system {record.get('system')!r}: "

@@ -47,9 +47,14 @@ from .trade import (
     residual_loss, snis_mean, trade_residual,
 )
 
-__all__ = ["OBJECTIVES", "TrainConfig", "Trainer", "importance_weights"]
+__all__ = ["MODEL_FORMAT", "MODEL_FORMAT_VERSION", "OBJECTIVES", "TrainConfig", "Trainer",
+           "importance_weights"]
 
 OBJECTIVES = ("trade", "nll", "reverse-kl", "nll+reverse-kl")
+
+#: Name and version of the ``model.pt`` layout (like the HDF5 files' ``format`` attributes).
+MODEL_FORMAT = "trade-md/model"
+MODEL_FORMAT_VERSION = 1
 
 #: Columns of metrics.csv (a term that an objective lacks stays empty).
 METRICS_COLUMNS = ("step", "phase", "loss", "nll_t0", "val_nll_t0", "trade", "trade_weight",
@@ -543,6 +548,8 @@ class Trainer:
         flow.load_state_dict(self.best["state_dict"] if self.best else self.model.state_dict())
         selection = {k: v for k, v in (self.best or {}).items() if k != "state_dict"}
         torch.save({
+            "format": MODEL_FORMAT,
+            "format_version": MODEL_FORMAT_VERSION,
             "flow": flow.checkpoint(),
             "target": self.target.record(),
             "reference_temperature": self.target.reference_temperature,
