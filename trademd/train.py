@@ -34,6 +34,8 @@ import math
 from pathlib import Path
 import time
 
+from enum import Enum
+
 import torch
 from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -47,10 +49,28 @@ from .trade import (
     residual_loss, snis_mean, trade_residual,
 )
 
-__all__ = ["MODEL_FORMAT", "MODEL_FORMAT_VERSION", "OBJECTIVES", "TrainConfig", "Trainer",
-           "importance_weights"]
+__all__ = ["MODEL_FORMAT", "MODEL_FORMAT_VERSION", "OBJECTIVES", "Objective", "TrainConfig",
+           "Trainer", "importance_weights"]
 
-OBJECTIVES = ("trade", "nll", "reverse-kl", "nll+reverse-kl")
+class Objective(str, Enum):
+    """What a run trains on; the value is the name in settings files and on the CLI."""
+
+    TRADE = "trade"
+    NLL = "nll"
+    REVERSE_KL = "reverse-kl"
+    NLL_REVERSE_KL = "nll+reverse-kl"
+
+    @property
+    def fits_data(self) -> bool:
+        """Has the NLL of the data at T0."""
+        return self is not Objective.REVERSE_KL
+
+    @property
+    def uses_reverse_kl(self) -> bool:
+        return self in (Objective.REVERSE_KL, Objective.NLL_REVERSE_KL)
+
+
+OBJECTIVES = tuple(objective.value for objective in Objective)
 
 #: Name and version of the ``model.pt`` layout (like the HDF5 files' ``format`` attributes).
 MODEL_FORMAT = "trade-md/model"
@@ -139,7 +159,12 @@ class TrainConfig:
     @property
     def selects_by_ess(self) -> bool:
         """Energy-aware objectives are selected by ESS, ``nll`` by validation NLL."""
-        return self.objective != "nll"
+        return self.kind is not Objective.NLL
+
+    @property
+    def kind(self) -> Objective:
+        """The objective as an :class:`Objective` (``objective`` stays the plain name)."""
+        return Objective(self.objective)
 
 
 def importance_weights(flow: TemperatureFlow, target, n: int, temperature,
@@ -214,7 +239,7 @@ class Trainer:
 
     def _flow_config(self) -> dict:
         """Flow settings: the user's, completed from the target (dims, interval, T range)."""
-        scaled = self.config.objective == "nll"
+        scaled = self.config.kind is Objective.NLL
         data = self.target.data_features
         low, high = self.target.bounded_interval
         bounded = data[:, self.target.n_torsions:]
@@ -323,12 +348,12 @@ class Trainer:
         c = self.config
         parts: dict = {}
         loss = torch.zeros((), device=self.device)
-        if "nll" in c.objective or c.objective == "trade":
+        if c.kind.fits_data:
             batch = self.data[torch.randint(len(self.data), (c.batch_size,), device=self.device)]
             nll = -self.flow.log_prob(batch, self.target.reference_temperature).mean()
             loss = loss + nll
             parts["nll_t0"] = float(nll.detach())
-        if c.objective == "trade":
+        if c.kind is Objective.TRADE:
             weight = self._trade_weight()
             if weight > 0:
                 if c.trade_mode == "grid" and (not self.cache.ready or self.step % c.cache_every == 0):
@@ -336,7 +361,7 @@ class Trainer:
                 trade, extra = self._trade_loss()
                 loss = loss + weight * trade
                 parts.update(trade=float(trade.detach()), trade_weight=weight, **extra)
-        if "reverse-kl" in c.objective:
+        if c.kind.uses_reverse_kl:
             kl = self._reverse_kl()
             loss = loss + kl
             parts["reverse_kl"] = float(kl.detach())
@@ -460,7 +485,7 @@ class Trainer:
             if "val_nll_t0" not in values:
                 return None, "last step (no validation data)"
             return -values["val_nll_t0"], "validation NLL at T0"
-        if c.objective == "trade" and self.step < (c.warmup_fraction + c.ramp_fraction) * c.steps:
+        if c.kind is Objective.TRADE and self.step < (c.warmup_fraction + c.ramp_fraction) * c.steps:
             return None, "TRADE weight still ramping up"
         floor = 1.0 / c.metrics_samples
         logs = [math.log(max(values[f"ess_{name}"], floor)) for name, _ in self.selection_temperatures()]
