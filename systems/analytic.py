@@ -89,6 +89,17 @@ class AnalyticSystem:
         fraction = (u - lo) / (hi - lo).clamp_min(1e-300)
         return grid[index - 1] + fraction * (grid[index] - grid[index - 1])
 
+    def forward_kl(self, model_log_prob, temperature: float, n: int = 20000, seed: int = 5) -> float:
+        """KL(p(.|T) || model) in nats, estimated from ``n`` exact samples.
+
+        Args:
+            model_log_prob: (x float32 [n, d], temperature) -> log density [n] of the model.
+        """
+        x = self.sample(n, temperature, torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            log_model = model_log_prob(x.float(), temperature).double()
+        return float((self.log_prob(x, temperature) - log_model).mean())
+
     def mean_energy(self, temperature: float) -> float:
         """E_{p(.|T)}[U] by quadrature."""
         grid, density, _ = self._grid(temperature)

@@ -28,3 +28,12 @@ def perturbed(molecule):
     """Six configurations near the PDB structure, float64 [6, 22, 3] nm."""
     rng = np.random.default_rng(7)
     return molecule.positions_nm()[None] + rng.normal(0.0, 0.01, size=(6, molecule.n_atoms, 3))
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (small training runs are fastest so)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -124,3 +124,12 @@ def test_durations():
     for bad in ("0ps", "20", "ten ns", "-1ps"):
         with pytest.raises(TradeMDError):
             parse_time_ps(bad)
+
+
+def test_forward_kl_of_the_analytic_systems_matches_the_gaussian_closed_form():
+    """gaussian-2d is N(0, T I): KL(N(0, 1) || N(0, 2)) = 2 x 0.5 (1/2 - 1 + ln 2) per the
+    closed form, and the exact density has KL 0 to itself."""
+    system = get_analytic_system("gaussian-2d")
+    assert abs(system.forward_kl(system.log_prob, 1.0)) < 1e-5
+    exact = 2 * 0.5 * (0.5 - 1.0 + math.log(2.0))
+    assert system.forward_kl(lambda x, t: system.log_prob(x.double(), 2.0), 1.0) == pytest.approx(exact, abs=0.01)
