@@ -204,7 +204,8 @@ def test_sample_log_prob_matches_log_prob_of_the_sample_float32():
     temperatures = torch.linspace(250.0, 650.0, 512)
     z, logp = flow.sample(512, temperatures)
     assert z.dtype == torch.float32
-    assert torch.allclose(flow.log_prob(z, temperatures), logp, atol=1e-5, rtol=0)
+    # float32 carries ~1e-7 relative error per operation: |log p| reaches ~20 here
+    assert torch.allclose(flow.log_prob(z, temperatures), logp, atol=1e-5, rtol=2e-6)
     u, _ = flow(z, temperatures)
     back, _ = flow.inverse(u, temperatures)
     assert torch.allclose(back, z, atol=1e-5)

@@ -21,7 +21,7 @@ PRESETS = {
         cache_samples=500, cache_every=100, cache_momentum=0.5, trade_points=128,
         evaluation_points="both", warmup_fraction=0.3, ramp_fraction=0.2, metrics_every=150,
         metrics_samples=10000, checkpoint_every=250, ema_decay=0.99,
-        refine_rounds=2, refine_steps=150, refine_samples=20000, refine_learning_rate=2e-4,
+        refine_rounds=5, refine_steps=150, refine_samples=40000, refine_learning_rate=2e-4,
         flow={"width": 64, "depth": 2, "bins": 8},
     ),
     "paper": dict(
