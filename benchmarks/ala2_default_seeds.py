@@ -36,11 +36,11 @@ TEMPERATURES_K = (300.0, 600.0)
 def run_seed(seed: int, out: Path, platform: str, device: str, reference: Path | None,
              overrides: dict | None = None, progress: bool = True) -> dict:
     from trademd.evaluate import evaluate_samples
-    from trademd.h5io import frame_count
+    from trademd.io.h5io import frame_count
     from trademd.pipeline import RunConfig
     from trademd.sampling_run import sample_run
     from trademd.simulate import SimulationConfig, simulate
-    from trademd.training_run import train_run
+    from trademd.train import train_run
 
     config = RunConfig(temperatures_k=(300.0,), seed=seed, **(overrides or {}))
     run_dir = out / f"seed{seed}"

@@ -29,14 +29,14 @@ import numpy as np
 
 from trademd.errors import TradeMDError
 from trademd.evaluate import evaluate_samples
-from trademd.h5io import ensemble_temperatures, frame_count, open_hdf5, read_trajectory
-from trademd.plots import ess_against_temperature
-from trademd.replica_exchange import ExchangeConfig, replica_exchange
+from trademd.io.h5io import ensemble_temperatures, frame_count, open_hdf5, read_trajectory
+from trademd.analysis.plots import ess_against_temperature
+from trademd.md.ladder import ExchangeConfig, replica_exchange
 from trademd.sample import phi_psi
 from trademd.sampling_run import sample_run
 from trademd.simulate import SimulationConfig, simulate
-from trademd.statistics import chains_by_replica, integrated_autocorrelation_time
-from trademd.training_run import train_run
+from trademd.analysis.statistics import chains_by_replica, integrated_autocorrelation_time
+from trademd.train import train_run
 
 OBJECTIVES = ("trade", "nll", "reverse-kl", "nll+reverse-kl")
 EVALUATION_TEMPERATURES_K = (300.0, 400.0, 500.0, 600.0)

@@ -1,8 +1,8 @@
 """Throughput of the OpenMM energy bridge against a plain per-sample Context loop.
 
-Prints energy+force evaluations per second of :class:`trademd.energy.EnergyBridge` at several
+Prints energy+force evaluations per second of :class:`trademd.energy.bridge.EnergyBridge` at several
 batch sizes, for vacuum and implicit-solvent alanine dipeptide, next to the plain loop over
-one single-molecule Context (:class:`trademd.molecule_energy.MoleculeEnergy`, CPU platform,
+one single-molecule Context (:class:`trademd.energy.molecule.MoleculeEnergy`, CPU platform,
 one thread) measured in the same run, and their ratio.
 
     python benchmarks/energy_throughput.py                      # full run
@@ -57,8 +57,8 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from trademd.energy import EnergyBridge
-    from trademd.molecule_energy import MoleculeEnergy
+    from trademd.energy.bridge import EnergyBridge
+    from trademd.energy.molecule import MoleculeEnergy
     from trademd.systems import get_system
 
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "

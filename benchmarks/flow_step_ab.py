@@ -1,6 +1,8 @@
 """A/B of one TRADE-like training step of the flow against the flow code of another revision.
 
-Loads ``trademd/flows.py`` of ``--baseline`` (a git revision) beside the working tree's, gives
+Loads the flow module of ``--baseline`` (a git revision; ``trademd/flow/conditional.py``, or
+``trademd/flows.py`` before the package was grouped by stage; what it imports comes from the
+working tree) beside the working tree's, gives
 both the same weights, checks that log p and every gradient agree, then times them
 interleaved in one process (so machine load hits both alike): a step is log p and
 d log p / dT (create_graph) at batch 256 over 240-660 K, a loss of both, backward.
@@ -11,6 +13,7 @@ d log p / dT (create_graph) at batch 256 over 240-660 K, a loss of both, backwar
 import argparse
 import importlib.util
 import math
+import re
 from pathlib import Path
 import statistics
 import subprocess
@@ -19,12 +22,22 @@ import time
 
 import torch
 
-import trademd.flows as current
+import trademd.flow.conditional as current
+
+#: Where the modules a flat-layout flows.py imported live now.
+FLAT_MODULES = {"base": "flow.base", "errors": "errors"}
 
 
 def load_revision(revision: str):
-    source = subprocess.run(["git", "show", f"{revision}:trademd/flows.py"], capture_output=True,
-                            text=True, check=True, cwd=Path(__file__).resolve().parents[1]).stdout
+    for name in ("trademd/flow/conditional.py", "trademd/flows.py"):
+        shown = subprocess.run(["git", "show", f"{revision}:{name}"], capture_output=True, text=True,
+                               cwd=Path(__file__).resolve().parents[1])
+        if shown.returncode == 0:
+            break
+    else:
+        raise SystemExit(f"revision {revision} has no flow module")
+    source = re.sub(r"^from \.(base|errors) import", lambda m: "from trademd." + FLAT_MODULES[m.group(1)] + " import",
+                    shown.stdout, flags=re.M)
     path = Path(tempfile.mkdtemp()) / "flows_baseline.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("trademd.flows_baseline", path)

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from trademd.flows import TemperatureFlow
+from trademd.flow.conditional import TemperatureFlow
 
 T_RANGE = (240.0, 660.0)
 

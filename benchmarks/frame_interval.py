@@ -20,7 +20,7 @@ import numpy as np
 
 def subsample(source: Path, stride: int, out: Path) -> Path:
     """A copy of a plain trajectory file keeping every ``stride``-th save (all replicas)."""
-    from trademd.h5io import TRAJECTORY_DATASETS
+    from trademd.io.h5io import TRAJECTORY_DATASETS
 
     with h5py.File(source) as src, h5py.File(out, "w") as dst:
         replicas = int(src.attrs["n_replicas"])
@@ -39,7 +39,7 @@ def subsample(source: Path, stride: int, out: Path) -> Path:
 
 def main() -> None:
     from trademd.sampling_run import sample_run
-    from trademd.training_run import train_run
+    from trademd.train import train_run
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)

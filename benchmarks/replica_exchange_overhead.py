@@ -18,10 +18,10 @@ import time
 import numpy as np
 import openmm
 
-from trademd.exchange import ExchangeState
+from trademd.md.exchange import ExchangeState
 from trademd.platforms import openmm_platform
-from trademd.replica_exchange import LadderEngine
-from trademd.replicas import replicate_system
+from trademd.md.ladder import LadderEngine
+from trademd.md.copies import replicate_system
 from trademd.simulate import COM_RESTRAINT_NM, MOLECULE_RADIUS_NM
 from trademd.systems import get_system
 

@@ -137,7 +137,7 @@ def simulate(
 ) -> None:
     """Run Langevin MD of many replicas in one OpenMM Context and write frames to HDF5; with
     --temperatures, replica exchange writing one ensemble per temperature."""
-    from trademd.replica_exchange import ExchangeConfig, replica_exchange
+    from trademd.md.ladder import ExchangeConfig, replica_exchange
     from trademd.simulate import SimulationConfig
     from trademd.simulate import simulate as run_simulation
     from trademd.units import parse_time_ps
@@ -152,7 +152,7 @@ def simulate(
         pdb_path=str(pdb) if pdb is not None else None,
         forcefield_files=tuple(forcefield or ()),
     )
-    from trademd.h5io import REPLICA_EXCHANGE_FORMAT, file_format
+    from trademd.io.h5io import REPLICA_EXCHANGE_FORMAT, file_format
 
     if temperatures or (resume and out.is_file() and file_format(out) == REPLICA_EXCHANGE_FORMAT):
         ladders = {} if replicas is None else {"ladders": replicas}  # None: the library's default
@@ -172,7 +172,7 @@ def simulate(
 @reports_errors
 def info(file: Path = typer.Argument(..., help="any HDF5 file trade-md wrote")) -> None:
     """Print what a trade-md HDF5 file holds: format, attributes, datasets with units."""
-    from trademd.h5io import describe
+    from trademd.io.h5io import describe
 
     typer.echo(describe(file))
 
@@ -188,7 +188,7 @@ def export(
     seed: int = typer.Option(0, help="random seed of --resample"),
 ) -> None:
     """Write frames as DCD, XTC, PDB (through mdtraj) or NPZ; optionally resampled by weight."""
-    from trademd.export import export_file
+    from trademd.io.export import export_file
 
     typer.echo(str(export_file(file, format, out, temperature, resample, seed)))
 
@@ -202,7 +202,7 @@ def energy(
     temperature: Optional[float] = typer.Option(None, help="replica-exchange file: which ensemble (K)"),
 ) -> None:
     """Recompute the potential energy of every frame and compare with the stored values."""
-    from trademd.energy import recompute_trajectory_energies
+    from trademd.energy.bridge import recompute_trajectory_energies
 
     check = recompute_trajectory_energies(file, platform=platform, write=write, temperature_k=temperature)
     typer.echo(f"frames: {check.n_frames}")
@@ -236,7 +236,7 @@ def train(
     quiet: bool = typer.Option(False, help="no progress display"),
 ) -> None:
     """Fit a temperature-conditional flow at T0 and transfer it over [tmin, tmax] with TRADE."""
-    from trademd.training_run import train_run
+    from trademd.train import train_run
 
     overrides = {"objective": objective, "steps": steps, "batch_size": batch_size, "seed": seed}
     model = train_run(out, tmin, tmax, data=data, temperature_k=temperature, system=system,

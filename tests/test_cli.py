@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from trademd.cli.app import app
-from trademd.h5io import read_trajectory
+from trademd.io.h5io import read_trajectory
 from trademd.systems import get_system
 
 runner = CliRunner()
@@ -217,14 +217,14 @@ def test_an_output_below_a_regular_file_is_one_line(tmp_path, command, out):
     [
         ("trademd.simulate.simulate", ["simulate", *QUICK, "--out", "x.h5"],
          "interrupted: the work up to the last checkpoint is saved; continue with --resume"),
-        ("trademd.training_run.train_run", ["train", "--system", "gaussian-2d", "--tmin", "0.5",
+        ("trademd.train.train_run", ["train", "--system", "gaussian-2d", "--tmin", "0.5",
                                             "--tmax", "2", "--out", "r"],
          "interrupted: the work up to the last checkpoint is saved; continue with --resume"),
         ("trademd.pipeline.run_pipeline", ["run", "--out", "r"],
          "interrupted: finished stages are kept; rerun the same command to continue"),
         ("trademd.sampling_run.sample_run", ["sample", "--model", "m.pt", "--temperature", "300",
                                              "--out", "s.h5"], "interrupted"),
-        ("trademd.h5io.describe", ["info", "x.h5"], "interrupted"),
+        ("trademd.io.h5io.describe", ["info", "x.h5"], "interrupted"),
     ],
 )
 def test_ctrl_c_names_the_way_to_continue(tmp_path, monkeypatch, function, arguments, message):

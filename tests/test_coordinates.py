@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from trademd.coordinates import (
+from trademd.flow.coordinates import (
     ALA2_CHIRAL_CENTRES,
     InternalCoordinates,
     canonical_frame,

@@ -17,10 +17,10 @@ import torch
 from typer.testing import CliRunner
 
 from trademd.cli.app import app
-from trademd.energy import EnergyBridge, potential_energy
-from trademd.energy_pool import ReplicatedKernel
+from trademd.energy.bridge import EnergyBridge, potential_energy
+from trademd.energy.pool import ReplicatedKernel
 from trademd.errors import TradeMDError
-from trademd.molecule_energy import MoleculeEnergy
+from trademd.energy.molecule import MoleculeEnergy
 from trademd.units import BOLTZMANN_KJ_MOL_K
 
 
@@ -126,7 +126,7 @@ def test_replicated_kernel_in_workers(molecule, references):
 
 def test_pool_scheduling_covers_every_configuration_once():
     """Any batch size, chunk sizes, with or without this process working along."""
-    from trademd.energy_pool import SingleKernel, WorkerPool
+    from trademd.energy.pool import SingleKernel, WorkerPool
     from trademd.systems import get_system
 
     molecule = get_system("ala2-vacuum")
@@ -339,7 +339,7 @@ def test_a_killed_worker_is_an_error_then_the_pool_restarts(molecule, references
 def test_workers_exit_when_the_parent_dies(tmp_path):
     script = textwrap.dedent("""
         import os, signal, numpy as np
-        from trademd.energy import EnergyBridge
+        from trademd.energy.bridge import EnergyBridge
         from trademd.systems import get_system
         molecule = get_system("ala2-vacuum")
         bridge = EnergyBridge(molecule, platform="Reference", workers=2, min_pool_batch=1)
@@ -444,7 +444,7 @@ def test_energy_command_repairs_non_finite_stored_energies(tmp_path):
     from typer.testing import CliRunner
 
     from trademd.cli.app import app
-    from trademd.h5io import read_trajectory
+    from trademd.io.h5io import read_trajectory
     from trademd.simulate import SimulationConfig, simulate
 
     path = simulate(SimulationConfig(system_name="ala2-vacuum", temperature_k=300, time_ps=2,

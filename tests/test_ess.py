@@ -1,4 +1,4 @@
-"""Effective-sample-size diagnostics of importance weights (trademd.ess)."""
+"""Effective-sample-size diagnostics of importance weights (trademd.analysis.ess)."""
 
 import math
 import warnings
@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 
 from trademd.errors import TradeMDError
-from trademd.ess import kish_relative_ess, pareto_k, weight_diagnostics
+from trademd.analysis.ess import kish_relative_ess, pareto_k, weight_diagnostics
 
 
 def _direct_kish_relative_ess(log_weights: np.ndarray) -> float:

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from trademd.base import TemperatureBase
+from trademd.flow.base import TemperatureBase
 from trademd.errors import TradeMDError
-from trademd.flows import TemperatureFlow, build_flow, load_flow, parse_layers
+from trademd.flow.conditional import TemperatureFlow, build_flow, load_flow, parse_layers
 
 T_RANGE = (250.0, 650.0)
 

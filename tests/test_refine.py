@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
-from trademd.flows import load_flow
-from trademd.refine import RefinementBuffer, resampling_probabilities
+from trademd.flow.conditional import load_flow
+from trademd.training.refine import RefinementBuffer, resampling_probabilities
 from trademd.systems.analytic import get_analytic_system
-from trademd.targets import AnalyticTarget
-from trademd.train import TrainConfig, Trainer
+from trademd.training.targets import AnalyticTarget
+from trademd.training.trainer import TrainConfig, Trainer
 
 FAST = dict(t_min=0.5, t_max=2.0, batch_size=256, learning_rate=5e-3, cache_every=50,
             cache_samples=256, grid_size=7, trade_points=128, warmup_fraction=0.1,
@@ -165,7 +165,7 @@ def test_refinement_resumes_exactly_mid_round(tmp_path, monkeypatch):
 
 
 def test_a_presets_refinement_scales_with_the_steps(tmp_path):
-    from trademd.training_run import PRESETS, train_run
+    from trademd.train import PRESETS, train_run
 
     train_run(tmp_path / "short", 0.5, 2.0, system="gaussian-2d", overrides={"steps": 30},
               show_progress=False)

@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 
 from trademd.cli.app import app, expand_multi_value_options
 from trademd.errors import TradeMDError
-from trademd.exchange import ExchangeState, log_acceptance
-from trademd.h5io import ensemble_temperatures, read_trajectory
-from trademd.replica_exchange import ExchangeConfig, LadderEngine, replica_exchange
-from trademd.replicas import com_restraint_energies, replicate_system
+from trademd.md.exchange import ExchangeState, log_acceptance
+from trademd.io.h5io import ensemble_temperatures, read_trajectory
+from trademd.md.ladder import ExchangeConfig, LadderEngine, replica_exchange
+from trademd.md.copies import com_restraint_energies, replicate_system
 from trademd.simulate import COM_RESTRAINT_NM
 from trademd.systems import get_system
 from trademd.units import BOLTZMANN_KJ_MOL_K
@@ -157,7 +157,7 @@ def test_file_holds_one_ensemble_per_temperature(tmp_path):
     path = replica_exchange(_config(), tmp_path / "rx.h5", command="test", show_progress=False)
     assert ensemble_temperatures(path) == [300.0, 400.0, 550.0]
     single = get_system("ala2-vacuum").create_openmm_system()
-    from trademd.molecule_energy import MoleculeEnergy
+    from trademd.energy.molecule import MoleculeEnergy
 
     energy = MoleculeEnergy(single, "Reference")
     for temperature in (300.0, 400.0, 550.0):
@@ -180,7 +180,7 @@ def test_file_holds_one_ensemble_per_temperature(tmp_path):
 
 def test_a_training_target_from_one_rung(tmp_path):
     """``trade-md train --data RX.h5 --temperature T``: the target holds that ensemble, T0 = T."""
-    from trademd.targets import MoleculeTarget
+    from trademd.training.targets import MoleculeTarget
 
     path = replica_exchange(_config(temperatures_k=(300.0, 400.0), time_ps=5.0), tmp_path / "rx.h5",
                             show_progress=False)  # 10 saves x 2 ladders per temperature

@@ -5,8 +5,8 @@ import openmm
 import pytest
 
 from trademd.errors import TradeMDError
-from trademd.molecule_energy import MoleculeEnergy
-from trademd.replicas import copy_energy_parameter, replicate_system
+from trademd.energy.molecule import MoleculeEnergy
+from trademd.md.copies import copy_energy_parameter, replicate_system
 
 CPU = openmm.Platform.getPlatformByName("CPU")
 

@@ -13,15 +13,15 @@ from typer.testing import CliRunner
 
 from trademd.cli.app import app
 from trademd.evaluate import js_divergence, kl_divergence, wasserstein_1
-from trademd.h5io import read_samples, read_trajectory
-from trademd.molecule_energy import MoleculeEnergy
+from trademd.io.h5io import read_samples, read_trajectory
+from trademd.energy.molecule import MoleculeEnergy
 from trademd.sample import basin_free_energy, load_model, phi_psi_histogram
 from trademd.simulate import SimulationConfig, simulate
 from trademd.systems import get_system
 from trademd.systems.analytic import get_analytic_system
-from trademd.targets import AnalyticTarget
-from trademd.trade import kish_ess
-from trademd.train import importance_weights
+from trademd.training.targets import AnalyticTarget
+from trademd.training.trade import kish_ess
+from trademd.training.trainer import importance_weights
 
 runner = CliRunner()
 
@@ -182,7 +182,7 @@ def test_evaluate_against_a_reference(trained_model, tmp_path):
 
 def _samples_from_frames(path, trajectory, phi_shift_rad=0.0):
     """A samples file holding a trajectory's own frames with equal weights (phi shifted)."""
-    from trademd.h5io import write_samples
+    from trademd.io.h5io import write_samples
     from trademd.sample import phi_psi
 
     n = trajectory.n_frames
@@ -202,7 +202,7 @@ def _samples_from_frames(path, trajectory, phi_shift_rad=0.0):
 def test_evaluate_scores_a_file_against_itself_as_equal_and_a_shifted_one_as_different(
         trained_model, tmp_path):
     from trademd.evaluate import evaluate_samples
-    from trademd.h5io import read_trajectory
+    from trademd.io.h5io import read_trajectory
 
     _, data = trained_model
     trajectory = read_trajectory(data)

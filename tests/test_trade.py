@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trademd.systems.analytic import get_analytic_system
-from trademd.trade import (
+from trademd.training.trade import (
     ExpectationCache, dlogp_dlogt, kish_ess, log_importance_weights, log_spaced_grid,
     residual_loss, snis_mean, trade_residual, trade_target,
 )

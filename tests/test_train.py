@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 from trademd.cli.app import app
 from trademd.errors import TradeMDError
 from trademd.systems.analytic import get_analytic_system
-from trademd.targets import AnalyticTarget
-from trademd.train import TrainConfig, Trainer
+from trademd.training.targets import AnalyticTarget
+from trademd.training.trainer import TrainConfig, Trainer
 
 runner = CliRunner()
 
@@ -165,10 +165,10 @@ def test_resume_with_another_system_is_refused(tmp_path):
 def test_train_temperature_picks_a_replica_exchange_ensemble(tmp_path, monkeypatch):
     """``--temperature`` (the option the replica-exchange error message names) reaches the
     library as ``temperature_k``."""
-    import trademd.training_run
+    import trademd.train
 
     calls = []
-    monkeypatch.setattr(trademd.training_run, "train_run",
+    monkeypatch.setattr(trademd.train, "train_run",
                         lambda *args, **kwargs: calls.append(kwargs) or tmp_path / "model.pt")
     base = ["train", "--data", str(tmp_path / "rx.h5"), "--tmin", "300", "--tmax", "700",
             "--out", str(tmp_path / "r"), "--quiet"]
@@ -179,7 +179,7 @@ def test_train_temperature_picks_a_replica_exchange_ensemble(tmp_path, monkeypat
 
 
 def test_resume_on_another_ensemble_of_the_same_file_is_refused(tmp_path):
-    from trademd.training_run import _check_same_target
+    from trademd.train import _check_same_target
 
     (tmp_path / "target.json").write_text(json.dumps({"system": "ala2-implicit", "temperature_k": 600.0}))
     _check_same_target(tmp_path, "ala2-implicit", 600.0)

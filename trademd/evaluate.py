@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import TradeMDError
-from .h5io import ensemble_temperatures, read_samples, read_trajectory
-from .sample import basin_free_energy, phi_psi, phi_psi_histogram
-from .statistics import effective_sample_size
+from trademd.errors import TradeMDError
+from trademd.io.h5io import ensemble_temperatures, read_samples, read_trajectory
+from trademd.sample import basin_free_energy, phi_psi, phi_psi_histogram
+from trademd.analysis.statistics import effective_sample_size
 
 __all__ = ["EPSILON", "METRIC_BINS", "kl_divergence", "js_divergence", "wasserstein_1",
            "evaluate_samples"]
@@ -124,7 +124,7 @@ def evaluate_samples(samples_path: str | Path, reference_path: str | Path,
     if out_json is not None:
         Path(out_json).write_text(json.dumps(metrics, indent=2))
     if out_png is not None:
-        from .plots import comparison_figure
+        from trademd.analysis.plots import comparison_figure
 
         comparison_figure(out_png, (ref_phi, ref_psi), (samples["phi"], samples["psi"], weights),
                           reference.energy_kj_mol, samples["energy_kj_mol"], temperature_k)
@@ -137,10 +137,10 @@ def _finite_or_none(value: float) -> float | None:
 
 def _reference_nll(model_path, reference, temperature_k: float) -> float:
     """Mean -log p(x|T) (nats) of the reference frames under the model, on the space of
-    :mod:`trademd.coordinates` (frames outside the model's support count as +inf)."""
+    :mod:`trademd.flow.coordinates` (frames outside the model's support count as +inf)."""
     import torch
 
-    from .sample import load_model
+    from trademd.sample import load_model
 
     model = load_model(model_path, platform="CPU")
     try:

@@ -15,11 +15,11 @@ import json
 from pathlib import Path
 import sys
 
-from .errors import TradeMDError
-from .h5io import frame_count
-from .sampling_run import sample_run
-from .simulate import SimulationConfig, simulate
-from .training_run import train_run
+from trademd.errors import TradeMDError
+from trademd.io.h5io import frame_count
+from trademd.sampling_run import sample_run
+from trademd.simulate import SimulationConfig, simulate
+from trademd.train import train_run
 
 __all__ = ["RunConfig", "run_pipeline"]
 

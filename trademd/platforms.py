@@ -4,7 +4,7 @@ import os
 
 import openmm
 
-from .errors import TradeMDError
+from trademd.errors import TradeMDError
 
 __all__ = ["openmm_platform", "available_openmm_platforms", "torch_device"]
 

@@ -2,7 +2,7 @@
 phi/psi and Ramachandran histograms.
 
 For samples z ~ p_theta(z|T) mapped to configurations x(z), the model's density of x (modulo
-rigid motions, see :mod:`trademd.coordinates`) is log p(x|T) = log p_theta(z|T) - log|dx/dz|,
+rigid motions, see :mod:`trademd.flow.coordinates`) is log p(x|T) = log p_theta(z|T) - log|dx/dz|,
 and the importance weights for the Boltzmann distribution at T are
 
     log w = -U(x) / (k_B T) - log p(x|T),
@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .coordinates import wrong_chirality_mask
-from .errors import TradeMDError
-from .flows import TemperatureFlow, load_flow
-from .progress import Progress
-from .trade import kish_ess, log_importance_weights
-from .train import MODEL_FORMAT, MODEL_FORMAT_VERSION
+from trademd.flow.coordinates import wrong_chirality_mask
+from trademd.errors import TradeMDError
+from trademd.flow.conditional import TemperatureFlow, load_flow
+from trademd.progress import Progress
+from trademd.training.trade import kish_ess, log_importance_weights
+from trademd.training.trainer import MODEL_FORMAT, MODEL_FORMAT_VERSION
 
 __all__ = ["TrainedModel", "load_model", "TemperatureSamples", "draw_samples",
            "basin_free_energy", "phi_psi", "phi_psi_histogram", "PHI_PSI_BINS"]
@@ -39,7 +39,7 @@ class TrainedModel:
 
     Attributes:
         flow: the temperature-conditional flow.
-        target: a :class:`~trademd.targets.MoleculeTarget` (energies, coordinates).
+        target: a :class:`~trademd.training.targets.MoleculeTarget` (energies, coordinates).
         temperature_range: (T_min, T_max) in K it was trained on.
         reference_temperature: T0 of the training data (K).
         path: the model file.
@@ -57,7 +57,7 @@ class TrainedModel:
 
 def load_model(path: str | Path, device: torch.device | str = "cpu", platform: str = "auto") -> TrainedModel:
     """Load ``model.pt`` written by ``trade-md train``."""
-    from .targets import MoleculeTarget
+    from trademd.training.targets import MoleculeTarget
 
     path = Path(path)
     if not path.is_file():

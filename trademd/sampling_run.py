@@ -5,12 +5,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .ess import weight_diagnostics
-from .h5io import group_name, write_samples
-from .platforms import torch_device
-from .plots import ramachandran_png
-from .provenance import provenance
-from .sample import basin_free_energy, draw_samples, load_model, phi_psi_histogram
+from trademd.analysis.ess import weight_diagnostics
+from trademd.io.h5io import group_name, write_samples
+from trademd.platforms import torch_device
+from trademd.analysis.plots import ramachandran_png
+from trademd.io.provenance import provenance
+from trademd.sample import basin_free_energy, draw_samples, load_model, phi_psi_histogram
 
 __all__ = ["ESS_BATCHES", "sample_run", "summarise"]
 
@@ -22,7 +22,7 @@ def summarise(samples, path: Path) -> dict:
     """The one-line JSON summary of samples at one temperature: the Kish ESS pooled over all
     samples, that of each of ``ESS_BATCHES`` consecutive batches (its spread), the weight
     share of the 10 largest weights and the Pareto k of the weight tail
-    (:mod:`trademd.ess`)."""
+    (:mod:`trademd.analysis.ess`)."""
     finite = samples.weights > 0
     mean_energy = float(np.sum(samples.weights[finite] * samples.energy_kj_mol[finite]))
     diagnostics = weight_diagnostics(samples.log_weights, n_batches=ESS_BATCHES)
@@ -55,7 +55,7 @@ def sample_run(model_path: str | Path, temperatures: list[float], n: int, out: s
     Ramachandran PNG per temperature next to it; returns the summaries."""
     out = Path(out)
     if out.exists() and not overwrite:
-        from .errors import TradeMDError
+        from trademd.errors import TradeMDError
 
         raise TradeMDError(f"{str(out)!r} exists: pass --overwrite to replace it")
     model = load_model(model_path, device=torch_device(device), platform=platform)

@@ -1,6 +1,6 @@
 """Langevin molecular dynamics of many replicas of one molecule, written to HDF5 in chunks.
 
-All replicas run as non-interacting copies in one OpenMM Context (:mod:`trademd.replicas`),
+All replicas run as non-interacting copies in one OpenMM Context (:mod:`trademd.md.copies`),
 each copy's centre of mass held near its lattice point by a flat-bottom restraint that leaves
 the internal distribution unchanged. Frames are saved every ``save_every_ps`` from every
 replica; each frame's potential energy is recomputed exactly with a single-molecule Context.
@@ -16,14 +16,14 @@ import time
 import numpy as np
 import openmm
 
-from .errors import TradeMDError
-from .h5io import TrajectoryWriter, stored_molecule
-from .molecule_energy import MoleculeEnergy
-from .platforms import openmm_platform
-from .progress import Progress
-from .provenance import provenance
-from .replicas import replicate_system
-from .units import BOLTZMANN_KJ_MOL_K
+from trademd.errors import TradeMDError
+from trademd.io.h5io import TrajectoryWriter, stored_molecule
+from trademd.energy.molecule import MoleculeEnergy
+from trademd.platforms import openmm_platform
+from trademd.progress import Progress
+from trademd.io.provenance import provenance
+from trademd.md.copies import replicate_system
+from trademd.units import BOLTZMANN_KJ_MOL_K
 
 __all__ = ["DynamicsSettings", "SimulationConfig", "simulate", "load_system"]
 

@@ -1,586 +1,139 @@
-"""Training a temperature-conditional flow: TRADE and its baselines, with checkpoints.
+"""``trade-md train`` as a library call: target, presets, config file, resume, outputs."""
 
-Objectives (same flow, same loop, selected by ``TrainConfig.objective``):
-
-- ``trade``: NLL of data at T0 plus the TRADE residual loss over [t_min, t_max]
-  (:mod:`trademd.trade`), its weight ramped in after a warm-up.
-- ``nll``: NLL at T0 only; the flow's base is temperature-scaled, the only way T enters.
-- ``reverse-kl``: reverse KL divergence to exp(-u) at temperatures drawn over the range.
-- ``nll+reverse-kl``: both.
-
-Weight averaging and model selection: an exponential moving average (EMA) of the parameters
-is kept beside the trained ones; at every metrics step the EMA flow is scored on held-out
-criteria (validation NLL at T0 for ``nll``; the mean log relative ESS over the selection
-temperatures, pooled over ``metrics_samples`` flow samples each, for the energy-aware
-objectives once their full weight is on), and ``model.pt`` holds the best-scoring EMA
-parameters. ``metrics.csv`` marks the chosen step, ``selection.json`` says why.
-
-Refinement (optional, ``refine_rounds`` > 0): after the main phase, importance-weighted
-forward KL on buffers of flow samples drawn over the temperature range (the annealing step of
-temperature-annealed Boltzmann generators, Schopmans and Friederich 2025), started from the
-selected parameters; each round is scored and selected like the main phase
-(:mod:`trademd.refine`).
-
-A run directory holds ``config.json``, ``metrics.csv``, ``checkpoint.pt`` (everything
-``resume`` needs: parameters, EMA, best parameters, optimiser, scheduler, expectation cache,
-refinement buffer, RNG state) and, at the end, ``model.pt`` (what sampling needs),
-``selection.json`` and ``loss.png``.
-"""
-
-from dataclasses import asdict, dataclass, field
-import csv
+from dataclasses import fields
 import json
-import math
 from pathlib import Path
-import time
-
-from enum import Enum
 
 import torch
-from torch import Tensor
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from .errors import TradeMDError
-from .flows import TemperatureFlow, build_flow
-from .progress import Progress
-from .refine import RefinementBuffer
-from .trade import (
-    ExpectationCache, dlogp_dlogt, kish_ess, log_importance_weights, log_spaced_grid,
-    residual_loss, snis_mean, trade_residual,
-)
+from trademd.errors import TradeMDError
+from trademd.platforms import torch_device
+from trademd.analysis.plots import plot_losses
+from trademd.training.trainer import TrainConfig, Trainer
 
-__all__ = ["MODEL_FORMAT", "MODEL_FORMAT_VERSION", "OBJECTIVES", "Objective", "TrainConfig",
-           "Trainer", "importance_weights"]
+__all__ = ["PRESETS", "train_run", "load_config_file"]
 
-class Objective(str, Enum):
-    """What a run trains on; the value is the name in settings files and on the CLI."""
-
-    TRADE = "trade"
-    NLL = "nll"
-    REVERSE_KL = "reverse-kl"
-    NLL_REVERSE_KL = "nll+reverse-kl"
-
-    @property
-    def fits_data(self) -> bool:
-        """Has the NLL of the data at T0."""
-        return self is not Objective.REVERSE_KL
-
-    @property
-    def uses_reverse_kl(self) -> bool:
-        return self in (Objective.REVERSE_KL, Objective.NLL_REVERSE_KL)
+#: Training presets: ``quick`` (minutes on a laptop CPU) and ``paper`` (the TRADE paper's
+#: alanine-dipeptide scale, for a GPU).
+PRESETS = {
+    "quick": dict(
+        steps=1500, batch_size=256, learning_rate=1e-3, trade_mode="grid", grid_size=9,
+        cache_samples=500, cache_every=100, cache_momentum=0.5, trade_points=128,
+        evaluation_points="both", warmup_fraction=0.3, ramp_fraction=0.2, metrics_every=150,
+        metrics_samples=10000, checkpoint_every=250, ema_decay=0.99,
+        refine_rounds=5, refine_steps=150, refine_samples=40000, refine_learning_rate=2e-4,
+        flow={"width": 64, "depth": 2, "bins": 8},
+    ),
+    "paper": dict(
+        steps=80000, batch_size=290, learning_rate=1e-4, trade_mode="grid", grid_size=25,
+        cache_samples=5000, cache_every=1000, cache_momentum=0.9, trade_points=512,
+        warmup_fraction=0.3, ramp_fraction=0.1, metrics_every=2000, metrics_samples=20000,
+        checkpoint_every=2000, ema_decay=0.999, refine_rounds=5, refine_steps=2000,
+        refine_samples=100000, refine_learning_rate=5e-5,
+        flow={"width": 256, "depth": 2, "bins": 8,
+              "layers": ["torsions|torsions", "bounded|torsions", "bounded|bounded"] * 3},
+    ),
+}
 
 
-OBJECTIVES = tuple(objective.value for objective in Objective)
+def load_config_file(path: str | Path) -> dict:
+    """Settings from a JSON or YAML file (keys: any :class:`TrainConfig` field)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TradeMDError(f"config file {str(path)!r} not found")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
 
-#: Name and version of the ``model.pt`` layout (like the HDF5 files' ``format`` attributes).
-MODEL_FORMAT = "trade-md/model"
-MODEL_FORMAT_VERSION = 1
-
-#: Columns of metrics.csv (a term that an objective lacks stays empty).
-METRICS_COLUMNS = ("step", "phase", "loss", "nll_t0", "val_nll_t0", "trade", "trade_weight",
-                   "trade_residual_rms", "trade_points_kept", "reverse_kl", "refine_nll",
-                   "buffer_ess", "ess_tmin", "ess_t0", "ess_tmax", "selection_score", "selected",
-                   "bad_batches", "steps_per_s")
-
-
-@dataclass
-class TrainConfig:
-    """Settings of a training run. Temperatures in K (reduced units for analytic systems)."""
-
-    t_min: float
-    t_max: float
-    objective: str = "trade"
-    steps: int = 2000
-    batch_size: int = 256
-    learning_rate: float = 1e-3
-    clip_norm: float = 3.0
-    trade_mode: str = "grid"
-    trade_weight: float = 1.0
-    trade_points: int = 256
-    evaluation_points: str = "samples"
-    warmup_fraction: float = 0.2
-    ramp_fraction: float = 0.2
-    residual_loss: str = "huber"
-    huber_delta: float = 1.0
-    residual_cutoff: float = 50.0
-    grid_size: int = 25
-    cache_samples: int = 2000
-    cache_every: int = 200
-    cache_momentum: float = 0.5
-    reverse_kl_samples: int = 256
-    chirality_restraint_kt: float = 100.0
-    max_bad_batches: int = 50
-    metrics_every: int = 100
-    metrics_samples: int = 10000
-    checkpoint_every: int = 500
-    ema_decay: float = 0.99
-    focus_temperatures: list = field(default_factory=list)
-    refine_rounds: int = 0
-    refine_steps: int = 200
-    refine_samples: int = 20000
-    refine_learning_rate: float = 2e-4
-    refine_clip_fraction: float = 1e-3
-    seed: int = 0
-    flow: dict = field(default_factory=dict)
-
-    @property
-    def total_steps(self) -> int:
-        """Main phase plus refinement rounds."""
-        return self.steps + self.refine_rounds * self.refine_steps
-
-    def validate(self, reference_temperature: float) -> None:
-        """Raise :class:`TradeMDError` for impossible settings."""
-        if self.objective not in OBJECTIVES:
-            raise TradeMDError(f"unknown objective {self.objective!r}: choose one of {list(OBJECTIVES)}")
-        if not 0 < self.t_min < self.t_max:
-            raise TradeMDError(f"need 0 < tmin < tmax, got tmin={self.t_min}, tmax={self.t_max}")
-        if not self.t_min <= reference_temperature <= self.t_max:
-            raise TradeMDError(
-                f"the data temperature T0={reference_temperature:g} lies outside "
-                f"[{self.t_min:g}, {self.t_max:g}]: choose --tmin/--tmax around it"
-            )
-        if self.trade_mode not in ("grid", "continuous"):
-            raise TradeMDError("trade mode must be grid or continuous")
-        if self.evaluation_points not in ("samples", "data", "both"):
-            raise TradeMDError("evaluation points must be samples, data or both")
-        if self.steps < 4 or self.batch_size < 2:
-            # the one-cycle schedule needs a few steps to rise and fall
-            raise TradeMDError("--steps must be at least 4 and --batch-size at least 2")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise TradeMDError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
-        if self.metrics_samples < 100:
-            raise TradeMDError("metrics_samples must be at least 100 (ESS from fewer is noise)")
-        if self.refine_rounds < 0 or (self.refine_rounds and (self.refine_steps < 1 or self.refine_samples < 100)):
-            raise TradeMDError("refinement needs refine_rounds >= 0, refine_steps >= 1 and refine_samples >= 100")
-        outside = [t for t in self.focus_temperatures if not self.t_min <= t <= self.t_max]
-        if outside:
-            raise TradeMDError(f"focus temperatures {outside} lie outside [{self.t_min:g}, {self.t_max:g}]: widen --tmin/--tmax")
-
-    @property
-    def selects_by_ess(self) -> bool:
-        """Energy-aware objectives are selected by ESS, ``nll`` by validation NLL."""
-        return self.kind is not Objective.NLL
-
-    @property
-    def kind(self) -> Objective:
-        """The objective as an :class:`Objective` (``objective`` stays the plain name)."""
-        return Objective(self.objective)
-
-
-def importance_weights(flow: TemperatureFlow, target, n: int, temperature,
-                       chunk: int = 4096, chirality_restraint_kt: float = 0.0,
-                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Draw n flow samples at T and weigh them for exp(-u).
-
-    Args:
-        temperature: a float, or a tensor [n] of per-sample temperatures.
-        chirality_restraint_kt: kT added per mirrored chiral centre (molecules), so that
-            samples of the wrong enantiomer carry (essentially) zero weight, as in sampling.
-
-    Returns:
-        (z [n, D], log p_flow [n], u [n], log w [n]) with log w = -u + log|dx/dz| - log p,
-        unnormalised; non-finite u gives log w = -inf.
-    """
-    per_sample = isinstance(temperature, Tensor)
-    parts = []
-    for start in range(0, n, chunk):
-        m = min(chunk, n - start)
-        t_chunk = temperature[start:start + m] if per_sample else float(temperature)
-        z, log_p = flow.sample(m, t_chunk)
-        t = torch.as_tensor(t_chunk, dtype=z.dtype, device=z.device).expand(m)
-        with torch.no_grad():
-            u, log_det = target.reduced_energy(z, t, chirality_restraint_kt)
-        log_w = log_importance_weights(u, log_p) + log_det
-        log_w = torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf))
-        parts.append((z, log_p, u, log_w))
-    return tuple(torch.cat(p) for p in zip(*parts))
-
-
-class Trainer:
-    """Runs one training configuration on one target, writing into ``run_dir``.
-
-    Args:
-        target: e.g. :class:`trademd.targets.AnalyticTarget` or ``MoleculeTarget``.
-        config: the settings.
-        run_dir: output folder.
-        device: torch device.
-        validation_features: held-out features at T0 for the validation NLL (optional).
-    """
-
-    def __init__(self, target, config: TrainConfig, run_dir: str | Path,
-                 device: torch.device | str = "cpu", validation_features: Tensor | None = None):
-        config.validate(target.reference_temperature)
-        self.target, self.config, self.device = target, config, torch.device(device)
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(config.seed)
-        self.data = target.data_features.to(self.device)
-        self.validation = None if validation_features is None else validation_features.to(self.device)
-        self.flow = build_flow(self._flow_config()).to(self.device)
-        self.optimizer = torch.optim.Adam(self.flow.parameters(), lr=config.learning_rate)
-        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            self.optimizer, max_lr=config.learning_rate, total_steps=config.steps,
-            pct_start=min(0.5, max(0.05, 2.0 / config.steps)),
-        )
-        self.ema = AveragedModel(self.flow, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay))
-        self.cache = ExpectationCache(self._grid().to(self.device), momentum=config.cache_momentum)
-        self.step = 0
-        self.bad_batches = 0
-        self.last_metrics: dict = {}
-        self.best: dict | None = None  # {"step", "score", "criterion", "state_dict"} of the EMA
-        self.buffer: RefinementBuffer | None = None
-
-    @property
-    def model(self) -> TemperatureFlow:
-        """The averaged (EMA) flow: what metrics score and what selection keeps."""
-        return self.ema.module
-
-    # -- configuration -------------------------------------------------------------------
-
-    def _flow_config(self) -> dict:
-        """Flow settings: the user's, completed from the target (dims, interval, T range)."""
-        scaled = self.config.kind is Objective.NLL
-        data = self.target.data_features
-        low, high = self.target.bounded_interval
-        bounded = data[:, self.target.n_torsions:]
-        sigma = float((bounded.std(dim=0) / (0.5 * (high - low))).mean()) if bounded.numel() else 0.5
-        config = {
-            "width": 64, "depth": 2, "bins": 8,
-            "layers": ["bounded|bounded"] * 3 if self.target.n_torsions == 0 else
-            ["torsions|torsions", "bounded|torsions", "bounded|bounded"] * 2,
-            "bounded_base": "scaled_truncated_normal" if scaled else "truncated_normal",
-            "torsion_base": "uniform",
-            "base_sigma": min(max(sigma, 0.02), 1.0),
-        }
-        config.update(self.config.flow)
-        config.update({
-            "n_torsions": self.target.n_torsions, "n_bounded": self.target.n_bounded,
-            "temperature_range_k": [self.config.t_min, self.config.t_max],
-            "bounded_interval": list(self.target.bounded_interval),
-            "reference_temperature_k": self.target.reference_temperature,
-        })
-        return config
-
-    def _grid(self) -> Tensor:
-        """TRADE grid: log-spaced over [t_min, t_max], plus T0 and the focus temperatures."""
-        c = self.config
-        extra = torch.tensor([self.target.reference_temperature, *c.focus_temperatures], dtype=torch.float64)
-        grid = torch.cat([log_spaced_grid(c.t_min, c.t_max, c.grid_size), extra])
-        return torch.unique(grid)
-
-    def selection_temperatures(self) -> list[tuple[str, float]]:
-        """(name, T) at which ESS is measured and model selection scores: T_min, T0, T_max
-        and every focus temperature."""
-        c = self.config
-        named = [("tmin", c.t_min), ("t0", self.target.reference_temperature), ("tmax", c.t_max)]
-        return named + [(f"{t:g}", float(t)) for t in c.focus_temperatures]
-
-    # -- loss terms ------------------------------------------------------------------------
-
-    def _trade_weight(self) -> float:
-        c = self.config
-        start = c.warmup_fraction * c.steps
-        ramp = max(c.ramp_fraction * c.steps, 1.0)
-        return c.trade_weight * min(max((self.step - start) / ramp, 0.0), 1.0)
-
-    def _temperatures(self, n: int) -> Tensor:
-        c = self.config
-        log_t = torch.empty(n, device=self.device).uniform_(math.log(c.t_min), math.log(c.t_max))
-        return torch.exp(log_t)
-
-    def refresh_cache(self) -> None:
-        """Re-estimate E_T[u] at every grid temperature by SNIS from flow samples."""
-        for index, temperature in enumerate(self.cache.temperatures.tolist()):
-            _, _, u, log_w = importance_weights(self.flow, self.target, self.config.cache_samples, temperature)
-            self.cache.update(index, float(snis_mean(u.double(), log_w.double())))
-
-    def _trade_loss(self) -> tuple[Tensor, dict]:
-        c = self.config
-        n = c.trade_points
-        if c.trade_mode == "grid":
-            index = torch.randint(len(self.cache.temperatures), (n,), device=self.device)
-            temperature = self.cache.temperatures[index].float()
-            expected_u = self.cache.lookup(index).float()
+            settings = yaml.safe_load(text) or {}
         else:
-            temperature = self._temperatures(1).expand(n)
-        use_samples = c.evaluation_points in ("samples", "both")
-        points = []  # (features z, reduced energies u) of the evaluation points
-        if use_samples or c.trade_mode == "continuous":
-            z_s, log_p_s = self.flow.sample(n, temperature)
-            with torch.no_grad():
-                u_s, log_det_s = self.target.reduced_energy(z_s, temperature)
-            if c.trade_mode == "continuous":
-                log_w = log_importance_weights(u_s, log_p_s) + log_det_s
-                expected_u = snis_mean(u_s, log_w).expand(n)
-            if use_samples:
-                points.append((z_s, u_s))
-        if c.evaluation_points in ("data", "both"):
-            z_d = self.data[torch.randint(len(self.data), (n,), device=self.device)]
-            with torch.no_grad():
-                u_d, _ = self.target.reduced_energy(z_d, temperature)
-            points.append((z_d, u_d))
-        z = torch.cat([p[0] for p in points])
-        u = torch.cat([p[1] for p in points])
-        t = temperature.repeat(len(points))
-        expected = expected_u.repeat(len(points))
-        # points whose Boltzmann weight at T is negligible (u more than residual_cutoff above
-        # its mean: a relative weight below exp(-cutoff)), e.g. clashing samples of an early
-        # flow, carry no information about the density there and only add noise
-        keep = (torch.isfinite(u) & torch.isfinite(expected)
-                & ((u - expected).abs() <= c.residual_cutoff))
-        if not bool(keep.any()):
-            return torch.zeros((), device=self.device), {"trade_points_kept": 0.0}
-        derivative = dlogp_dlogt(self.flow.log_prob, z[keep], t[keep], create_graph=True)
-        residual = trade_residual(derivative, u[keep], expected[keep])
-        loss = residual_loss(residual, c.residual_loss, c.huber_delta)
-        return loss, {"trade_residual_rms": float(residual.detach().pow(2).mean().sqrt()),
-                      "trade_points_kept": float(keep.float().mean())}
+            settings = json.loads(text)
+    except Exception as error:
+        raise TradeMDError(f"cannot parse config file {str(path)!r}: {error}") from None
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise TradeMDError(f"config file {str(path)!r} has unknown keys {unknown}: use {sorted(known)}")
+    return settings
 
-    def _reverse_kl(self) -> Tensor:
-        n = self.config.reverse_kl_samples
-        temperature = self._temperatures(n)
-        z, log_p = self.flow.rsample(n, temperature)
-        u, log_det = self.target.reduced_energy(z, temperature, self.config.chirality_restraint_kt)
-        return (log_p + u - log_det).mean()
 
-    def loss(self) -> tuple[Tensor, dict]:
-        """The objective of this step and its parts (floats)."""
-        c = self.config
-        parts: dict = {}
-        loss = torch.zeros((), device=self.device)
-        if c.kind.fits_data:
-            batch = self.data[torch.randint(len(self.data), (c.batch_size,), device=self.device)]
-            nll = -self.flow.log_prob(batch, self.target.reference_temperature).mean()
-            loss = loss + nll
-            parts["nll_t0"] = float(nll.detach())
-        if c.kind is Objective.TRADE:
-            weight = self._trade_weight()
-            if weight > 0:
-                if c.trade_mode == "grid" and (not self.cache.ready or self.step % c.cache_every == 0):
-                    self.refresh_cache()
-                trade, extra = self._trade_loss()
-                loss = loss + weight * trade
-                parts.update(trade=float(trade.detach()), trade_weight=weight, **extra)
-        if c.kind.uses_reverse_kl:
-            kl = self._reverse_kl()
-            loss = loss + kl
-            parts["reverse_kl"] = float(kl.detach())
-        return loss, parts
+def _target(data: str | Path | None, system: str | None, platform: str,
+            temperature_k: float | None = None):
+    from trademd.systems.analytic import ANALYTIC_SYSTEMS, get_analytic_system
 
-    # -- refinement ----------------------------------------------------------------------
+    from trademd.training.targets import AnalyticTarget, MoleculeTarget
 
-    def _start_refinement_round(self, round_index: int) -> None:
-        """Draw this round's buffer from the EMA flow; the first round starts from the
-        selected parameters with a fresh optimiser at the refinement learning rate."""
-        c = self.config
-        if round_index == 0:
-            if self.best is not None:
-                self.flow.load_state_dict(self.best["state_dict"])
-            self.ema = AveragedModel(self.flow, multi_avg_fn=get_ema_multi_avg_fn(c.ema_decay))
-            self.optimizer = torch.optim.Adam(self.flow.parameters(), lr=c.refine_learning_rate)
-        grid = self.cache.temperatures.float()
-        per_temperature = max(1, c.refine_samples // len(grid))
-        temperatures = grid.repeat_interleave(per_temperature)
-        z, _, _, log_w = importance_weights(self.model, self.target, len(temperatures), temperatures,
-                                            chirality_restraint_kt=c.chirality_restraint_kt)
-        self.buffer = RefinementBuffer.from_samples(round_index, z, temperatures.to(z.device),
-                                                    log_w, c.refine_clip_fraction)
-
-    def _refine_loss(self) -> tuple[Tensor, dict]:
-        """Weighted forward KL on the buffer plus the NLL of the data at T0."""
-        c = self.config
-        round_index = (self.step - c.steps) // c.refine_steps
-        if self.buffer is None or self.buffer.round_index != round_index:
-            self._start_refinement_round(round_index)
-        z, t = self.buffer.batch(c.batch_size)
-        refine_nll = -self.flow.log_prob(z, t).mean()
-        batch = self.data[torch.randint(len(self.data), (c.batch_size,), device=self.device)]
-        nll = -self.flow.log_prob(batch, self.target.reference_temperature).mean()
-        return refine_nll + nll, {"refine_nll": float(refine_nll.detach()),
-                                  "nll_t0": float(nll.detach()),
-                                  "buffer_ess": self.buffer.relative_ess}
-
-    # -- the loop ----------------------------------------------------------------------------
-
-    def train(self, show_progress: bool = True) -> Path:
-        """Run the main phase and the refinement rounds; checkpoint and write metrics as
-        configured. Afterwards ``self.flow`` holds the selected parameters.
-
-        Returns:
-            The path of ``model.pt``.
-        """
-        c = self.config
-        (self.run_dir / "config.json").write_text(json.dumps(asdict(c), indent=2))
-        if self.step == 0:  # a fresh run: no metrics of an earlier one
-            (self.run_dir / "metrics.csv").unlink(missing_ok=True)
-        progress = Progress(c.total_steps, "steps", enabled=show_progress)
-        started, start_step = time.perf_counter(), self.step
-        while self.step < c.total_steps:
-            refining = self.step >= c.steps
-            self.optimizer.zero_grad(set_to_none=True)
-            loss, parts = self._refine_loss() if refining else self.loss()
-            if not torch.isfinite(loss):
-                self._bad_batch()
-                continue
-            loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(self.flow.parameters(), c.clip_norm)
-            if not torch.isfinite(norm):
-                self._bad_batch()
-                continue
-            self.optimizer.step()
-            if not refining:
-                self.scheduler.step()
-            self.ema.update_parameters(self.flow)
-            self.step += 1
-            if self._metrics_due():
-                rate = (self.step - start_step) / (time.perf_counter() - started)
-                self._write_metrics({"phase": "refine" if refining else "main",
-                                     "loss": float(loss.detach()), **parts, "steps_per_s": rate})
-                terms = {k: f"{parts[k]:.3f}" for k in ("nll_t0", "trade", "reverse_kl", "refine_nll")
-                         if k in parts}
-                progress.update(self.step, loss=f"{float(loss.detach()):.3f}", **terms,
-                                ess_tmin=f"{self.last_metrics['ess_tmin']:.3f}")
-            if self.step % c.checkpoint_every == 0 or self.step == c.total_steps:
-                self.save_checkpoint()
-        if self.best is not None:
-            self.flow.load_state_dict(self.best["state_dict"])
-        return self.save_model()
-
-    def _metrics_due(self) -> bool:
-        """Every ``metrics_every`` steps, at the end of the main phase and of every round."""
-        c = self.config
-        end_of_round = self.step > c.steps and (self.step - c.steps) % c.refine_steps == 0
-        return self.step % c.metrics_every == 0 or self.step == c.steps or end_of_round
-
-    def _bad_batch(self) -> None:
-        self.bad_batches += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.bad_batches >= self.config.max_bad_batches:
+    if data is None:
+        if system is None or system not in ANALYTIC_SYSTEMS:
             raise TradeMDError(
-                f"training stopped: {self.bad_batches} batches gave a non-finite loss or gradient "
-                f"(last at step {self.step}); lower the learning rate or check the data energies"
+                "give --data FILE.h5 (from `trade-md simulate`) or --system with an analytic "
+                f"system {sorted(ANALYTIC_SYSTEMS)} that needs no data"
             )
+        return AnalyticTarget(get_analytic_system(system))
+    return MoleculeTarget.from_trajectory(data, platform=platform, temperature_k=temperature_k)
 
-    # -- metrics and model selection ---------------------------------------------------------
 
-    @torch.no_grad()
-    def metrics(self) -> dict:
-        """Scores of the EMA flow: validation NLL at T0 and the Kish relative ESS at every
-        selection temperature, each pooled over ``metrics_samples`` flow samples."""
-        c = self.config
-        values = {"step": self.step, "bad_batches": self.bad_batches}
-        if self.validation is not None:
-            values["val_nll_t0"] = float(
-                -self.model.log_prob(self.validation, self.target.reference_temperature).mean())
-        for name, temperature in self.selection_temperatures():
-            _, _, _, log_w = importance_weights(self.model, self.target, c.metrics_samples, temperature,
-                                                chirality_restraint_kt=c.chirality_restraint_kt)
-            values[f"ess_{name}"] = float(kish_ess(log_w.double())) / c.metrics_samples
-        return values
+def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | None = None,
+              temperature_k: float | None = None,
+              system: str | None = None, preset: str = "quick", config_file: str | Path | None = None,
+              overrides: dict | None = None, device: str = "auto", platform: str = "auto",
+              resume: bool = False, show_progress: bool = True) -> Path:
+    """Train a flow as ``trade-md train`` does; returns the path of ``model.pt``.
 
-    def _selection_score(self, values: dict) -> tuple[float | None, str]:
-        """(score, criterion) of a metrics row; None where this step may not be selected."""
-        c = self.config
-        if not c.selects_by_ess:
-            if "val_nll_t0" not in values:
-                return None, "last step (no validation data)"
-            return -values["val_nll_t0"], "validation NLL at T0"
-        if c.kind is Objective.TRADE and self.step < (c.warmup_fraction + c.ramp_fraction) * c.steps:
-            return None, "TRADE weight still ramping up"
-        floor = 1.0 / c.metrics_samples
-        logs = [math.log(max(values[f"ess_{name}"], floor)) for name, _ in self.selection_temperatures()]
-        names = ", ".join(f"{t:g}" for _, t in self.selection_temperatures())
-        return sum(logs) / len(logs), f"mean log relative ESS at {names}"
+    Settings: the preset, then the config file, then ``overrides`` (CLI options), each
+    overriding the one before; where only the steps change, the preset's refinement steps
+    scale with them.
+    """
+    if preset not in PRESETS:
+        raise TradeMDError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
+    base = PRESETS[preset]
+    chosen = load_config_file(config_file) if config_file is not None else {}
+    chosen.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    settings = {**base, "flow": dict(base["flow"]), **chosen}
+    if "steps" in chosen and "refine_steps" not in chosen:
+        # the preset's refinement keeps its share of the training when only --steps changes
+        settings["refine_steps"] = max(1, round(base["refine_steps"] * settings["steps"] / base["steps"]))
+    config = TrainConfig(t_min=t_min, t_max=t_max, **settings)
+    out = Path(out)
+    if resume and not (out / "checkpoint.pt").is_file():
+        raise TradeMDError(f"nothing to resume: {str(out / 'checkpoint.pt')!r} does not exist")
+    if not resume and (out / "model.pt").exists():
+        raise TradeMDError(f"{str(out)!r} already holds a trained model: choose another --out or --resume")
+    device = torch_device(device)
+    if device.type == "cpu":
+        # small per-step tensors: one thread is fastest, and leaves the other cores to the
+        # OpenMM energy workers (measured: 5x faster than 2 threads on a busy 2-core machine)
+        torch.set_num_threads(1)
+    target = _target(data, system, platform, temperature_k)
+    try:
+        trainer = Trainer(target, config, out, device=device,
+                          validation_features=getattr(target, "validation_features", None))
+        if hasattr(target, "split"):
+            (out / "split.json").write_text(target.split.to_json())
+        if resume:
+            _check_same_target(out, target.record()["system"], target.reference_temperature)
+            trainer.resume()
+        (out / "target.json").write_text(json.dumps({"system": target.record()["system"],
+                                                     "temperature_k": target.reference_temperature,
+                                                     "data": str(data) if data else None}))
+        model = trainer.train(show_progress=show_progress)
+    finally:
+        if hasattr(target, "close"):
+            target.close()
+    plot_losses(out / "metrics.csv", out / "loss.png")
+    return model
 
-    def _select(self, values: dict) -> bool:
-        """Keep the EMA parameters if this step scores best so far; returns whether it did."""
-        score, criterion = self._selection_score(values)
-        if score is None and self.best is not None and self.best["score"] is not None:
-            return False
-        if score is not None and self.best is not None and self.best["score"] is not None \
-                and score <= self.best["score"]:
-            return False
-        self.best = {"step": self.step, "score": score, "criterion": criterion,
-                     "state_dict": {k: v.detach().clone() for k, v in self.model.state_dict().items()}}
-        return True
 
-    def _columns(self) -> list[str]:
-        focus = [f"ess_{name}" for name, _ in self.selection_temperatures()[3:]]
-        return list(METRICS_COLUMNS) + focus
-
-    def _write_metrics(self, parts: dict) -> None:
-        row = {**self.metrics(), **parts}
-        selected = self._select(row)
-        row["selection_score"] = self.best["score"] if selected else None
-        row["selected"] = int(selected)
-        self.last_metrics = row
-        path = self.run_dir / "metrics.csv"
-        new_file = not path.exists()
-        with path.open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self._columns())
-            if new_file:
-                writer.writeheader()
-            writer.writerow(row)
-
-    # -- persistence -------------------------------------------------------------------------
-
-    def save_checkpoint(self) -> Path:
-        """Write ``checkpoint.pt``: all state needed to continue exactly."""
-        path = self.run_dir / "checkpoint.pt"
-        state = {
-            "step": self.step, "bad_batches": self.bad_batches,
-            "flow": self.flow.state_dict(), "ema": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "cache": self.cache.state_dict(),
-            "best": self.best, "buffer": None if self.buffer is None else self.buffer.state_dict(),
-            "torch_rng": torch.get_rng_state(), "config": asdict(self.config),
-        }
-        if self.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        torch.save(state, path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").replace(path)
-        return path
-
-    def resume(self) -> None:
-        """Continue from ``checkpoint.pt`` in ``run_dir``."""
-        path = self.run_dir / "checkpoint.pt"
-        if not path.is_file():
-            raise TradeMDError(f"no checkpoint to resume in {str(self.run_dir)!r}: drop --resume")
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        if "ema" not in state:
-            raise TradeMDError(f"{str(path)!r} was written by an older trade-md without weight "
-                               "averaging: train into a new --out")
-        self.flow.load_state_dict(state["flow"])
-        self.step, self.bad_batches = state["step"], state["bad_batches"]
-        if self.step > self.config.steps:  # inside refinement: its optimiser, not the main one
-            self.optimizer = torch.optim.Adam(self.flow.parameters(), lr=self.config.refine_learning_rate)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.ema.load_state_dict(state["ema"])
-        self.cache.load_state_dict(state["cache"])
-        self.best = state["best"]
-        if state["buffer"] is not None:
-            self.buffer = RefinementBuffer.from_state_dict(state["buffer"])
-        torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
-
-    def save_model(self) -> Path:
-        """Write ``model.pt`` (the selected EMA parameters: flow, target record, temperature
-        range, T0) and ``selection.json`` (which step was chosen and why)."""
-        path = self.run_dir / "model.pt"
-        flow = build_flow(self.flow.config).to(self.device)
-        flow.load_state_dict(self.best["state_dict"] if self.best else self.model.state_dict())
-        selection = {k: v for k, v in (self.best or {}).items() if k != "state_dict"}
-        torch.save({
-            "format": MODEL_FORMAT,
-            "format_version": MODEL_FORMAT_VERSION,
-            "flow": flow.checkpoint(),
-            "target": self.target.record(),
-            "reference_temperature": self.target.reference_temperature,
-            "temperature_range": [self.config.t_min, self.config.t_max],
-            "objective": self.config.objective,
-            "selection": selection,
-        }, path)
-        (self.run_dir / "selection.json").write_text(json.dumps(selection, indent=2))
-        return path
+def _check_same_target(out: Path, system: str, temperature_k: float) -> None:
+    """Refuse to resume a run on another system, or on another ensemble (T0) of the same file."""
+    path = out / "target.json"
+    recorded = json.loads(path.read_text()) if path.exists() else {}
+    recorded_system = recorded.get("system", system)
+    recorded_t = recorded.get("temperature_k", temperature_k)
+    if recorded_system != system or abs(recorded_t - temperature_k) > 1e-6:
+        raise TradeMDError(
+            f"the checkpoint in {str(out)!r} was trained on {recorded_system!r} at "
+            f"{recorded_t:g}, not {system!r} at {temperature_k:g}: resume with the same data "
+            "(and --temperature), or train into a new --out"
+        )

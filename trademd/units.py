@@ -21,7 +21,7 @@ def parse_time_ps(text: str, allow_zero: bool = False) -> float:
     >>> parse_time_ps("20ns")
     20000.0
     """
-    from .errors import TradeMDError
+    from trademd.errors import TradeMDError
 
     if allow_zero and str(text).strip() == "0":
         return 0.0

@@ -2,7 +2,7 @@
 
 Every stage reads and writes through this module (documented in ``docs/formats.md``). Each
 file carries ``format`` (e.g. ``trade-md/trajectory``), ``format_version``, the provenance
-attributes of :func:`trademd.provenance.provenance`, and a ``unit`` attribute on every dataset
+attributes of :func:`trademd.io.provenance.provenance`, and a ``unit`` attribute on every dataset
 with a physical unit.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import TradeMDError
+from trademd.errors import TradeMDError
 
 __all__ = [
     "open_hdf5",

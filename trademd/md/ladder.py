@@ -2,11 +2,11 @@
 --temperatures ...``.
 
 All ``ladders x K`` configurations run as non-interacting copies in one OpenMM Context
-(:mod:`trademd.replicas`); copy ``l * K + k`` is rung k (temperature T_k) of ladder l for the
+(:mod:`trademd.md.copies`); copy ``l * K + k`` is rung k (temperature T_k) of ladder l for the
 whole run. Its temperature is a per-degree-of-freedom variable ``kT`` of a custom Langevin
 integrator (the LangevinMiddle splitting of OpenMM's LangevinMiddleIntegrator). Every
 ``exchange_every_ps`` neighbouring rungs try to swap configurations by the Metropolis rule of
-:mod:`trademd.exchange`, with each copy's exact potential energy: the molecule's energy from
+:mod:`trademd.md.exchange`, with each copy's exact potential energy: the molecule's energy from
 a single-molecule Context plus its centre-of-mass restraint. A swapped configuration moves to
 the other copy's lattice point with the same offset (so its restraint energy moves with it)
 and its velocities are rescaled by sqrt(T_new / T_old).
@@ -25,17 +25,17 @@ import time
 import numpy as np
 import openmm
 
-from .errors import TradeMDError
-from .exchange import ExchangeState
-from .h5io import (REPLICA_EXCHANGE_FORMAT, TrajectoryWriter, create_replica_exchange_file, group_name,
+from trademd.errors import TradeMDError
+from trademd.md.exchange import ExchangeState
+from trademd.io.h5io import (REPLICA_EXCHANGE_FORMAT, TrajectoryWriter, create_replica_exchange_file, group_name,
                    open_checked, stored_molecule)
-from .molecule_energy import MoleculeEnergy
-from .platforms import openmm_platform
-from .progress import Progress
-from .provenance import provenance
-from .replicas import com_restraint_energies, replicate_system
-from .simulate import COM_RESTRAINT_NM, MOLECULE_RADIUS_NM, DynamicsSettings, load_system, molecule_attrs
-from .units import BOLTZMANN_KJ_MOL_K
+from trademd.energy.molecule import MoleculeEnergy
+from trademd.platforms import openmm_platform
+from trademd.progress import Progress
+from trademd.io.provenance import provenance
+from trademd.md.copies import com_restraint_energies, replicate_system
+from trademd.simulate import COM_RESTRAINT_NM, MOLECULE_RADIUS_NM, DynamicsSettings, load_system, molecule_attrs
+from trademd.units import BOLTZMANN_KJ_MOL_K
 
 __all__ = ["ExchangeConfig", "LadderEngine", "langevin_middle_per_dof", "replica_exchange"]
 

@@ -19,7 +19,7 @@ def provenance(command: str | None = None) -> dict[str, str]:
     import numpy
     import openmm
 
-    from . import __version__
+    from trademd import __version__
 
     versions = {
         "trademd_version": __version__,

@@ -19,7 +19,7 @@ import json
 
 import numpy as np
 
-from .units import BOLTZMANN_KJ_MOL_K
+from trademd.units import BOLTZMANN_KJ_MOL_K
 
 __all__ = ["log_acceptance", "ExchangeState"]
 

@@ -17,8 +17,8 @@ import math
 import torch
 from torch import Tensor
 
-from .errors import TradeMDError
-from .trade import kish_ess
+from trademd.errors import TradeMDError
+from trademd.training.trade import kish_ess
 
 __all__ = ["RefinementBuffer", "resampling_probabilities"]
 

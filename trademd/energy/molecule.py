@@ -7,8 +7,8 @@ The reference every faster path is tested against, and the exact per-frame energ
 import numpy as np
 import openmm
 
-from .errors import TradeMDError
-from .platforms import openmm_platform
+from trademd.errors import TradeMDError
+from trademd.platforms import openmm_platform
 
 __all__ = ["MoleculeEnergy"]
 

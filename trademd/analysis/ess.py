@@ -2,7 +2,7 @@
 
 All functions take unnormalised log importance weights, float64 [n] (dimensionless, natural
 log), in draw order. A weight of zero is written -inf (a flagged sample); NaN and +inf are
-read as -inf too, as :func:`trademd.trade.kish_ess` and the sampler's normalisation do, so
+read as -inf too, as :func:`trademd.training.trade.kish_ess` and the sampler's normalisation do, so
 the figures describe the weights the estimates actually use. Zero-weight samples count in n.
 Everything is computed with log-sum-exp arithmetic, so adding any constant (even 1e4) to
 all log weights changes nothing.
@@ -27,7 +27,7 @@ import math
 import numpy as np
 from scipy.special import logsumexp, softmax
 
-from .errors import TradeMDError
+from trademd.errors import TradeMDError
 
 __all__ = ["WeightDiagnostics", "kish_relative_ess", "pareto_k", "weight_diagnostics"]
 

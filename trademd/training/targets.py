@@ -21,11 +21,11 @@ from torch import Tensor
 
 from trademd.systems.analytic import AnalyticSystem
 
-from .coordinates import InternalCoordinates, chirality_restraint, constrained_bonds_from_openmm
-from .energy import EnergyBridge, potential_energy
-from .errors import TradeMDError
-from .h5io import read_trajectory
-from .units import BOLTZMANN_KJ_MOL_K
+from trademd.flow.coordinates import InternalCoordinates, chirality_restraint, constrained_bonds_from_openmm
+from trademd.energy.bridge import EnergyBridge, potential_energy
+from trademd.errors import TradeMDError
+from trademd.io.h5io import read_trajectory
+from trademd.units import BOLTZMANN_KJ_MOL_K
 
 __all__ = ["AnalyticTarget", "MoleculeTarget", "DataSplit", "split_frames"]
 
@@ -103,8 +103,8 @@ class MoleculeTarget:
     """A molecule as a training or sampling target.
 
     Features z = (torsions, normalised free bonds and angles) of
-    :class:`~trademd.coordinates.InternalCoordinates`; energies from OpenMM through
-    :class:`~trademd.energy.EnergyBridge`. Build it from a ``trade-md simulate`` file with
+    :class:`~trademd.flow.coordinates.InternalCoordinates`; energies from OpenMM through
+    :class:`~trademd.energy.bridge.EnergyBridge`. Build it from a ``trade-md simulate`` file with
     :meth:`from_trajectory` (training) or from a model file's record with :meth:`from_record`.
 
     Args:
@@ -135,7 +135,7 @@ class MoleculeTarget:
         """Fit the coordinates on the training frames of a trajectory file; sets ``split``,
         ``data_features`` and ``validation_features``. ``temperature_k`` picks the ensemble
         of a replica-exchange file (required there; it becomes T0), see
-        :func:`~trademd.h5io.read_trajectory`."""
+        :func:`~trademd.io.h5io.read_trajectory`."""
         trajectory = read_trajectory(data_path, temperature_k)
         molecule = trajectory.molecule()
         n_replicas = int(trajectory.attrs.get("n_replicas", 1))
@@ -180,7 +180,7 @@ class MoleculeTarget:
         """(u = U / (k T) [B], log|dx/dz| [B]) of features z [B, D] at T [B] (K); differentiable
         in z through the OpenMM forces; +inf where the energy overflows. With
         ``chirality_restraint_kt`` > 0, u also holds that many kT per mirrored chiral centre
-        (:func:`~trademd.coordinates.chirality_restraint`; zero on the physical enantiomer)."""
+        (:func:`~trademd.flow.coordinates.chirality_restraint`; zero on the physical enantiomer)."""
         x, log_det = self.positions(z)
         energy_kj_mol = potential_energy(x, self.bridge)
         u = energy_kj_mol / (self.boltzmann_k * temperature.double())

@@ -26,7 +26,7 @@ import math
 import numpy as np
 import openmm
 
-from .errors import TradeMDError
+from trademd.errors import TradeMDError
 
 __all__ = ["ReplicaLayout", "replicate_system", "copy_energy_parameter", "com_restraint_energies",
            "SUPPORTED_FORCES"]

@@ -27,7 +27,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .errors import TradeMDError
+from trademd.errors import TradeMDError
 
 __all__ = [
     "dlogp_dlogt",

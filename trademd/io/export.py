@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import TradeMDError
-from .h5io import SAMPLES_FORMAT, file_format, read_samples, read_trajectory
+from trademd.errors import TradeMDError
+from trademd.io.h5io import SAMPLES_FORMAT, file_format, read_samples, read_trajectory
 
 __all__ = ["EXPORT_FORMATS", "export_file"]
 

@@ -22,7 +22,7 @@ replicated per-copy (lam_c), CPU, 4 copies     --             3,500
 So on a CPU machine the fastest exact path is a pool of worker processes (one per core), each
 owning a single-molecule Context on the faster of the Reference and CPU platforms (timed at
 start-up; Reference for small molecules, and double precision as a bonus). The replicated
-per-copy Context (:class:`~trademd.energy_pool.ReplicatedKernel`) is used with CUDA, where one
+per-copy Context (:class:`~trademd.energy.pool.ReplicatedKernel`) is used with CUDA, where one
 Context of hundreds of copies replaces hundreds of kernel launches, and on request
 (``kernel="replicated"``). Configurations that could reach another copy's cutoff (an atom
 farther than ``layout.max_radius_nm`` from the centroid) never enter a replicated Context.
@@ -46,10 +46,10 @@ import openmm
 import torch
 from torch.autograd.function import once_differentiable
 
-from .energy_pool import KernelSpec, SingleKernel, WorkerPool, build_kernel, probe_positions_nm
-from .errors import TradeMDError
-from .platforms import PLATFORM_CHOICES, available_openmm_platforms, openmm_platform
-from .units import BOLTZMANN_KJ_MOL_K
+from trademd.energy.pool import KernelSpec, SingleKernel, WorkerPool, build_kernel, probe_positions_nm
+from trademd.errors import TradeMDError
+from trademd.platforms import PLATFORM_CHOICES, available_openmm_platforms, openmm_platform
+from trademd.units import BOLTZMANN_KJ_MOL_K
 
 __all__ = [
     "EnergyBridge",
@@ -455,7 +455,7 @@ def recompute_trajectory_energies(path: str | Path, platform: str = "auto", writ
 
     import h5py
 
-    from .h5io import REPLICA_EXCHANGE_FORMAT, file_format, group_name, read_trajectory
+    from trademd.io.h5io import REPLICA_EXCHANGE_FORMAT, file_format, group_name, read_trajectory
 
     trajectory = read_trajectory(path, temperature_k, require_finite_energies=False)
     if trajectory.n_frames == 0:

@@ -41,8 +41,8 @@ from torch.distributions import Transform
 from zuko.nn import MLP, Residual
 from zuko.transforms import MonotonicRQSTransform
 
-from .base import TemperatureBase
-from .errors import TradeMDError
+from trademd.flow.base import TemperatureBase
+from trademd.errors import TradeMDError
 
 __all__ = ["DEFAULT_LAYERS", "SplineCoupling", "TemperatureFlow", "build_flow", "load_flow",
            "parse_layers"]
@@ -275,7 +275,7 @@ class TemperatureFlow(nn.Module):
         conditioner: ``"residual"`` or ``"mlp"``.
         activation: ``"silu"`` (smooth: TRADE differentiates d log p / dT by parameters),
             ``"relu"``, ``"elu"``, ``"gelu"``, ``"tanh"``.
-        torsion_base, bounded_base, base_sigma, base_kappa: see :mod:`trademd.base`.
+        torsion_base, bounded_base, base_sigma, base_kappa: see :mod:`trademd.flow.base`.
         reference_temperature_k: T0 of a temperature-scaled base; default sqrt(T_min T_max).
         groups: extra feature groups for the layer pattern, {name: [column indices of z]}.
         min_slope: smallest spline slope.

@@ -1,6 +1,6 @@
 """Temperature-dependent base distributions of the flow, on normalised coordinates.
 
-The flow (:mod:`trademd.flows`) works on normalised features ``w`` in ``[-1, 1]``: a torsion
+The flow (:mod:`trademd.flow.conditional`) works on normalised features ``w`` in ``[-1, 1]``: a torsion
 ``phi`` in ``[-pi, pi)`` is ``w = phi / pi`` (periodic), a bounded feature in ``[low, high]``
 is ``w = (x - centre) / half_width``. This module owns the base density over ``w`` and
 sampling from it. Sampling and density use the *same* distribution at every temperature
@@ -24,7 +24,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .errors import TradeMDError
+from trademd.errors import TradeMDError
 
 __all__ = ["BOUNDED_BASES", "TORSION_BASES", "TemperatureBase"]
 

@@ -6,7 +6,7 @@ forces float64 [n, atoms, 3] (kJ/mol/nm), exactly as a single-molecule Context w
 - :class:`SingleKernel`: one single-molecule Context, one configuration at a time (the
   reference computation, with the Python overhead of reading a State cut to the minimum);
 - :class:`ReplicatedKernel`: ``n_copies`` non-interacting copies in one Context
-  (:mod:`trademd.replicas`, ``per_copy_energies=True``), copy c's energy read as
+  (:mod:`trademd.md.copies`, ``per_copy_energies=True``), copy c's energy read as
   dU/dlam_c; configurations too extended for the lattice go to a :class:`SingleKernel`.
 
 :class:`WorkerPool` runs one kernel per worker process (``spawn`` context, one OpenMM thread
@@ -29,8 +29,8 @@ import weakref
 import numpy as np
 import openmm
 
-from .errors import TradeMDError
-from .replicas import SUPPORTED_FORCES, copy_energy_parameter, replicate_system
+from trademd.errors import TradeMDError
+from trademd.md.copies import SUPPORTED_FORCES, copy_energy_parameter, replicate_system
 
 __all__ = [
     "KernelSpec",
@@ -160,7 +160,7 @@ class ReplicatedKernel:
     chunk is padded with copies of its first configuration, whose results are dropped.
 
     Args:
-        system: the single-molecule OpenMM system (forces as :mod:`trademd.replicas` supports).
+        system: the single-molecule OpenMM system (forces as :mod:`trademd.md.copies` supports).
         n_copies: copies per evaluation.
         platform: OpenMM platform name.
         properties: platform properties.
@@ -346,7 +346,7 @@ os.register_at_fork(after_in_child=_forget_workers_after_fork)
 class WorkerPool:
     """Worker processes, each owning one kernel, evaluating chunks of a batch in parallel.
 
-    Not thread-safe by itself: the owner (:class:`trademd.energy.EnergyBridge`) serialises
+    Not thread-safe by itself: the owner (:class:`trademd.energy.bridge.EnergyBridge`) serialises
     calls. Any failure while a batch is in flight (a worker dying, Ctrl-C) stops the pool;
     the owner starts a fresh one on its next call.
 
