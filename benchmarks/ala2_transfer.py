@@ -31,10 +31,10 @@ from trademd.errors import TradeMDError
 from trademd.evaluate import evaluate_samples
 from trademd.io.h5io import ensemble_temperatures, frame_count, open_hdf5, read_trajectory
 from trademd.analysis.plots import ess_against_temperature
-from trademd.md.ladder import ExchangeConfig, replica_exchange
+
 from trademd.sample import phi_psi
 from trademd.sampling_run import sample_run
-from trademd.simulate import SimulationConfig, simulate
+from trademd.simulate import ExchangeConfig, SimulationConfig, simulate
 from trademd.analysis.statistics import chains_by_replica, integrated_autocorrelation_time
 from trademd.train import train_run
 
@@ -56,10 +56,8 @@ SCALES = {
                  md_replicas=16, md_time_ps=20000.0, preset="paper", steps=None, n_samples=200000),
 }
 
-
 def log(message: str) -> None:
     print(f"[ala2_transfer] {message}", file=sys.stderr, flush=True)
-
 
 def plain_md(path: Path, temperature_k: float, replicas: int, time_ps: float, platform: str) -> None:
     """Run, resume or reuse a plain MD file."""
@@ -72,7 +70,6 @@ def plain_md(path: Path, temperature_k: float, replicas: int, time_ps: float, pl
     log(f"MD at {temperature_k:g} K, {replicas} x {time_ps:g} ps -> {path}")
     simulate(config, path, resume=path.exists(), command=COMMAND)
 
-
 def reference_remd(path: Path, ladders: int, time_ps: float, platform: str) -> None:
     """Run, resume or reuse the replica-exchange reference."""
     config = ExchangeConfig(system_name="ala2-implicit", temperatures_k=LADDER_K, time_ps=time_ps,
@@ -82,8 +79,7 @@ def reference_remd(path: Path, ladders: int, time_ps: float, platform: str) -> N
         log(f"reusing {path}")
         return
     log(f"replica exchange over {LADDER_K} K, {ladders} ladders x {time_ps:g} ps -> {path}")
-    replica_exchange(config, path, resume=path.exists(), command=COMMAND)
-
+    simulate(config, path, resume=path.exists(), command=COMMAND)
 
 def training_seconds(run_dir: Path) -> float:
     """Training wall time from metrics.csv: sum over logging intervals of steps / (steps/s)."""
@@ -91,12 +87,10 @@ def training_seconds(run_dir: Path) -> float:
     steps = np.diff(np.concatenate([[0.0], np.atleast_1d(rows["step"])]))
     return float(np.sum(steps / np.atleast_1d(rows["steps_per_s"])))
 
-
 def simulation_seconds(path: Path) -> float | None:
     with open_hdf5(path) as h5:
         value = h5.attrs.get("wall_time_s")
     return None if value is None else float(value)
-
 
 def phi_tau_frames(path: Path, temperature_k: float) -> dict:
     """Integrated autocorrelation time (frames) of phi and of the phi > 0 indicator, per
@@ -111,7 +105,6 @@ def phi_tau_frames(path: Path, temperature_k: float) -> dict:
     result["transitions_positive_phi"] = int(np.sum(np.abs(np.diff(
         chains_by_replica((phi > 0).astype(int), trajectory.replica, trajectory.time_ps), axis=1))))
     return result
-
 
 def sample_and_evaluate(model: Path, objective: str, temperature_k: float, out: Path,
                         reference: Path, n_samples: int, device: str, platform: str) -> dict:
@@ -140,7 +133,6 @@ def sample_and_evaluate(model: Path, objective: str, temperature_k: float, out: 
     metrics["sample_s"] = summary["sample_s"]
     metrics["effective_samples_per_s"] = summary["ess"] / summary["sample_s"]
     return metrics
-
 
 def run(scale: str, settings: dict, out: Path, platform: str, device: str) -> dict:
     """Every stage of the benchmark at ``scale`` with ``settings`` (a :data:`SCALES` entry)."""
@@ -192,15 +184,12 @@ def run(scale: str, settings: dict, out: Path, platform: str, device: str) -> di
     (out / "results.md").write_text(markdown(results))
     return results
 
-
 def _number(value, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
-
 
 def _error(value) -> str:
     """A standard error; above 10 kT only its size matters."""
     return "n/a" if value is None else ("> 10" if value > 10 else format(value, ".2f"))
-
 
 def markdown(results: dict) -> str:
     """The results as Markdown tables: one per temperature, then time to solution."""
@@ -263,9 +252,7 @@ def markdown(results: dict) -> str:
                      f"{entry['train_s'] + m['sample_s']:.0f} | {ess / (entry['train_s'] + m['sample_s']):.3g} |")
     return "\n".join(lines) + "\n"
 
-
 COMMAND = "python " + " ".join(shlex.quote(word) for word in sys.argv)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -283,7 +270,6 @@ def main() -> None:
     run(args.scale, settings, args.out, args.platform, args.device)
     print((args.out / "results.md").read_text())
     log(f"done in {(time.perf_counter() - start) / 60:.1f} min; results in {args.out / 'results.md'}")
-
 
 if __name__ == "__main__":
     main()

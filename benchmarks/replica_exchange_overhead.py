@@ -18,11 +18,10 @@ import time
 import numpy as np
 import openmm
 
-from trademd.md.exchange import ExchangeState
 from trademd.platforms import openmm_platform
-from trademd.md.ladder import LadderEngine
+from trademd.md.engines import LadderEngine
 from trademd.md.copies import replicate_system
-from trademd.simulate import COM_RESTRAINT_NM, MOLECULE_RADIUS_NM
+from trademd.md.settings import COM_RESTRAINT_NM, MOLECULE_RADIUS_NM, ExchangeConfig
 from trademd.systems import get_system
 
 
@@ -53,13 +52,14 @@ def ladder_rates(name: str, temperatures, ladders: int, platform: str, block: in
                  seconds: float) -> tuple[float, float]:
     """(integrator only, integrator + an exchange round per block) in molecule-steps/s."""
     molecule = get_system(name)
-    engine = LadderEngine(molecule.create_openmm_system(), temperatures, ladders, 0.002, 1.0, platform)
+    config = ExchangeConfig(system_name=name, temperatures_k=tuple(temperatures), ladders=ladders,
+                            time_ps=1.0, friction_per_ps=1.0, platform=platform, seed=0)
+    engine = LadderEngine(molecule.create_openmm_system(), config)
     engine.prepare(molecule.positions_nm(), 0, seed=0)
-    state, rng = ExchangeState.start(temperatures, ladders), np.random.default_rng(0)
 
     def with_exchange(steps: int) -> None:
         engine.integrator.step(steps)
-        engine.exchange(state, rng)
+        engine.exchange()
 
     n_copies = engine.layout.n_copies
     return (_rate(engine.integrator.step, n_copies, block, seconds),

@@ -17,7 +17,7 @@ import openmm.app as app
 
 from trademd.platforms import openmm_platform
 from trademd.md.copies import replicate_system
-from trademd.simulate import COM_RESTRAINT_NM, MOLECULE_RADIUS_NM
+from trademd.md.settings import COM_RESTRAINT_NM, MOLECULE_RADIUS_NM
 from trademd.systems import get_system
 
 

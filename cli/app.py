@@ -137,34 +137,19 @@ def simulate(
 ) -> None:
     """Run Langevin MD of many replicas in one OpenMM Context and write frames to HDF5; with
     --temperatures, replica exchange writing one ensemble per temperature."""
-    from trademd.md.ladder import ExchangeConfig, replica_exchange
-    from trademd.simulate import SimulationConfig
     from trademd.simulate import simulate as run_simulation
+    from trademd.simulate import simulation_config
     from trademd.units import parse_time_ps
 
-    common = dict(
-        system_name=system if pdb is None else f"user:{pdb.name}",
-        time_ps=parse_time_ps(time),
-        save_every_ps=parse_time_ps(save_every),
-        equilibration_ps=parse_time_ps(equilibration, allow_zero=True),
-        seed=seed,
-        platform=platform,
-        pdb_path=str(pdb) if pdb is not None else None,
-        forcefield_files=tuple(forcefield or ()),
+    config = simulation_config(
+        system=system, pdb_path=pdb, forcefield_files=tuple(forcefield or ()),
+        temperature_k=temperature, temperatures_k=tuple(temperatures or ()), replicas=replicas,
+        resume_file=out if resume else None, exchange_every_ps=parse_time_ps(exchange_every),
+        time_ps=parse_time_ps(time), save_every_ps=parse_time_ps(save_every),
+        equilibration_ps=parse_time_ps(equilibration, allow_zero=True), seed=seed, platform=platform,
     )
-    from trademd.io.h5io import REPLICA_EXCHANGE_FORMAT, file_format
-
-    if temperatures or (resume and out.is_file() and file_format(out) == REPLICA_EXCHANGE_FORMAT):
-        ladders = {} if replicas is None else {"ladders": replicas}  # None: the library's default
-        config = ExchangeConfig(temperatures_k=tuple(temperatures or ()),
-                                exchange_every_ps=parse_time_ps(exchange_every), **ladders, **common)
-        path = replica_exchange(config, out, overwrite=overwrite, resume=resume,
-                                command=full_command(ctx), show_progress=not quiet)
-    else:
-        copies = {} if replicas is None else {"replicas": replicas}
-        config = SimulationConfig(temperature_k=temperature, **copies, **common)
-        path = run_simulation(config, out, overwrite=overwrite, resume=resume,
-                              command=full_command(ctx), show_progress=not quiet)
+    path = run_simulation(config, out, overwrite=overwrite, resume=resume,
+                          command=full_command(ctx), show_progress=not quiet)
     typer.echo(str(path))
 
 
@@ -202,7 +187,7 @@ def energy(
     temperature: Optional[float] = typer.Option(None, help="replica-exchange file: which ensemble (K)"),
 ) -> None:
     """Recompute the potential energy of every frame and compare with the stored values."""
-    from trademd.energy.bridge import recompute_trajectory_energies
+    from trademd.recompute import recompute_trajectory_energies
 
     check = recompute_trajectory_energies(file, platform=platform, write=write, temperature_k=temperature)
     typer.echo(f"frames: {check.n_frames}")

@@ -1,7 +1,8 @@
 """Built-in molecular systems of trade-md (installed as ``trademd.systems``)."""
 
 from .molecule import SOLVENTS, MolecularSystem
-from .registry import BUILTIN_SYSTEMS, get_system, list_systems, system_from_record, user_system
+from .registry import (BUILTIN_SYSTEMS, get_system, list_systems, record_attrs, system_from_attrs,
+                       system_from_record, user_system)
 
 __all__ = ["MolecularSystem", "SOLVENTS", "BUILTIN_SYSTEMS", "get_system", "list_systems", "user_system",
-           "system_from_record"]
+           "record_attrs", "system_from_attrs", "system_from_record"]

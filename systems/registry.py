@@ -2,6 +2,7 @@
 
 from importlib import resources
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,8 @@ from trademd.errors import TradeMDError
 from .molecule import MolecularSystem, build_openmm_system
 from .zmatrix import order_zmatrix, zmatrix_from_bonds
 
-__all__ = ["BUILTIN_SYSTEMS", "get_system", "user_system", "list_systems", "system_from_record"]
+__all__ = ["BUILTIN_SYSTEMS", "get_system", "user_system", "list_systems", "record_attrs",
+           "system_from_attrs", "system_from_record"]
 
 _ALA2_PDB = "alanine-dipeptide.pdb"
 _ALA2_FORCEFIELD = ("amber99sbildn.xml",)
@@ -88,6 +90,26 @@ def user_system(pdb_path: str | Path, forcefield_files: list[str]) -> MolecularS
     if not forcefield_files:
         raise TradeMDError("a --pdb system needs --forcefield XML [XML ...]")
     return _user_system_from_text(path.read_text(), path.name, forcefield_files)
+
+
+def record_attrs(molecule: MolecularSystem) -> dict:
+    """The file attributes that record a system (read back by :func:`system_from_attrs`)."""
+    return {
+        "system": molecule.name,
+        "description": molecule.description,
+        "solvent": molecule.solvent,
+        "forcefield_files": list(molecule.forcefield_files),
+        "constraints": molecule.constraints,
+        "phi_atoms": list(molecule.phi_atoms or []),
+        "psi_atoms": list(molecule.psi_atoms or []),
+    }
+
+
+def system_from_attrs(attrs, topology_pdb: str) -> MolecularSystem:
+    """The system a trade-md file records in its root attributes (``system``,
+    ``forcefield_files`` as JSON text) and topology: built-in by name, a user system from
+    its PDB text."""
+    return system_from_record(str(attrs["system"]), topology_pdb, json.loads(attrs["forcefield_files"]))
 
 
 def system_from_record(name: str, pdb_text: str, forcefield_files: list[str]) -> MolecularSystem:

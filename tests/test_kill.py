@@ -4,8 +4,6 @@ uninterrupted run writes; training resumed from its last checkpoint ends with ex
 parameters of an uninterrupted run."""
 
 import json
-import os
-from pathlib import Path
 import shutil
 import signal
 import subprocess

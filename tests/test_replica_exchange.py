@@ -15,9 +15,10 @@ from trademd.cli.app import app, expand_multi_value_options
 from trademd.errors import TradeMDError
 from trademd.md.exchange import ExchangeState, log_acceptance
 from trademd.io.h5io import ensemble_temperatures, read_trajectory
-from trademd.md.ladder import ExchangeConfig, LadderEngine, replica_exchange
+from trademd.md.engines import LadderEngine
 from trademd.md.copies import com_restraint_energies, replicate_system
-from trademd.simulate import COM_RESTRAINT_NM
+from trademd.md.settings import COM_RESTRAINT_NM
+from trademd.simulate import ExchangeConfig, simulate
 from trademd.systems import get_system
 from trademd.units import BOLTZMANN_KJ_MOL_K
 
@@ -110,13 +111,15 @@ def _sample_by_quadrature(grid, density, n, rng):
 def test_two_temperature_harmonic_chain_has_exact_variances_and_acceptance():
     temperatures, ladders, n_bonds = (300.0, 600.0), 8, 3
     system, positions = _harmonic_chain(n_bonds + 1)
-    engine = LadderEngine(system, temperatures, ladders, 0.002, 10.0, "CPU", seed=1)
+    config = ExchangeConfig(system_name="harmonic-chain", temperatures_k=temperatures, ladders=ladders,
+                            time_ps=75.0, exchange_every_ps=0.05, friction_per_ps=10.0,
+                            platform="CPU", seed=1)
+    engine = LadderEngine(system, config)
     engine.prepare(positions, 2000, seed=1)
-    state, rng = ExchangeState.start(temperatures, ladders), np.random.default_rng(1)
+    state = engine.exchange_state
     bonds, kinetic = [], []
     for _ in range(1500):
-        engine.integrator.step(25)
-        engine.exchange(state, rng)
+        engine.advance(25)  # ends with an exchange round
         offsets = engine.offsets_nm().reshape(ladders, 2, n_bonds + 1, 3)
         bonds.append(np.linalg.norm(np.diff(offsets, axis=2), axis=-1))  # [ladders, 2, bonds]
         kinetic.append(engine.kinetic_temperatures_k())
@@ -154,7 +157,7 @@ def _config(**changes) -> ExchangeConfig:
 
 
 def test_file_holds_one_ensemble_per_temperature(tmp_path):
-    path = replica_exchange(_config(), tmp_path / "rx.h5", command="test", show_progress=False)
+    path = simulate(_config(), tmp_path / "rx.h5", command="test", show_progress=False)
     assert ensemble_temperatures(path) == [300.0, 400.0, 550.0]
     single = get_system("ala2-vacuum").create_openmm_system()
     from trademd.energy.molecule import MoleculeEnergy
@@ -182,7 +185,7 @@ def test_a_training_target_from_one_rung(tmp_path):
     """``trade-md train --data RX.h5 --temperature T``: the target holds that ensemble, T0 = T."""
     from trademd.training.targets import MoleculeTarget
 
-    path = replica_exchange(_config(temperatures_k=(300.0, 400.0), time_ps=5.0), tmp_path / "rx.h5",
+    path = simulate(_config(temperatures_k=(300.0, 400.0), time_ps=5.0), tmp_path / "rx.h5",
                             show_progress=False)  # 10 saves x 2 ladders per temperature
     with pytest.raises(TradeMDError, match="pick one with --temperature"):
         MoleculeTarget.from_trajectory(path, platform="CPU", workers=0)
@@ -197,9 +200,9 @@ def test_a_training_target_from_one_rung(tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path):
-    straight = replica_exchange(_config(), tmp_path / "a.h5", show_progress=False)
-    resumed = replica_exchange(_config(time_ps=1.0), tmp_path / "b.h5", show_progress=False)
-    replica_exchange(_config(time_ps=2.0), resumed, resume=True, show_progress=False)
+    straight = simulate(_config(), tmp_path / "a.h5", show_progress=False)
+    resumed = simulate(_config(time_ps=1.0), tmp_path / "b.h5", show_progress=False)
+    simulate(_config(time_ps=2.0), resumed, resume=True, show_progress=False)
     for temperature in (300.0, 400.0, 550.0):
         a, b = read_trajectory(straight, temperature), read_trajectory(resumed, temperature)
         assert np.array_equal(a.positions_nm, b.positions_nm)
@@ -218,7 +221,7 @@ def test_resume_continues_exactly(tmp_path):
 ])
 def test_bad_settings_are_refused(tmp_path, changes, message):
     with pytest.raises(TradeMDError, match=message):
-        replica_exchange(_config(**changes), tmp_path / "rx.h5", show_progress=False)
+        simulate(_config(**changes), tmp_path / "rx.h5", show_progress=False)
 
 
 def test_cli_replica_exchange_and_reference_selection(tmp_path):

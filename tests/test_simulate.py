@@ -8,7 +8,6 @@ from trademd.io.h5io import frame_count, read_trajectory
 from trademd.energy.molecule import MoleculeEnergy
 from trademd.simulate import SimulationConfig, simulate
 from trademd.systems import get_system
-import trademd.simulate
 
 
 def _config(**overrides) -> SimulationConfig:
@@ -70,7 +69,7 @@ def test_interrupted_run_resumes_losing_at_most_one_chunk(tmp_path, monkeypatch)
     uninterrupted = read_trajectory(simulate(config, tmp_path / "whole.h5", show_progress=False))
 
     calls = {"n": 0}
-    original = trademd.simulate.MoleculeEnergy.__call__
+    original = MoleculeEnergy.__call__
 
     def interrupt_second_chunk(self, positions):
         calls["n"] += 1
@@ -78,13 +77,13 @@ def test_interrupted_run_resumes_losing_at_most_one_chunk(tmp_path, monkeypatch)
             raise KeyboardInterrupt
         return original(self, positions)
 
-    monkeypatch.setattr(trademd.simulate.MoleculeEnergy, "__call__", interrupt_second_chunk)
+    monkeypatch.setattr(MoleculeEnergy, "__call__", interrupt_second_chunk)
     with pytest.raises(KeyboardInterrupt):
         simulate(config, tmp_path / "cut.h5", show_progress=False)
     partial = read_trajectory(tmp_path / "cut.h5")
     assert partial.n_frames == 2 * 4  # the first chunk: 2 saves x 4 replicas
     assert frame_count(tmp_path / "cut.h5") == 2 * 4  # from the shape, as `run` reads it
-    monkeypatch.setattr(trademd.simulate.MoleculeEnergy, "__call__", original)
+    monkeypatch.setattr(MoleculeEnergy, "__call__", original)
 
     simulate(_config(time_ps=3.0), tmp_path / "cut.h5", resume=True, show_progress=False)
     resumed = read_trajectory(tmp_path / "cut.h5")

@@ -21,6 +21,7 @@ from trademd.errors import TradeMDError
 from trademd.io.h5io import ensemble_temperatures, read_samples, read_trajectory
 from trademd.sample import basin_free_energy, phi_psi, phi_psi_histogram
 from trademd.analysis.statistics import effective_sample_size
+from trademd.systems import system_from_attrs
 
 __all__ = ["EPSILON", "METRIC_BINS", "kl_divergence", "js_divergence", "wasserstein_1",
            "evaluate_samples"]
@@ -86,7 +87,7 @@ def evaluate_samples(samples_path: str | Path, reference_path: str | Path,
             "compare samples with a reference at the same temperature"
         )
     samples = samples_file[temperature_k]
-    molecule = reference.molecule()
+    molecule = system_from_attrs(reference.attrs, reference.topology_pdb)
     if molecule.phi_atoms is None:
         raise TradeMDError(f"system {molecule.name!r} has no phi/psi dihedrals to compare")
     ref_phi, ref_psi = phi_psi(molecule, reference.positions_nm)

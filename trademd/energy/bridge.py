@@ -38,8 +38,6 @@ import os
 import threading
 import time
 import weakref
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import openmm
@@ -54,8 +52,6 @@ from trademd.units import BOLTZMANN_KJ_MOL_K
 __all__ = [
     "EnergyBridge",
     "potential_energy",
-    "EnergyCheck",
-    "recompute_trajectory_energies",
 ]
 
 KERNEL_CHOICES = ("auto", "single", "replicated")
@@ -418,82 +414,3 @@ def potential_energy(x: torch.Tensor, bridge: EnergyBridge) -> torch.Tensor:
     operation whose gradient is -F (first derivatives only). Overflowing configurations give
     +inf with zero gradient."""
     return _PotentialEnergy.apply(x, bridge)
-
-
-@dataclass
-class EnergyCheck:
-    """What ``trade-md energy`` found: energies recomputed for every frame of a file.
-
-    Attributes:
-        n_frames: frames in the file.
-        max_abs_difference_kj_mol: max |recomputed - stored| (kJ/mol).
-        mean_energy_kj_mol: mean recomputed energy (kJ/mol).
-        n_overflow: frames whose recomputed energy is not finite.
-        written: whether the recomputed energies replaced the stored ones.
-        bridge: a description of how they were computed.
-    """
-
-    n_frames: int
-    max_abs_difference_kj_mol: float
-    mean_energy_kj_mol: float
-    n_overflow: int
-    written: bool
-    bridge: str
-
-
-def recompute_trajectory_energies(path: str | Path, platform: str = "auto", write: bool = False,
-                                  batch: int = 4096, temperature_k: float | None = None) -> EnergyCheck:
-    """Recompute the potential energy of every frame of a ``trade-md simulate`` file.
-
-    Args:
-        path: the trajectory (or replica-exchange) file.
-        temperature_k: the ensemble of a replica-exchange file (K).
-        platform: OpenMM platform (see :class:`EnergyBridge`).
-        write: replace the stored ``energy_kj_mol`` with the recomputed values.
-        batch: frames evaluated per call.
-    """
-
-    import h5py
-
-    from trademd.io.h5io import REPLICA_EXCHANGE_FORMAT, file_format, group_name, read_trajectory
-
-    trajectory = read_trajectory(path, temperature_k, require_finite_energies=False)
-    if trajectory.n_frames == 0:
-        raise TradeMDError(f"{str(path)!r} holds no frames: nothing to recompute")
-    try:
-        molecule = trajectory.molecule()
-    except (KeyError, ValueError, TypeError):
-        raise TradeMDError(
-            f"{str(path)!r} does not record its system and force field (attributes 'system', "
-            "'forcefield_files'): give a file written by `trade-md simulate`"
-        ) from None
-    if molecule.n_atoms != trajectory.positions_nm.shape[1]:
-        raise TradeMDError(
-            f"{str(path)!r} holds {trajectory.positions_nm.shape[1]} atoms per frame but its "
-            f"system has {molecule.n_atoms}: the file is damaged"
-        )
-    with EnergyBridge(molecule, platform=platform) as bridge:
-        energies = np.concatenate([
-            bridge.evaluate_numpy(trajectory.positions_nm[start:start + batch])[0]
-            for start in range(0, trajectory.n_frames, batch)
-        ])
-        description = repr(bridge)
-        n_overflow = bridge.n_overflow
-    if write:
-        if n_overflow:
-            raise TradeMDError(
-                f"{n_overflow} frames of {str(path)!r} have non-finite energies: not written; "
-                "the trajectory holds broken configurations"
-            )
-        with h5py.File(path, "a") as h5:
-            group = h5[group_name(trajectory.temperature_k)] if file_format(path) == REPLICA_EXCHANGE_FORMAT else h5
-            group["energy_kj_mol"][...] = energies
-    finite = np.isfinite(energies)
-    return EnergyCheck(
-        n_frames=trajectory.n_frames,
-        max_abs_difference_kj_mol=float(np.max(np.abs(energies - trajectory.energy_kj_mol))),
-        mean_energy_kj_mol=float(energies[finite].mean()) if finite.any() else float("nan"),
-        n_overflow=n_overflow,
-        written=write,
-        bridge=description,
-    )

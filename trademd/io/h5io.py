@@ -8,6 +8,7 @@ with a physical unit.
 
 from dataclasses import dataclass
 import json
+import math
 from pathlib import Path
 
 import h5py
@@ -23,9 +24,10 @@ __all__ = [
     "read_samples",
     "TRAJECTORY_FORMAT",
     "REPLICA_EXCHANGE_FORMAT",
-    "create_replica_exchange_file",
+    "DynamicsFile",
     "ensemble_temperatures",
     "frame_count",
+    "write_energies",
     "Trajectory",
     "TrajectoryWriter",
     "read_trajectory",
@@ -118,11 +120,6 @@ class Trajectory:
     def n_frames(self) -> int:
         return int(self.positions_nm.shape[0])
 
-    def molecule(self):
-        """The :class:`~trademd.systems.MolecularSystem` the file records (system name, PDB,
-        force-field files)."""
-        return recorded_molecule(self.attrs, self.topology_pdb)
-
     def to_mdtraj(self):
         """The frames as an ``mdtraj.Trajectory`` (time in ps)."""
         import io
@@ -132,19 +129,6 @@ class Trajectory:
 
         topology = mdtraj.Topology.from_openmm(app.PDBFile(io.StringIO(self.topology_pdb)).topology)
         return mdtraj.Trajectory(self.positions_nm, topology, time=self.time_ps)
-
-
-def recorded_molecule(attrs, topology_pdb: str):
-    """The :class:`~trademd.systems.MolecularSystem` a simulate file's root attributes
-    (``system``, ``forcefield_files``) and topology record."""
-    from trademd.systems import system_from_record
-
-    return system_from_record(str(attrs["system"]), topology_pdb, json.loads(attrs["forcefield_files"]))
-
-
-def stored_molecule(h5: h5py.File):
-    """:func:`recorded_molecule` of an open simulate file."""
-    return recorded_molecule(h5.attrs, _text(h5["topology_pdb"][()]))
 
 
 def read_trajectory(path: str | Path, temperature_k: float | None = None,
@@ -176,6 +160,17 @@ def read_trajectory(path: str | Path, temperature_k: float | None = None,
             attrs={**h5.attrs, **group.attrs},
             **data,
         )
+
+
+def write_energies(path: str | Path, temperature_k: float, energy_kj_mol: np.ndarray) -> None:
+    """Replace the stored energies [frames] (kJ/mol) of the ensemble at ``temperature_k`` (K)
+    of a simulate file (what ``trade-md energy --write`` does)."""
+    with open_checked(path, (TRAJECTORY_FORMAT, REPLICA_EXCHANGE_FORMAT), mode="a") as h5:
+        dataset = _ensemble_group(h5, path, temperature_k)["energy_kj_mol"]
+        if dataset.shape != energy_kj_mol.shape:
+            raise TradeMDError(f"{str(path)!r} holds {dataset.shape[0]} frames, not {len(energy_kj_mol)}: "
+                               "the file changed while its energies were recomputed")
+        dataset[...] = energy_kj_mol
 
 
 def frame_count(path: str | Path, temperature_k: float | None = None) -> int:
@@ -260,28 +255,9 @@ def _new_file(path: Path, file_format: str, attrs: dict, topology_pdb: str,
     return h5
 
 
-def create_replica_exchange_file(path: str | Path, attrs: dict, topology_pdb: str, n_atoms: int,
-                                 temperatures_k: list[float], overwrite: bool = False) -> h5py.File:
-    """Create a ``trade-md/replica-exchange`` file: root attributes as a trajectory file plus
-    ``temperatures_k``, one group ``T<temperature>`` per ensemble with the trajectory
-    datasets, and an empty ``exchange/`` group for the exchange statistics (docs/formats.md)."""
-    h5 = _new_file(Path(path), REPLICA_EXCHANGE_FORMAT,
-                   {**attrs, "temperatures_k": [float(t) for t in temperatures_k]},
-                   topology_pdb, overwrite)
-    for temperature_k in temperatures_k:
-        group = h5.create_group(group_name(temperature_k))
-        group.attrs["temperature_k"] = float(temperature_k)
-        _create_frame_datasets(group, n_atoms)
-    h5.create_group("exchange")
-    return h5
-
-
 class TrajectoryWriter:
-    """Appends frames to a trajectory file (or to one ensemble group of a replica-exchange
-    file) chunk by chunk and keeps a resumable checkpoint.
-
-    Use as a context manager; the file is valid after every :meth:`append` (flushed), and an
-    interruption loses only frames not yet appended.
+    """Appends frames to one ensemble (the root of a trajectory file, or a ``T<temperature>``
+    group of a replica-exchange file), chunk by chunk.
 
     Args:
         group: the root of a trajectory file, or an ensemble group.
@@ -290,26 +266,14 @@ class TrajectoryWriter:
     def __init__(self, group: h5py.Group):
         self.h5 = group
 
-    @classmethod
-    def create(cls, path: str | Path, attrs: dict, topology_pdb: str, n_atoms: int,
-               overwrite: bool = False) -> "TrajectoryWriter":
-        """Create a new file at ``path`` with the given attributes (see docs/formats.md)."""
-        h5 = _new_file(Path(path), TRAJECTORY_FORMAT, attrs, topology_pdb, overwrite)
-        _create_frame_datasets(h5, n_atoms)
-        return cls(h5)
-
-    @classmethod
-    def reopen(cls, path: str | Path) -> "TrajectoryWriter":
-        """Open an existing trajectory file to continue it (``--resume``)."""
-        return cls(open_checked(path, TRAJECTORY_FORMAT, mode="a"))
-
     @property
     def n_frames(self) -> int:
         return int(self.h5["positions_nm"].shape[0])
 
     def append(self, positions_nm: np.ndarray, energy_kj_mol: np.ndarray, replica: np.ndarray,
                time_ps: np.ndarray, kinetic_temperature_k: np.ndarray) -> None:
-        """Append frames ([n, atoms, 3], [n], [n], [n]) and per-save kinetic temperatures."""
+        """Append frames ([n, atoms, 3] nm, [n] kJ/mol, [n], [n] ps) and per-save kinetic
+        temperatures [saves] (K); the caller flushes."""
         columns = {
             "positions_nm": positions_nm,
             "energy_kj_mol": energy_kj_mol,
@@ -322,7 +286,6 @@ class TrajectoryWriter:
             start = dataset.shape[0]
             dataset.resize(start + len(values), axis=0)
             dataset[start:] = values
-        self.h5.file.flush()
 
     def truncate(self, n_saves: int, frames_per_save: int) -> None:
         """Drop frames written after save ``n_saves`` (they follow the last checkpoint)."""
@@ -331,11 +294,96 @@ class TrajectoryWriter:
             self.h5[name].resize(keep, axis=0)
         self.h5["kinetic_temperature_k"].resize(n_saves, axis=0)
 
+
+class DynamicsFile:
+    """A ``trade-md simulate`` file being written: a plain trajectory (one ensemble at the
+    root) or a replica-exchange file (one ``T<temperature>`` group per ensemble plus
+    ``exchange/``), with the checkpoint a resume needs (docs/formats.md).
+
+    Use as a context manager; the file is valid after every :meth:`save_checkpoint`, and an
+    interruption loses only the frames written after the last one.
+    """
+
+    def __init__(self, h5: h5py.File):
+        self.h5 = h5
+        if h5.attrs["format"] == TRAJECTORY_FORMAT:
+            self.ensembles = [TrajectoryWriter(h5)]
+        else:
+            self.ensembles = [TrajectoryWriter(h5[group_name(t)])
+                              for t in json.loads(h5.attrs["temperatures_k"])]
+
+    @classmethod
+    def create(cls, path: str | Path, attrs: dict, topology_pdb: str, n_atoms: int,
+               temperatures_k: list[float], overwrite: bool = False) -> "DynamicsFile":
+        """A new file at ``path``: a trajectory file for one temperature (K), a
+        replica-exchange file (attribute ``temperatures_k``, an ensemble group per
+        temperature, an empty ``exchange/`` group) for several."""
+        if len(temperatures_k) == 1:
+            h5 = _new_file(Path(path), TRAJECTORY_FORMAT, attrs, topology_pdb, overwrite)
+            _create_frame_datasets(h5, n_atoms)
+            return cls(h5)
+        h5 = _new_file(Path(path), REPLICA_EXCHANGE_FORMAT,
+                       {**attrs, "temperatures_k": [float(t) for t in temperatures_k]},
+                       topology_pdb, overwrite)
+        for temperature_k in temperatures_k:
+            group = h5.create_group(group_name(temperature_k))
+            group.attrs["temperature_k"] = float(temperature_k)
+            _create_frame_datasets(group, n_atoms)
+        h5.create_group("exchange")
+        return cls(h5)
+
+    @classmethod
+    def reopen(cls, path: str | Path) -> "DynamicsFile":
+        """Open an existing simulate file to continue it (``--resume``)."""
+        return cls(open_checked(path, (TRAJECTORY_FORMAT, REPLICA_EXCHANGE_FORMAT), mode="a"))
+
+    @property
+    def attrs(self) -> dict:
+        """The root attributes (lists and dicts as JSON text)."""
+        return dict(self.h5.attrs)
+
+    @property
+    def topology_pdb(self) -> str:
+        return _text(self.h5["topology_pdb"][()])
+
+    def truncate(self, n_saves: int, frames_per_save: int) -> None:
+        """Drop everything written after save ``n_saves`` (it follows the last checkpoint)."""
+        for ensemble in self.ensembles:
+            ensemble.truncate(n_saves, frames_per_save)
+        if "exchange/walker_at_rung" in self.h5:
+            self.h5["exchange/walker_at_rung"].resize(n_saves, axis=0)
+
+    def write_exchange_statistics(self, attempts: np.ndarray, accepted: np.ndarray,
+                                  acceptance_rates: list[float], round_trips: int, rounds: int,
+                                  walkers: np.ndarray) -> None:
+        """Exchange statistics of a replica-exchange file: attempts and acceptances per
+        neighbour pair (datasets), acceptance rates, round trips and rounds (attributes of
+        ``exchange/``), and the walker at every rung of the new saves [saves, ladders, K]."""
+        group = self.h5["exchange"]
+        for name, values in (("attempts", attempts), ("accepted", accepted)):
+            if name in group:
+                del group[name]
+            group.create_dataset(name, data=values)
+        if "walker_at_rung" not in group:
+            dataset = group.create_dataset("walker_at_rung", shape=(0, *walkers.shape[1:]),
+                                           maxshape=(None, *walkers.shape[1:]), dtype="int32")
+            dataset.attrs["description"] = "walker (configuration history) at each rung [saves, ladders, K]"
+        dataset = group["walker_at_rung"]
+        start = dataset.shape[0]
+        dataset.resize(start + len(walkers), axis=0)
+        dataset[start:] = walkers
+        group.attrs["acceptance_rate"] = json.dumps([None if math.isnan(r) else float(r)
+                                                     for r in acceptance_rates])
+        group.attrs["round_trips"] = round_trips
+        group.attrs["exchange_rounds"] = rounds
+
     def save_checkpoint(self, openmm_checkpoint: bytes, state_xml: str, n_saves: int,
-                        platform: str, wall_time_s: float) -> None:
-        """Store what ``--resume`` needs after ``n_saves`` saves of all replicas, and add
+                        platform: str, wall_time_s: float, engine_state: dict[str, str]) -> None:
+        """Store what ``--resume`` needs after ``n_saves`` saves (the OpenMM checkpoint, the
+        state as XML for another platform, the engine's own state as text attributes), add
         ``wall_time_s`` (seconds since the last checkpoint or the start of this run) to the
-        file's ``wall_time_s`` attribute: the run's cost, set-up and resumes included."""
+        file's ``wall_time_s`` attribute (the run's cost, set-up and resumes included), and
+        flush."""
         self.h5.attrs["wall_time_s"] = float(self.h5.attrs.get("wall_time_s", 0.0)) + wall_time_s
         if "checkpoint" in self.h5:
             del self.h5["checkpoint"]
@@ -344,27 +392,31 @@ class TrajectoryWriter:
         group.create_dataset("state_xml", data=state_xml)
         group.attrs["n_saves"] = n_saves
         group.attrs["platform"] = platform
-        self.h5.file.flush()
+        for key, value in engine_state.items():
+            group.attrs[key] = value
+        self.h5.flush()
 
-    def load_checkpoint(self) -> tuple[bytes, str, int, str]:
-        """(openmm checkpoint bytes, state XML, saves done, platform name)."""
+    def load_checkpoint(self) -> tuple[bytes, str, int, str, dict]:
+        """(OpenMM checkpoint bytes, state XML, saves done, platform name, the engine's state)."""
         if "checkpoint" not in self.h5:
             raise TradeMDError(
                 f"{self.h5.filename!r} has no checkpoint to resume from: start it again with "
                 "--overwrite"
             )
         group = self.h5["checkpoint"]
+        engine_state = {k: _text(v) for k, v in group.attrs.items() if k not in ("n_saves", "platform")}
         return (
             group["openmm_checkpoint"][()].tobytes(),
             _text(group["state_xml"][()]),
             int(group.attrs["n_saves"]),
             str(group.attrs["platform"]),
+            engine_state,
         )
 
     def close(self) -> None:
-        self.h5.file.close()
+        self.h5.close()
 
-    def __enter__(self) -> "TrajectoryWriter":
+    def __enter__(self) -> "DynamicsFile":
         return self
 
     def __exit__(self, *exc) -> None:

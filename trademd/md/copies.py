@@ -25,6 +25,7 @@ import math
 
 import numpy as np
 import openmm
+from openmm import unit
 
 from trademd.errors import TradeMDError
 
@@ -218,19 +219,25 @@ def nonbonded_pairs(force: openmm.NonbondedForce) -> list[tuple[int, int, float,
             "nonbondedMethod=NoCutoff (implicit solvent or vacuum)"
         )
     n = force.getNumParticles()
-    atom = [force.getParticleParameters(i) for i in range(n)]
+    atom = []
+    for i in range(n):
+        charge, sigma, epsilon = force.getParticleParameters(i)
+        atom.append((charge.value_in_unit(unit.elementary_charge), sigma.value_in_unit(unit.nanometer),
+                     epsilon.value_in_unit(unit.kilojoule_per_mole)))
     exceptions = {}
     for e in range(force.getNumExceptions()):
         i, j, qq, sigma, epsilon = force.getExceptionParameters(e)
-        exceptions[(min(i, j), max(i, j))] = (qq, sigma, epsilon)
+        exceptions[(min(i, j), max(i, j))] = (qq.value_in_unit(unit.elementary_charge**2),
+                                             sigma.value_in_unit(unit.nanometer),
+                                             epsilon.value_in_unit(unit.kilojoule_per_mole))
     pairs = []
     for i in range(n):
-        qi, si, ei = (x._value for x in atom[i])
+        qi, si, ei = atom[i]
         for j in range(i + 1, n):
             if (i, j) in exceptions:
-                qq, sigma, epsilon = (x._value for x in exceptions[(i, j)])
+                qq, sigma, epsilon = exceptions[(i, j)]
             else:
-                qj, sj, ej = (x._value for x in atom[j])
+                qj, sj, ej = atom[j]
                 qq, sigma, epsilon = qi * qj, 0.5 * (si + sj), math.sqrt(ei * ej)
             if qq != 0.0 or epsilon != 0.0:
                 pairs.append((i, j, qq, sigma, epsilon))
@@ -257,7 +264,8 @@ def _gb_force(force: openmm.GBSAOBCForce, layout: ReplicaLayout, per_copy: bool)
     delta functions over a per-particle copy index) multiplies every energy term."""
     solute = force.getSoluteDielectric()
     solvent = force.getSolventDielectric()
-    sa_energy = force.getSurfaceAreaEnergy()._value  # kJ/mol/nm^2
+    sa_energy = force.getSurfaceAreaEnergy().value_in_unit(
+        unit.kilojoule_per_mole / unit.nanometer**2)
     pre = f"({-0.5 * COULOMB_KJ_NM_MOL * (1.0 / solute - 1.0 / solvent)!r})"
     gb = openmm.CustomGBForce()
     for name in ("charge", "or", "sr", "copy"):
@@ -293,11 +301,14 @@ def _gb_force(force: openmm.GBSAOBCForce, layout: ReplicaLayout, per_copy: bool)
         f"{scale1}2*{pre}*charge1*charge2/f; f=sqrt(r^2+B1*B2*exp(-r^2/(4*B1*B2)))",
         openmm.CustomGBForce.ParticlePairNoExclusions,
     )
-    params = [force.getParticleParameters(i) for i in range(force.getNumParticles())]
+    params = []  # (charge e, offset radius nm, scaling factor) of each atom
+    for i in range(force.getNumParticles()):
+        charge, radius, scaling = force.getParticleParameters(i)
+        params.append((charge.value_in_unit(unit.elementary_charge),
+                       radius.value_in_unit(unit.nanometer) - _OBC_OFFSET_NM, scaling))
     for c in range(layout.n_copies):
-        for charge, radius, scaling in params:
-            offset_radius = radius._value - _OBC_OFFSET_NM
-            gb.addParticle([charge._value, offset_radius, scaling * offset_radius, float(c)])
+        for charge, offset_radius, scaling in params:
+            gb.addParticle([charge, offset_radius, scaling * offset_radius, float(c)])
     if layout.n_copies > 1:
         gb.setNonbondedMethod(openmm.CustomGBForce.CutoffNonPeriodic)
         gb.setCutoffDistance(layout.gb_cutoff_nm)

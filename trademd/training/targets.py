@@ -25,6 +25,7 @@ from trademd.flow.coordinates import InternalCoordinates, chirality_restraint, c
 from trademd.energy.bridge import EnergyBridge, potential_energy
 from trademd.errors import TradeMDError
 from trademd.io.h5io import read_trajectory
+from trademd.systems import system_from_attrs
 from trademd.units import BOLTZMANN_KJ_MOL_K
 
 __all__ = ["AnalyticTarget", "MoleculeTarget", "DataSplit", "split_frames"]
@@ -137,7 +138,7 @@ class MoleculeTarget:
         of a replica-exchange file (required there; it becomes T0), see
         :func:`~trademd.io.h5io.read_trajectory`."""
         trajectory = read_trajectory(data_path, temperature_k)
-        molecule = trajectory.molecule()
+        molecule = system_from_attrs(trajectory.attrs, trajectory.topology_pdb)
         n_replicas = int(trajectory.attrs.get("n_replicas", 1))
         split = split_frames(np.arange(trajectory.n_frames) // n_replicas)
         positions = torch.as_tensor(trajectory.positions_nm, dtype=torch.float64)

@@ -1,0 +1,110 @@
+"""Settings of the MD stage: plain Langevin MD and replica exchange, and the constants of the
+replicated engine they share (times in ps, temperatures in K, lengths in nm)."""
+
+from dataclasses import dataclass
+
+from trademd.errors import TradeMDError
+
+__all__ = ["COM_RESTRAINT_NM", "MOLECULE_RADIUS_NM", "DynamicsSettings", "SimulationConfig",
+           "ExchangeConfig", "load_system"]
+
+#: Radius of the flat-bottom centre-of-mass restraint (nm) and the molecule size the lattice
+#: tolerates (nm): copies never come within the GB neighbour-list cutoff of each other.
+COM_RESTRAINT_NM = 0.5
+MOLECULE_RADIUS_NM = 1.5
+
+
+@dataclass(kw_only=True)
+class DynamicsSettings:
+    """What plain MD and replica exchange share: the system, how long, how often to save,
+    the Langevin settings (times in ps). Keyword arguments only."""
+
+    system_name: str
+    time_ps: float
+    save_every_ps: float = 1.0
+    equilibration_ps: float = 100.0
+    timestep_ps: float = 0.002
+    friction_per_ps: float = 1.0
+    seed: int = 0
+    platform: str = "auto"
+    chunk_saves: int = 10
+    pdb_path: str | None = None
+    forcefield_files: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        """Raise :class:`TradeMDError` for impossible times."""
+        if self.save_every_ps < self.timestep_ps:
+            raise TradeMDError(f"--save-every must be at least one time step ({self.timestep_ps * 1000:g} fs)")
+        if self.time_ps < self.save_every_ps:
+            raise TradeMDError("--time must be at least one --save-every interval")
+        if self.equilibration_ps < 0:
+            raise TradeMDError("--equilibration must not be negative")
+
+    @property
+    def steps_per_save(self) -> int:
+        return max(1, int(round(self.save_every_ps / self.timestep_ps)))
+
+    @property
+    def n_saves(self) -> int:
+        return int(round(self.time_ps / self.save_every_ps))
+
+    @property
+    def equilibration_steps(self) -> int:
+        return int(round(self.equilibration_ps / self.timestep_ps))
+
+
+@dataclass(kw_only=True)
+class SimulationConfig(DynamicsSettings):
+    """Settings of a plain ``trade-md simulate`` run: ``replicas`` copies at ``temperature_k`` (K)."""
+
+    temperature_k: float
+    replicas: int = 64
+
+    def validate(self) -> None:
+        """Raise :class:`TradeMDError` for impossible settings."""
+        if not self.temperature_k > 0:
+            raise TradeMDError(f"temperature must be positive (kelvin), got {self.temperature_k}")
+        if self.replicas < 1:
+            raise TradeMDError(f"--replicas must be at least 1, got {self.replicas}")
+        super().validate()
+
+
+@dataclass(kw_only=True)
+class ExchangeConfig(DynamicsSettings):
+    """Settings of a replica-exchange run (times in ps, temperatures in K).
+
+    ``ladders`` independent copies of the temperature ladder run side by side: each
+    temperature's ensemble gets ``ladders`` frames per save.
+    """
+
+    temperatures_k: tuple[float, ...]
+    exchange_every_ps: float = 1.0
+    ladders: int = 4
+
+    def validate(self) -> None:
+        """Raise :class:`TradeMDError` for impossible settings."""
+        temperatures = list(self.temperatures_k)
+        if len(temperatures) < 2:
+            raise TradeMDError("replica exchange needs at least two --temperatures (K)")
+        if min(temperatures) <= 0:
+            raise TradeMDError(f"temperatures must be positive (kelvin), got {temperatures}")
+        if temperatures != sorted(set(temperatures)):
+            raise TradeMDError(f"give --temperatures in increasing order without repeats, got {temperatures}")
+        if self.ladders < 1:
+            raise TradeMDError(f"--replicas (ladders) must be at least 1, got {self.ladders}")
+        if self.exchange_every_ps < self.timestep_ps:
+            raise TradeMDError(f"--exchange-every must be at least one time step ({self.timestep_ps * 1000:g} fs)")
+        super().validate()
+
+    @property
+    def steps_per_exchange(self) -> int:
+        return max(1, int(round(self.exchange_every_ps / self.timestep_ps)))
+
+
+def load_system(config: DynamicsSettings):
+    """The :class:`~trademd.systems.MolecularSystem` a config names (built-in or user files)."""
+    from trademd.systems import get_system, user_system
+
+    if config.pdb_path is not None:
+        return user_system(config.pdb_path, list(config.forcefield_files))
+    return get_system(config.system_name)
