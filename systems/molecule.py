@@ -6,6 +6,7 @@ import io
 import numpy as np
 import openmm
 import openmm.app as app
+from openmm import unit
 
 from trademd.errors import TradeMDError
 
@@ -55,7 +56,7 @@ class MolecularSystem:
 
     def positions_nm(self) -> np.ndarray:
         """Reference positions of the PDB, float64 [n_atoms, 3] in nm."""
-        return np.asarray(self.pdb().getPositions(asNumpy=True)._value, dtype=np.float64)
+        return np.asarray(self.pdb().getPositions(asNumpy=True).value_in_unit(unit.nanometer), dtype=np.float64)
 
     def create_openmm_system(self) -> openmm.System:
         """The single-molecule OpenMM system: NoCutoff, constraints as :attr:`constraints`."""

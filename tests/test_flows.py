@@ -8,7 +8,8 @@ import torch
 
 from trademd.flow.base import TemperatureBase
 from trademd.errors import TradeMDError
-from trademd.flow.conditional import TemperatureFlow, build_flow, load_flow, parse_layers
+from trademd.flow.conditional import (TemperatureFlow, _KnotSpline, _knots, build_flow, load_flow,
+                                      parse_layers)
 
 T_RANGE = (250.0, 650.0)
 
@@ -209,6 +210,38 @@ def test_sample_log_prob_matches_log_prob_of_the_sample_float32():
     u, _ = flow(z, temperatures)
     back, _ = flow.inverse(u, temperatures)
     assert torch.allclose(back, z, atol=1e-5)
+
+
+def test_spline_interpolates_its_knots_and_its_log_det_is_the_autograd_derivative():
+    """The rational-quadratic spline alone: through every knot with the knot's slope, log|det|
+    = log dy/dx by autograd, inverse the inverse, identity outside the bins."""
+    g = torch.Generator().manual_seed(3)
+    logits = [2.0 * torch.randn(6, 2, k, generator=g, dtype=torch.float64) for k in (7, 7, 8)]
+    knots = _knots(*logits, min_slope=1e-3)  # each [6, 2, 8]: 7 bins
+    horizontal, vertical, slopes = knots
+
+    def spline_for(n):  # the same 12 splines, each for n points
+        return _KnotSpline(*(k[..., None, :].expand(6, 2, n, 8) for k in knots))
+
+    x = (2.0 * torch.rand(6, 2, 500, generator=g, dtype=torch.float64) - 1.0).requires_grad_(True)
+    y, ladj = spline_for(500).call_and_ladj(x)
+    (slope,) = torch.autograd.grad(y.sum(), x)
+    assert torch.all(slope > 0) and torch.all(y.abs() <= 1.0)
+    assert torch.allclose(ladj, slope.log(), rtol=0, atol=1e-12)
+    assert torch.allclose(spline_for(500).inverse(y.detach()), x.detach(), rtol=0, atol=1e-12)
+    # every knot but the first (a point on it lies in no bin: left as it is) and its slope
+    knot_x = horizontal[..., None, 1:].clone().requires_grad_(True)
+    knot_y, knot_ladj = spline_for(7).call_and_ladj(knot_x[..., 0, :])
+    (knot_slope,) = torch.autograd.grad(knot_y.sum(), knot_x)
+    assert torch.allclose(knot_y, vertical[..., 1:], rtol=0, atol=1e-14)
+    assert torch.allclose(knot_slope[..., 0, :], slopes[..., 1:], rtol=1e-12, atol=0)
+    assert torch.allclose(knot_ladj, slopes[..., 1:].log(), rtol=0, atol=1e-12)
+    assert torch.allclose(spline_for(7).inverse(vertical[..., 1:]), horizontal[..., 1:],
+                          rtol=0, atol=1e-14)
+    outside = torch.tensor([-1.5, -1.0, 1.25], dtype=torch.float64).expand(6, 2, 3)
+    y_out, ladj_out = spline_for(3).call_and_ladj(outside)
+    assert torch.equal(y_out, outside) and torch.equal(ladj_out, torch.zeros_like(outside))
+    assert torch.equal(spline_for(3).inverse(outside), outside)
 
 
 @pytest.mark.parametrize("conditioner", ["residual", "mlp"])

@@ -6,24 +6,12 @@ Context does; :func:`potential_energy` wraps it in a ``torch.autograd.Function``
 dU/dx = -F flows back to a flow's parameters, and :meth:`EnergyBridge.reduced_energy` gives
 u = U / (k_B T) for per-sample temperatures.
 
-How it evaluates (chosen per system and platform, from measurements on a 2-core CPU machine,
-alanine dipeptide, evaluations = energy + forces per second on one core):
-
-=============================================  =============  =======
-path                                           vacuum         OBC
-=============================================  =============  =======
-plain Context loop, CPU platform               10,000         4,800
-single-molecule Context, CPU, lean reads       17,000         8,300
-single-molecule Context, Reference             47,000         17,900
-replicated per-copy (lam_c), CPU, 64 copies    31,000-40,000  400
-replicated per-copy (lam_c), CPU, 4 copies     --             3,500
-=============================================  =============  =======
-
-So on a CPU machine the fastest exact path is a pool of worker processes (one per core), each
+How it evaluates (chosen per system and platform from measurements recorded in
+``docs/performance.md``): on a CPU machine a pool of worker processes (one per core), each
 owning a single-molecule Context on the faster of the Reference and CPU platforms (timed at
 start-up; Reference for small molecules, and double precision as a bonus). The replicated
-per-copy Context (:class:`~trademd.energy.pool.ReplicatedKernel`) is used with CUDA, where one
-Context of hundreds of copies replaces hundreds of kernel launches, and on request
+per-copy Context (:class:`~trademd.energy.pool.ReplicatedKernel`) is used with CUDA for vacuum
+systems, where one Context of many copies replaces many kernel launches, and on request
 (``kernel="replicated"``). Configurations that could reach another copy's cutoff (an atom
 farther than ``layout.max_radius_nm`` from the centroid) never enter a replicated Context.
 
@@ -44,7 +32,8 @@ import openmm
 import torch
 from torch.autograd.function import once_differentiable
 
-from trademd.energy.pool import KernelSpec, SingleKernel, WorkerPool, build_kernel, probe_positions_nm
+from trademd.energy.pool import (WORKERS_SUPPORTED, KernelSpec, SingleKernel, WorkerPool, build_kernel,
+                                 probe_positions_nm)
 from trademd.errors import TradeMDError
 from trademd.platforms import PLATFORM_CHOICES, available_openmm_platforms, openmm_platform
 from trademd.units import BOLTZMANN_KJ_MOL_K
@@ -174,7 +163,10 @@ class EnergyBridge:
             )
         self.platform = platform_name
         self.n_atoms = openmm_system.getNumParticles()
-        self.n_workers = (0 if gpu else _usable_cores() - 1) if workers is None else workers
+        if workers and not WORKERS_SUPPORTED:
+            raise TradeMDError("energy worker processes need a POSIX system (Linux, macOS): use workers=0")
+        default_workers = 0 if gpu or not WORKERS_SUPPORTED else _usable_cores() - 1
+        self.n_workers = default_workers if workers is None else workers
         self.copies = copies or _COPIES[platform_name][int(has_gb)]
         if self.copies < 1:
             raise TradeMDError(f"copies must be at least 1, got {self.copies}")

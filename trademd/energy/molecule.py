@@ -6,11 +6,15 @@ The reference every faster path is tested against, and the exact per-frame energ
 
 import numpy as np
 import openmm
+from openmm import unit
 
 from trademd.errors import TradeMDError
 from trademd.platforms import openmm_platform
 
 __all__ = ["MoleculeEnergy"]
+
+_KJ_MOL = unit.kilojoule_per_mole
+_KJ_MOL_NM = unit.kilojoule_per_mole / unit.nanometer
 
 
 class MoleculeEnergy:
@@ -47,6 +51,6 @@ class MoleculeEnergy:
         for k, x in enumerate(positions_nm):
             self._context.setPositions(x)
             state = self._context.getState(getEnergy=True, getForces=True)
-            energies[k] = state.getPotentialEnergy()._value
-            forces[k] = state.getForces(asNumpy=True)._value
+            energies[k] = state.getPotentialEnergy().value_in_unit(_KJ_MOL)
+            forces[k] = state.getForces(asNumpy=True).value_in_unit(_KJ_MOL_NM)
         return energies, forces

@@ -4,30 +4,36 @@ A *kernel* turns positions float64 [n, atoms, 3] (nm) into energies float64 [n] 
 forces float64 [n, atoms, 3] (kJ/mol/nm), exactly as a single-molecule Context would:
 
 - :class:`SingleKernel`: one single-molecule Context, one configuration at a time (the
-  reference computation, with the Python overhead of reading a State cut to the minimum);
+  reference computation);
 - :class:`ReplicatedKernel`: ``n_copies`` non-interacting copies in one Context
   (:mod:`trademd.md.copies`, ``per_copy_energies=True``), copy c's energy read as
   dU/dlam_c; configurations too extended for the lattice go to a :class:`SingleKernel`.
 
-:class:`WorkerPool` runs one kernel per worker process (``spawn`` context, one OpenMM thread
+:class:`WorkerPool` runs one kernel per worker process (a fresh interpreter, one OpenMM thread
 each) and hands out chunks of a batch as workers become free; positions, energies and forces
-travel through shared memory (:class:`SharedBatch`), the pipes carry only index ranges.
-Workers ignore Ctrl-C, stop on request, and exit by themselves when the parent process dies
-(their pipe closes or their parent process id changes). This module imports no torch, so
-workers start quickly.
+travel through shared memory (:class:`SharedBatch`), the sockets to the workers carry only
+index ranges. Workers ignore Ctrl-C, stop on request, and exit by themselves when the parent
+process dies (their socket closes or their parent process id changes). They are started with
+:mod:`subprocess`, not :mod:`multiprocessing`, so that multiprocessing's exit handler never
+sees them: in a child forked from the pool's process (which inherits whatever multiprocessing
+knows of its parent's children) it could otherwise terminate the parent's workers at exit.
+This module imports no torch, so workers start quickly.
 """
 
 import mmap
-import multiprocessing
 from multiprocessing.connection import wait
 import os
-import signal
+import pickle
+import socket
+import struct
+import subprocess
+import sys
 import tempfile
 import time
-import weakref
 
 import numpy as np
 import openmm
+from openmm import unit
 
 from trademd.errors import TradeMDError
 from trademd.md.copies import SUPPORTED_FORCES, copy_energy_parameter, replicate_system
@@ -39,6 +45,7 @@ __all__ = [
     "build_kernel",
     "probe_positions_nm",
     "WorkerPool",
+    "WORKERS_SUPPORTED",
 ]
 
 #: Forces whose energy does not change when the whole molecule is translated: positions of
@@ -79,39 +86,17 @@ def _is_translation_invariant(system: openmm.System) -> bool:
     return all(type(f).__name__ in _TRANSLATION_INVARIANT_FORCES for f in system.getForces())
 
 
-_ENERGY_AND_FORCES = openmm.State.Energy | openmm.State.Forces
+_KJ_MOL = unit.kilojoule_per_mole
+_KJ_MOL_NM = unit.kilojoule_per_mole / unit.nanometer
 
 
-def _evaluate_public(context: openmm.Context, positions_nm: np.ndarray, forces_out: np.ndarray) -> float:
+def _evaluate(context: openmm.Context, positions_nm: np.ndarray, forces_out: np.ndarray) -> float:
     """Potential energy (kJ/mol) at ``positions_nm`` [atoms, 3]; forces (kJ/mol/nm) written
-    into ``forces_out`` float64 [atoms, 3]. OpenMM's public API."""
+    into ``forces_out`` float64 [atoms, 3]."""
     context.setPositions(positions_nm)
     state = context.getState(getEnergy=True, getForces=True)
-    forces_out[...] = state.getForces(asNumpy=True)._value
-    return float(state.getPotentialEnergy()._value)
-
-
-def _evaluate_lean(context: openmm.Context, positions_nm: np.ndarray, forces_out: np.ndarray) -> float:
-    """The same as :func:`_evaluate_public` through OpenMM's unit-free SWIG functions: about
-    half the Python overhead, which matters for a 22-atom molecule (a few microseconds of
-    ~20). Used only after :func:`_lean_path_works` has checked it against the public API."""
-    swig = openmm._openmm
-    swig.Context_setPositions(context, positions_nm)
-    state = swig.Context_getState(context, _ENERGY_AND_FORCES, False, -1)
-    state._getVectorAsNumpy(openmm.State.Forces, forces_out)
-    return float(swig.State_getPotentialEnergy(state))
-
-
-def _lean_path_works(context: openmm.Context, n_atoms: int) -> bool:
-    """Whether :func:`_evaluate_lean` exists in this OpenMM and agrees with the public API."""
-    positions_nm = probe_positions_nm(n_atoms)
-    lean, public = np.empty((n_atoms, 3)), np.empty((n_atoms, 3))
-    try:
-        energy = _evaluate_lean(context, positions_nm, lean)
-    except Exception:  # private API changed: use the public one
-        return False
-    same_energy = energy == _evaluate_public(context, positions_nm, public)
-    return same_energy and np.array_equal(lean, public, equal_nan=True)
+    forces_out[...] = state.getForces(asNumpy=True).value_in_unit(_KJ_MOL_NM)
+    return state.getPotentialEnergy().value_in_unit(_KJ_MOL)
 
 
 class SingleKernel:
@@ -131,7 +116,6 @@ class SingleKernel:
             system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName(platform),
             dict(properties or {}),
         )
-        self._evaluate = _evaluate_lean if _lean_path_works(self._context, self.n_atoms) else _evaluate_public
 
     def __call__(self, positions_nm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Energies float64 [n] (kJ/mol) and forces float64 [n, atoms, 3] (kJ/mol/nm) of
@@ -143,7 +127,7 @@ class SingleKernel:
         forces = np.empty_like(positions_nm)
         for k, x in enumerate(positions_nm):
             try:
-                energies[k] = self._evaluate(self._context, x, forces[k])
+                energies[k] = _evaluate(self._context, x, forces[k])
             except openmm.OpenMMException:
                 energies[k] = np.nan
                 forces[k] = np.nan
@@ -218,7 +202,7 @@ class ReplicatedKernel:
             return np.full(n_used, np.nan), np.full((n_used, self.n_atoms, 3), np.nan)
         derivatives = state.getEnergyParameterDerivatives()
         energies = np.array([derivatives[name] for name in self._names[:n_used]])
-        self._forces[...] = state.getForces(asNumpy=True)._value
+        self._forces[...] = state.getForces(asNumpy=True).value_in_unit(_KJ_MOL_NM)
         forces = self._forces.reshape(self.n_copies, self.n_atoms, 3)[:n_used].copy()
         return energies, forces
 
@@ -284,12 +268,83 @@ class SharedBatch:
             pass
 
 
-def _worker_main(conn, spec: KernelSpec, parent_pid: int) -> None:
-    """Body of a worker process: build the kernel, then serve requests until ("stop",), a
-    closed pipe or a dead parent: ("map", path, capacity) maps a new :class:`SharedBatch`
-    and answers ("mapped",); ("eval", start, stop) evaluates rows [start, stop) of it in
-    place and answers ("ok", start, stop), or ("error", message)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+#: Worker processes inherit their end of a socket pair by file descriptor (``pass_fds``),
+#: which POSIX systems support; elsewhere (Windows) the bridge evaluates in this process only.
+WORKERS_SUPPORTED = os.name == "posix"
+
+
+class _Channel:
+    """Picklable messages through one end of a connected socket pair, each sent as its length
+    (8 bytes) and its pickle. Has ``fileno``, so :func:`multiprocessing.connection.wait`
+    waits on it; the end of the connection (the other process closed it, or died) reads as
+    ready, and :meth:`recv` then raises EOFError."""
+
+    _HEADER = struct.Struct("!Q")
+
+    def __init__(self, sock: socket.socket):
+        self._socket = sock
+
+    def fileno(self) -> int:
+        return self._socket.fileno()
+
+    def send(self, message) -> None:
+        payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        self._socket.sendall(self._HEADER.pack(len(payload)) + payload)
+
+    def poll(self, timeout_s: float) -> bool:
+        """Whether a message (or the end of the connection) arrives within ``timeout_s``."""
+        return bool(wait([self._socket], timeout_s))
+
+    def recv(self):
+        (size,) = self._HEADER.unpack(self._read(self._HEADER.size))
+        return pickle.loads(self._read(size))
+
+    def _read(self, size: int) -> bytes:
+        data = bytearray()
+        while len(data) < size:
+            chunk = self._socket.recv(size - len(data))
+            if not chunk:
+                raise EOFError("the other process closed the connection")
+            data += chunk
+        return bytes(data)
+
+    def close(self) -> None:
+        self._socket.close()
+
+
+#: What a worker interpreter runs: Ctrl-C ignored from the start (it is the parent's to
+#: handle), the parent's ``sys.path``, then :func:`_worker_main` with the file descriptor of
+#: its end of the socket pair and the parent's process id.
+_WORKER_COMMAND = (
+    "import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); sys.path[:] = sys.argv[3:]; "
+    "from trademd.energy.pool import _worker_main; _worker_main(int(sys.argv[1]), int(sys.argv[2]))"
+)
+
+
+def _next_message(conn: _Channel, parent_pid: int):
+    """The next message from the parent, or None once the parent is gone (the connection
+    ended, or this process was re-parented)."""
+    while True:
+        try:
+            if conn.poll(_PARENT_CHECK_S):
+                return conn.recv()
+        except (EOFError, OSError):
+            return None
+        if os.getppid() != parent_pid:
+            return None
+
+
+def _worker_main(fd: int, parent_pid: int) -> None:
+    """Body of a worker process, talking to the parent through the socket ``fd``: receive
+    the :data:`KernelSpec`, build the kernel and answer ("ready", pid) or ("error", message);
+    then serve requests until ("stop",), the end of the connection or a dead parent:
+    ("map", path, capacity) maps a new :class:`SharedBatch` and answers ("mapped",);
+    ("eval", start, stop) evaluates rows [start, stop) of it in place and answers
+    ("ok", start, stop), or ("error", message)."""
+    conn = _Channel(socket.socket(fileno=fd))
+    spec = _next_message(conn, parent_pid)
+    if spec is None:
+        return
     try:
         kernel = build_kernel(spec)
         n_atoms = openmm.XmlSerializer.deserialize(spec["system_xml"]).getNumParticles()
@@ -299,17 +354,10 @@ def _worker_main(conn, spec: KernelSpec, parent_pid: int) -> None:
     conn.send(("ready", os.getpid()))
     batch = None
     while True:
+        message = _next_message(conn, parent_pid)
+        if message is None or message[0] == "stop":
+            return
         try:
-            if not conn.poll(_PARENT_CHECK_S):
-                if os.getppid() != parent_pid:
-                    return  # the parent died: we were re-parented
-                continue
-            message = conn.recv()
-        except (EOFError, OSError):
-            return  # the parent closed the pipe or died
-        try:
-            if message[0] == "stop":
-                return
             if message[0] == "map":
                 batch = None  # drop the old mapping before making the new one
                 batch = SharedBatch(n_atoms, message[2], path=message[1])
@@ -324,23 +372,16 @@ def _worker_main(conn, spec: KernelSpec, parent_pid: int) -> None:
             reply = ("error", f"{type(error).__name__}: {error}")
         try:
             conn.send(reply)
-        except (EOFError, OSError):
+        except OSError:
             return
 
 
-_STARTED_WORKERS: "weakref.WeakSet[multiprocessing.Process]" = weakref.WeakSet()
-
-
-def _forget_workers_after_fork() -> None:
-    """In a forked child: drop the parent's workers from multiprocessing's list of children,
-    so that the child's exit handler never terminates (or tries to join) them."""
-    children = getattr(multiprocessing.process, "_children", None)
-    if isinstance(children, set):
-        for process in list(_STARTED_WORKERS):
-            children.discard(process)
-
-
-os.register_at_fork(after_in_child=_forget_workers_after_fork)
+def _exit_code(process: subprocess.Popen) -> int | None:
+    """The exit status of a worker that is ending (None if it has not ended within 0.1 s)."""
+    try:
+        return process.wait(0.1)
+    except subprocess.TimeoutExpired:
+        return None
 
 
 class WorkerPool:
@@ -358,24 +399,31 @@ class WorkerPool:
     def __init__(self, spec: KernelSpec, n_workers: int):
         if n_workers < 1:
             raise TradeMDError(f"a worker pool needs at least one worker, got {n_workers}")
-        context = multiprocessing.get_context("spawn")
-        self._processes = []
-        self._conns = []
+        self._processes: list[subprocess.Popen] = []
+        self._conns: list[_Channel] = []
         self._batch: SharedBatch | None = None
         self._n_atoms = openmm.XmlSerializer.deserialize(spec["system_xml"]).getNumParticles()
         self.closed = False
         try:
             for _ in range(n_workers):
-                parent_end, child_end = context.Pipe(duplex=True)
-                process = context.Process(
-                    target=_worker_main, args=(child_end, spec, os.getpid()),
-                    name="trademd-energy-worker", daemon=True,
-                )
-                process.start()
-                _STARTED_WORKERS.add(process)
-                child_end.close()
+                parent_end, child_end = socket.socketpair()
+                with child_end:
+                    try:
+                        process = subprocess.Popen(
+                            [sys.executable, "-c", _WORKER_COMMAND, str(child_end.fileno()),
+                             str(os.getpid()), *sys.path],
+                            pass_fds=(child_end.fileno(),),
+                        )
+                    except BaseException:
+                        parent_end.close()
+                        raise
                 self._processes.append(process)
-                self._conns.append(parent_end)
+                self._conns.append(_Channel(parent_end))
+            for conn in self._conns:
+                try:
+                    conn.send(spec)
+                except OSError:
+                    pass  # the worker is dead already: reported while waiting for it below
             deadline = time.monotonic() + _START_TIMEOUT_S
             for conn, process in zip(self._conns, self._processes):
                 reply = self._receive(conn, process, deadline - time.monotonic(), "starting")
@@ -394,19 +442,16 @@ class WorkerPool:
     def n_workers(self) -> int:
         return len(self._processes)
 
-    def _receive(self, conn, process, timeout_s: float, doing: str):
-        ready = wait([conn, process.sentinel], timeout=max(timeout_s, 0.0))
-        if conn in ready:
-            try:
-                return conn.recv()
-            except (EOFError, OSError):
-                pass
-        elif not ready:
+    def _receive(self, conn: _Channel, process: subprocess.Popen, timeout_s: float, doing: str):
+        if not conn.poll(max(timeout_s, 0.0)):
             raise TradeMDError(f"an energy worker did not answer while {doing} within "
                                f"{timeout_s:.0f} s: the machine may be overloaded")
-        process.join(0.1)
+        try:
+            return conn.recv()
+        except (EOFError, OSError):  # the connection ended: the worker died
+            pass
         raise TradeMDError(
-            f"an energy worker process died while {doing} (exit code {process.exitcode}): "
+            f"an energy worker process died while {doing} (exit code {_exit_code(process)}): "
             "it may have run out of memory or been killed; the pool restarts on the next call"
         )
 
@@ -469,10 +514,10 @@ class WorkerPool:
             while front < back or any(in_flight.values()):
                 working_here = local is not None and front < back
                 busy = [c for c in self._conns if in_flight[c]]
-                ready = wait(busy + [process_of[c].sentinel for c in busy],
-                             timeout=0 if working_here else None)
+                # a worker that died is ready too: its connection has ended
+                ready = wait(busy, timeout=0 if working_here else None)
                 for conn in busy:
-                    if conn not in ready and process_of[conn].sentinel not in ready:
+                    if conn not in ready:
                         continue
                     reply = self._receive(conn, process_of[conn], _START_TIMEOUT_S, "evaluating")
                     if reply[0] != "ok":
@@ -507,19 +552,18 @@ class WorkerPool:
                 pass
         deadline = time.monotonic() + _STOP_TIMEOUT_S
         for process in self._processes:
-            process.join(max(deadline - time.monotonic(), 0.0))
+            try:
+                process.wait(max(deadline - time.monotonic(), 0.0))
+            except subprocess.TimeoutExpired:
+                pass
         for process in self._processes:
-            if process.is_alive():
-                process.terminate()
-                process.join(1.0)
-            if process.is_alive():
-                process.kill()
-                process.join(1.0)
+            for stop in (process.terminate, process.kill):
+                if process.poll() is None:
+                    stop()
+                    try:
+                        process.wait(1.0)
+                    except subprocess.TimeoutExpired:
+                        pass
         for conn in self._conns:
             conn.close()
-        for process in self._processes:
-            try:
-                process.close()
-            except ValueError:
-                pass
         self._conns, self._processes, self._batch = [], [], None

@@ -13,7 +13,7 @@ normalisation's Jacobian cancels between entry and exit, so it appears in the de
 the constant of the base (see :meth:`TemperatureFlow.base_log_prob`).
 
 Each coupling layer transforms a set X of features with rational-quadratic splines
-(:class:`zuko.transforms.MonotonicRQSTransform` evaluated on knots built here): circular
+(:class:`_KnotSpline`, on knots built here, after Durkan et al. 2019): circular
 splines on torsions (end knots fixed at -pi and pi, one learned slope shared by both ends, so
 the map is a C1 diffeomorphism of the circle) and splines on the whole interval for bounded
 features (end knots at the interval ends, learned end slopes: the density is exactly supported
@@ -37,9 +37,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributions import Transform
-from zuko.nn import MLP, Residual
-from zuko.transforms import MonotonicRQSTransform
+from zuko.nn import MLP
 
 from trademd.flow.base import TemperatureBase
 from trademd.errors import TradeMDError
@@ -61,14 +59,55 @@ _ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU
 # splines
 
 
-class _KnotSpline(MonotonicRQSTransform):
-    """zuko's rational-quadratic spline evaluated on knots given directly (domain [-1, 1])."""
+class _KnotSpline:
+    """Monotonic rational-quadratic spline (Durkan et al. 2019) on given knots.
+
+    Knots come as tensors [..., K + 1] (K bins): ``horizontal`` and ``vertical`` increasing
+    from -1 to 1, ``derivatives`` the positive slopes at the knots. Points are tensors [...]
+    (the knots' shape without the last axis); a point on or outside the first knot, or past
+    the last one, is left unchanged with log|det| 0. zuko's ``MonotonicRQSTransform`` computes
+    the same spline but builds its own knots, with both end slopes fixed at 1; the arithmetic
+    here follows zuko 1.6's, so results are the same to the last bit.
+    """
 
     def __init__(self, horizontal: Tensor, vertical: Tensor, derivatives: Tensor):
-        Transform.__init__(self)
-        self.horizontal = horizontal
-        self.vertical = vertical
-        self.derivatives = derivatives
+        self.horizontal, self.vertical, self.derivatives = horizontal, vertical, derivatives
+        self.bins = horizontal.shape[-1] - 1
+
+    def _bin(self, knots: Tensor, value: Tensor) -> tuple[Tensor, ...]:
+        """(inside, x0, x1, y0, y1, d0, d1, s) [...]: the bin of ``value`` among ``knots``
+        (its ends, end values, end slopes and mean slope s); ``inside`` is False where
+        ``value`` lies in no bin (the other entries are then those of a valid bin)."""
+        k = torch.sum(knots < value[..., None], dim=-1) - 1
+        inside = torch.logical_and(0 <= k, k < self.bins)
+        k = k % self.bins
+        ends = torch.stack((k, k + 1), dim=-1)
+        x0, x1 = self.horizontal.gather(-1, ends).unbind(-1)
+        y0, y1 = self.vertical.gather(-1, ends).unbind(-1)
+        d0, d1 = self.derivatives.gather(-1, ends).unbind(-1)
+        return inside, x0, x1, y0, y1, d0, d1, (y1 - y0) / (x1 - x0)
+
+    def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(y, log|dy/dx|), both [...], for x [...]."""
+        inside, x0, x1, y0, y1, d0, d1, s = self._bin(self.horizontal, x)
+        z = inside * (x - x0) / (x1 - x0)
+        y = y0 + (y1 - y0) * (s * z**2 + d0 * z * (1 - z)) / (s + (d0 + d1 - 2 * s) * z * (1 - z))
+        jacobian = (
+            s**2
+            * (2 * s * z * (1 - z) + d0 * (1 - z) ** 2 + d1 * z**2)
+            / (s + (d0 + d1 - 2 * s) * z * (1 - z)) ** 2
+        )
+        return torch.where(inside, y, x), inside * jacobian.log()
+
+    def inverse(self, y: Tensor) -> Tensor:
+        """x [...] with spline(x) = y, for y [...] (the root of a quadratic in each bin)."""
+        inside, x0, x1, y0, y1, d0, d1, s = self._bin(self.vertical, y)
+        y_ = inside * (y - y0)
+        a = (y1 - y0) * (s - d0) + y_ * (d0 + d1 - 2 * s)
+        b = (y1 - y0) * d0 - y_ * (d0 + d1 - 2 * s)
+        c = -s * y_
+        z = 2 * c / (-b - (b**2 - 4 * a * c).sqrt())
+        return torch.where(inside, x0 + z * (x1 - x0), y)
 
 
 def _squash(logits: Tensor, bound: float) -> Tensor:
@@ -156,13 +195,20 @@ def _seam_shift(kind: str, layer_index: int) -> float:
     return 2.0 * ((layer_index * _GOLDEN) % 1.0) if kind == "golden" else 0.0
 
 
+class _Residual(nn.Sequential):
+    """x + layers(x): a residual block of the ``residual`` conditioner, [B, width] -> [B, width]."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + super().forward(x)
+
+
 def _conditioner(kind: str, n_in: int, n_out: int, width: int, depth: int,
                  activation: str) -> nn.Module:
     act = _ACTIVATIONS[activation]
     if kind == "mlp":
         net = MLP(n_in, n_out, [width] * depth, activation=act)
     elif kind == "residual":
-        blocks = [Residual(act(), nn.Linear(width, width), act(), nn.Linear(width, width))
+        blocks = [_Residual(act(), nn.Linear(width, width), act(), nn.Linear(width, width))
                   for _ in range(depth)]
         net = nn.Sequential(nn.Linear(n_in, width), *blocks, act(), nn.Linear(width, n_out))
     else:
@@ -251,7 +297,7 @@ class SplineCoupling(nn.Module):
     def inverse(self, w: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Base -> data direction: (w, log|det dw'/dw| of the forward map at the result)."""
         spline = self.spline(w, t)
-        x = spline._inverse(self._rotate(w[:, self.transformed], self.seam_shift))
+        x = spline.inverse(self._rotate(w[:, self.transformed], self.seam_shift))
         _, ladj = spline.call_and_ladj(x)
         return self._finish(w, self._rotate(x, -self.seam_shift)), ladj.sum(dim=1)
 

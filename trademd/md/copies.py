@@ -222,7 +222,8 @@ def nonbonded_pairs(force: openmm.NonbondedForce) -> list[tuple[int, int, float,
     atom = []
     for i in range(n):
         charge, sigma, epsilon = force.getParticleParameters(i)
-        atom.append((charge.value_in_unit(unit.elementary_charge), sigma.value_in_unit(unit.nanometer),
+        atom.append((charge.value_in_unit(unit.elementary_charge),
+                     sigma.value_in_unit(unit.nanometer),
                      epsilon.value_in_unit(unit.kilojoule_per_mole)))
     exceptions = {}
     for e in range(force.getNumExceptions()):
