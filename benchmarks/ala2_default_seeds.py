@@ -39,7 +39,7 @@ def run_seed(seed: int, out: Path, platform: str, device: str, reference: Path |
     from trademd.io.h5io import frame_count
     from trademd.pipeline import RunConfig
     from trademd.sampling_run import sample_run
-    from trademd.simulate import SimulationConfig, simulate
+    from trademd.simulate import simulate
     from trademd.train import train_run
 
     config = RunConfig(temperatures_k=(300.0,), seed=seed, **(overrides or {}))
@@ -48,10 +48,7 @@ def run_seed(seed: int, out: Path, platform: str, device: str, reference: Path |
     wall = {}
     data = run_dir / "data_600K.h5"
     start = time.perf_counter()
-    settings = SimulationConfig(system_name=config.system, temperature_k=config.data_temperature_k,
-                                time_ps=config.simulation_ps, replicas=config.replicas,
-                                save_every_ps=config.save_every_ps, equilibration_ps=20.0,
-                                seed=seed, platform=platform)
+    settings = config.simulation(platform)
     if not data.exists() or frame_count(data) < settings.n_saves * settings.replicas:
         simulate(settings, data, resume=data.exists(), show_progress=progress)
     with h5py.File(data) as h5:  # the file's own record: set-up and every resume included

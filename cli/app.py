@@ -312,8 +312,9 @@ def run(
     from trademd.pipeline import RunConfig, run_pipeline
     from trademd.units import parse_time_ps
 
-    config = RunConfig(system, list(temperature), data_temperature, parse_time_ps(time), replicas,
-                       preset, steps, n, save_every_ps=parse_time_ps(save_every), seed=seed)
+    config = RunConfig(system=system, temperatures_k=tuple(temperature), data_temperature_k=data_temperature,
+                       simulation_ps=parse_time_ps(time), replicas=replicas, save_every_ps=parse_time_ps(save_every),
+                       preset=preset, steps=steps, n_samples=n, seed=seed)
     summary = run_pipeline(config, out, platform=platform, device=device,
                            command=full_command(ctx), show_progress=not quiet)
     for entry in summary["samples"]:

@@ -16,6 +16,7 @@ from trademd.training.targets import AnalyticTarget
 from trademd.training.trainer import TrainConfig, Trainer
 
 FAST = dict(t_min=0.5, t_max=2.0, batch_size=256, learning_rate=5e-3, cache_every=50,
+            evaluation_points="samples", refine_rounds=0,
             cache_samples=256, grid_size=7, trade_points=128, warmup_fraction=0.1,
             ramp_fraction=0.1, metrics_every=20, metrics_samples=2000, checkpoint_every=20,
             flow={"width": 32})
@@ -165,12 +166,12 @@ def test_refinement_resumes_exactly_mid_round(tmp_path, monkeypatch):
 
 
 def test_a_presets_refinement_scales_with_the_steps(tmp_path):
-    from trademd.train import PRESETS, train_run
+    from trademd.train import preset_settings, train_run
 
     train_run(tmp_path / "short", 0.5, 2.0, system="gaussian-2d", overrides={"steps": 30},
               show_progress=False)
     config = json.loads((tmp_path / "short" / "config.json").read_text())
-    quick = PRESETS["quick"]
+    quick = preset_settings("quick")
     assert config["refine_steps"] == round(quick["refine_steps"] * 30 / quick["steps"]) == 3
     assert config["refine_rounds"] == quick["refine_rounds"]
     train_run(tmp_path / "fixed", 0.5, 2.0, system="gaussian-2d",

@@ -98,3 +98,24 @@ def test_resume_extends_a_finished_run(tmp_path):
     trajectory = read_trajectory(path)
     assert trajectory.n_frames == 4 * 4
     assert trajectory.time_ps.max() == pytest.approx(2.0)
+
+
+def test_a_run_stopped_before_its_first_chunk_starts_again_on_resume(tmp_path, monkeypatch):
+    """Killed during set-up or the first chunk, a file holds no checkpoint: --resume (and
+    `run`, which resumes unfinished files) starts it again instead of failing."""
+    config = _config(time_ps=1.0)
+    uninterrupted = read_trajectory(simulate(config, tmp_path / "whole.h5", show_progress=False))
+
+    def interrupt(self, positions):
+        raise KeyboardInterrupt
+
+    original = MoleculeEnergy.__call__
+    monkeypatch.setattr(MoleculeEnergy, "__call__", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        simulate(config, tmp_path / "cut.h5", show_progress=False)
+    assert frame_count(tmp_path / "cut.h5") == 0
+    monkeypatch.setattr(MoleculeEnergy, "__call__", original)
+    simulate(config, tmp_path / "cut.h5", resume=True, show_progress=False)
+    resumed = read_trajectory(tmp_path / "cut.h5")
+    assert resumed.n_frames == uninterrupted.n_frames == 2 * 4
+    assert np.allclose(resumed.positions_nm, uninterrupted.positions_nm, atol=1e-4)

@@ -17,6 +17,7 @@ runner = CliRunner()
 
 #: Small, fast settings used by these tests (seconds per run on 2 cores).
 FAST = dict(t_min=0.5, t_max=2.0, batch_size=256, learning_rate=5e-3, cache_every=50,
+            evaluation_points="samples", refine_rounds=0,
             cache_samples=256, grid_size=7, trade_points=128, warmup_fraction=0.1,
             ramp_fraction=0.1, metrics_every=100, checkpoint_every=100, flow={"width": 32})
 

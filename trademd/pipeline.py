@@ -11,6 +11,7 @@ A stage whose output exists is skipped; an interrupted simulation or training re
 its checkpoint. Delete a stage's output to redo it.
 """
 
+from dataclasses import dataclass
 import json
 from pathlib import Path
 import sys
@@ -24,48 +25,56 @@ from trademd.train import train_run
 __all__ = ["RunConfig", "run_pipeline"]
 
 
+@dataclass(kw_only=True)
 class RunConfig:
-    """Settings of ``trade-md run`` (defaults: the quick preset on alanine dipeptide).
+    """Settings of ``trade-md run`` (defaults: alanine dipeptide, the quick training preset).
+    Keyword arguments only.
 
-    Args:
+    Attributes:
         system: built-in molecular system.
         temperatures_k: temperatures to sample at (K).
         data_temperature_k: T0 of the simulation (K).
         simulation_ps: production time per replica (ps).
         replicas: MD replicas.
-        preset: training preset.
-        steps: training steps (None: the preset's).
-        n_samples: samples per temperature (100,000: pooled ESS and free energies stable to a
-            few percent; about a minute per temperature on 2 CPU cores).
         save_every_ps: frame interval of the MD (ps). 0.1 ps gives ten times the frames of
             1 ps from the same MD, which is what stops the fit at T0 from overfitting
-            (docs/results.md); the file stays under 50 MB for the default 16 ns.
+            (docs/results.md).
+        preset: training preset.
+        steps: training steps (None: the preset's).
+        n_samples: samples per temperature (enough for pooled ESS and free energies stable to
+            a few percent).
         seed: seed of the MD and of training.
     """
 
-    def __init__(self, system: str = "ala2-implicit", temperatures_k=(300.0,),
-                 data_temperature_k: float = 600.0, simulation_ps: float = 1000.0,
-                 replicas: int = 16, preset: str = "quick", steps: int | None = None,
-                 n_samples: int = 100000, save_every_ps: float = 0.1, seed: int = 0):
-        self.save_every_ps = float(save_every_ps)
-        self.seed = int(seed)
-        self.system = system
-        self.temperatures_k = [float(t) for t in temperatures_k]
-        self.data_temperature_k = float(data_temperature_k)
-        self.simulation_ps = float(simulation_ps)
-        self.replicas = int(replicas)
-        self.preset = preset
-        self.steps = steps
-        self.n_samples = int(n_samples)
+    system: str = "ala2-implicit"
+    temperatures_k: tuple[float, ...] = (300.0,)
+    data_temperature_k: float = 600.0
+    simulation_ps: float = 1000.0
+    replicas: int = 16
+    save_every_ps: float = 0.1
+    preset: str = "quick"
+    steps: int | None = None
+    n_samples: int = 100000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.temperatures_k = tuple(float(t) for t in self.temperatures_k)
         if not self.temperatures_k or min(self.temperatures_k) <= 0:
             raise TradeMDError("give at least one positive --temperature (K)")
+
+    def simulation(self, platform: str = "auto") -> SimulationConfig:
+        """The MD settings of the run's data."""
+        return SimulationConfig(system_name=self.system, temperature_k=self.data_temperature_k,
+                                time_ps=self.simulation_ps, replicas=self.replicas,
+                                save_every_ps=self.save_every_ps, equilibration_ps=20.0,
+                                seed=self.seed, platform=platform)
 
     @property
     def temperature_range_k(self) -> tuple[float, float]:
         """Trained range: 0.8 x the lowest temperature asked for to 1.1 x the highest of
         those and T0 (for 300 K from 600 K data: 240-660 K, the TRADE paper's range)."""
-        low = 0.8 * min(self.temperatures_k + [self.data_temperature_k])
-        high = 1.1 * max(self.temperatures_k + [self.data_temperature_k])
+        low = 0.8 * min(*self.temperatures_k, self.data_temperature_k)
+        high = 1.1 * max(*self.temperatures_k, self.data_temperature_k)
         return low, high
 
 
@@ -79,10 +88,7 @@ def run_pipeline(config: RunConfig, out: str | Path, platform: str = "auto", dev
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = out / f"data_{config.data_temperature_k:g}K.h5"
-    simulation = SimulationConfig(system_name=config.system, temperature_k=config.data_temperature_k,
-                                  time_ps=config.simulation_ps, replicas=config.replicas,
-                                  save_every_ps=config.save_every_ps, equilibration_ps=20.0,
-                                  seed=config.seed, platform=platform)
+    simulation = config.simulation(platform)
     if not data.exists():
         _log(f"simulating {config.system} at {config.data_temperature_k:g} K -> {data}")
         simulate(simulation, data, command=command, show_progress=show_progress)
@@ -102,7 +108,7 @@ def run_pipeline(config: RunConfig, out: str | Path, platform: str = "auto", dev
         _log(f"{'resuming' if resume else 'training'} TRADE over {t_min:g}-{t_max:g} K -> {train_dir}")
         train_run(train_dir, t_min, t_max, data=data, preset=config.preset,
                   overrides={"steps": config.steps, "seed": config.seed,
-                             "focus_temperatures": config.temperatures_k},
+                             "focus_temperatures": list(config.temperatures_k)},
                   device=device, platform=platform, resume=resume, show_progress=show_progress)
 
     samples = out / "samples.h5"
@@ -112,7 +118,7 @@ def run_pipeline(config: RunConfig, out: str | Path, platform: str = "auto", dev
         summaries = json.loads(summary_path.read_text())["samples"]
     else:  # not sampled yet, or interrupted between the samples file and its summary
         _log(f"sampling {config.n_samples} configurations at {config.temperatures_k} K -> {samples}")
-        summaries = sample_run(model, config.temperatures_k, config.n_samples, samples,
+        summaries = sample_run(model, list(config.temperatures_k), config.n_samples, samples,
                                overwrite=True, device=device, platform=platform,
                                command=command, show_progress=show_progress)
     summary = {"data": str(data), "model": str(model), "samples": summaries,

@@ -55,7 +55,8 @@ def simulate(config: SimulationConfig | ExchangeConfig, out: str | Path, overwri
     """Run MD as ``config`` says (plain or replica exchange) and write, or continue, ``out``.
 
     With ``resume`` the file's own settings are used; only ``time_ps`` (to extend a finished
-    run) and ``platform`` are taken from ``config``.
+    run) and ``platform`` are taken from ``config``; a file stopped before its first
+    checkpoint starts again.
 
     Returns:
         The path of the file. On Ctrl-C or a kill it holds every chunk finished so far and
@@ -71,6 +72,9 @@ def simulate(config: SimulationConfig | ExchangeConfig, out: str | Path, overwri
         file = DynamicsFile.reopen(out)
         config = _stored_config(file.attrs, config.time_ps, config.platform)
         molecule = system_from_attrs(file.attrs, file.topology_pdb)
+        if not file.has_checkpoint:  # stopped before its first chunk: nothing to keep
+            file.close()
+            resume, overwrite = False, True
     else:
         molecule = load_system(config)
     config.validate()

@@ -1,6 +1,6 @@
 """``trade-md train`` as a library call: target, presets, config file, resume, outputs."""
 
-from dataclasses import fields
+from dataclasses import MISSING, fields
 import json
 from pathlib import Path
 
@@ -9,31 +9,34 @@ import torch
 from trademd.errors import TradeMDError
 from trademd.platforms import torch_device
 from trademd.analysis.plots import plot_losses
+from trademd.training.targets import AnalyticTarget, MoleculeTarget, Target
 from trademd.training.trainer import TrainConfig, Trainer
 
-__all__ = ["PRESETS", "train_run", "load_config_file"]
+__all__ = ["PRESETS", "preset_settings", "train_run", "load_config_file"]
 
-#: Training presets: ``quick`` (minutes on a laptop CPU) and ``paper`` (the TRADE paper's
-#: alanine-dipeptide scale, for a GPU).
+#: Training presets: what each changes from the :class:`TrainConfig` defaults, which are the
+#: ``quick`` preset (minutes on a laptop CPU); ``paper`` is the TRADE paper's alanine-dipeptide
+#: scale, for a GPU.
 PRESETS = {
-    "quick": dict(
-        steps=1500, batch_size=256, learning_rate=1e-3, trade_mode="grid", grid_size=9,
-        cache_samples=500, cache_every=100, cache_momentum=0.5, trade_points=128,
-        evaluation_points="both", warmup_fraction=0.3, ramp_fraction=0.2, metrics_every=150,
-        metrics_samples=10000, checkpoint_every=250, ema_decay=0.99,
-        refine_rounds=5, refine_steps=150, refine_samples=40000, refine_learning_rate=2e-4,
-        flow={"width": 64, "depth": 2, "bins": 8},
-    ),
+    "quick": {},
     "paper": dict(
-        steps=80000, batch_size=290, learning_rate=1e-4, trade_mode="grid", grid_size=25,
-        cache_samples=5000, cache_every=1000, cache_momentum=0.9, trade_points=512,
-        warmup_fraction=0.3, ramp_fraction=0.1, metrics_every=2000, metrics_samples=20000,
-        checkpoint_every=2000, ema_decay=0.999, refine_rounds=5, refine_steps=2000,
-        refine_samples=100000, refine_learning_rate=5e-5,
-        flow={"width": 256, "depth": 2, "bins": 8,
-              "layers": ["torsions|torsions", "bounded|torsions", "bounded|bounded"] * 3},
+        steps=80000, batch_size=290, learning_rate=1e-4, grid_size=25, cache_samples=5000,
+        cache_every=1000, cache_momentum=0.9, trade_points=512, evaluation_points="samples",
+        ramp_fraction=0.1, metrics_every=2000, metrics_samples=20000, checkpoint_every=2000,
+        ema_decay=0.999, refine_steps=2000, refine_samples=100000, refine_learning_rate=5e-5,
+        flow={"width": 256, "layers": ["torsions|torsions", "bounded|torsions", "bounded|bounded"] * 3},
     ),
 }
+
+
+def preset_settings(preset: str) -> dict:
+    """Every :class:`TrainConfig` setting (but the temperature range) of a preset."""
+    if preset not in PRESETS:
+        raise TradeMDError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
+    defaults = {f.name: f.default_factory() if f.default_factory is not MISSING else f.default
+                for f in fields(TrainConfig) if f.name not in ("t_min", "t_max")}
+    changes = PRESETS[preset]
+    return {**defaults, **changes, "flow": {**defaults["flow"], **changes.get("flow", {})}}
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -59,10 +62,8 @@ def load_config_file(path: str | Path) -> dict:
 
 
 def _target(data: str | Path | None, system: str | None, platform: str,
-            temperature_k: float | None = None):
+            temperature_k: float | None = None) -> Target:
     from trademd.systems.analytic import ANALYTIC_SYSTEMS, get_analytic_system
-
-    from trademd.training.targets import AnalyticTarget, MoleculeTarget
 
     if data is None:
         if system is None or system not in ANALYTIC_SYSTEMS:
@@ -85,12 +86,10 @@ def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | No
     overriding the one before; where only the steps change, the preset's refinement steps
     scale with them.
     """
-    if preset not in PRESETS:
-        raise TradeMDError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
-    base = PRESETS[preset]
+    base = preset_settings(preset)
     chosen = load_config_file(config_file) if config_file is not None else {}
     chosen.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    settings = {**base, "flow": dict(base["flow"]), **chosen}
+    settings = {**base, **chosen, "flow": {**base["flow"], **chosen.get("flow", {})}}
     if "steps" in chosen and "refine_steps" not in chosen:
         # the preset's refinement keeps its share of the training when only --steps changes
         settings["refine_steps"] = max(1, round(base["refine_steps"] * settings["steps"] / base["steps"]))
@@ -108,8 +107,8 @@ def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | No
     target = _target(data, system, platform, temperature_k)
     try:
         trainer = Trainer(target, config, out, device=device,
-                          validation_features=getattr(target, "validation_features", None))
-        if hasattr(target, "split"):
+                          validation_features=target.validation_features)
+        if target.split is not None:
             (out / "split.json").write_text(target.split.to_json())
         if resume:
             _check_same_target(out, target.record()["system"], target.reference_temperature)
@@ -119,8 +118,7 @@ def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | No
                                                      "data": str(data) if data else None}))
         model = trainer.train(show_progress=show_progress)
     finally:
-        if hasattr(target, "close"):
-            target.close()
+        target.close()
     plot_losses(out / "metrics.csv", out / "loss.png")
     return model
 

@@ -346,6 +346,11 @@ class DynamicsFile:
     def topology_pdb(self) -> str:
         return _text(self.h5["topology_pdb"][()])
 
+    @property
+    def has_checkpoint(self) -> bool:
+        """Whether a chunk was finished (a run killed before that has nothing to resume)."""
+        return "checkpoint" in self.h5
+
     def truncate(self, n_saves: int, frames_per_save: int) -> None:
         """Drop everything written after save ``n_saves`` (it follows the last checkpoint)."""
         for ensemble in self.ensembles:

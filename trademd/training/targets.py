@@ -14,21 +14,58 @@ evaluates OpenMM energies through the energy bridge.
 from dataclasses import dataclass
 import json
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
-
-from trademd.systems.analytic import AnalyticSystem
 
 from trademd.flow.coordinates import InternalCoordinates, chirality_restraint, constrained_bonds_from_openmm
 from trademd.energy.bridge import EnergyBridge, potential_energy
 from trademd.errors import TradeMDError
 from trademd.io.h5io import read_trajectory
 from trademd.systems import system_from_attrs
+from trademd.systems.analytic import AnalyticSystem
 from trademd.units import BOLTZMANN_KJ_MOL_K
 
-__all__ = ["AnalyticTarget", "MoleculeTarget", "DataSplit", "split_frames"]
+__all__ = ["Target", "AnalyticTarget", "MoleculeTarget", "DataSplit", "split_frames"]
+
+
+class Target(Protocol):
+    """What training and sampling need from a system; every attribute is set by the
+    constructor (None where a target has no such thing).
+
+    Attributes:
+        name: the system's name.
+        boltzmann_k: k in the units of the energies (kJ/mol/K, or 1 for analytic systems).
+        reference_temperature: T0 of the data (K or reduced units).
+        n_torsions: leading periodic features of z (radians).
+        n_bounded: bounded features after them.
+        bounded_interval: (low, high) of the bounded features.
+        data_features: training data at T0 in feature space [N, D] (None: no data).
+        validation_features: held-out data at T0 [M, D] (None: none held out).
+        split: how the frames of a data file were split (None: no data file).
+    """
+
+    name: str
+    boltzmann_k: float
+    reference_temperature: float
+    n_torsions: int
+    n_bounded: int
+    bounded_interval: tuple[float, float]
+    data_features: Tensor | None
+    validation_features: Tensor | None
+    split: "DataSplit | None"
+
+    def reduced_energy(self, z: Tensor, temperature: Tensor,
+                       chirality_restraint_kt: float = 0.0) -> tuple[Tensor, Tensor]:
+        """(u [B], log|dx/dz| [B]) of features z [B, D] at temperatures [B]; differentiable."""
+
+    def record(self) -> dict:
+        """What a model file stores to rebuild this target."""
+
+    def close(self) -> None:
+        """Release what the target holds (worker processes)."""
 
 
 class AnalyticTarget:
@@ -40,11 +77,12 @@ class AnalyticTarget:
         seed: seed of those samples.
     """
 
-    n_torsions = 0
-
     def __init__(self, system: AnalyticSystem, n_data: int = 20000, seed: int = 0):
         self.system = system
         self.name = system.name
+        self.n_torsions = 0
+        self.validation_features = None
+        self.split = None
         self.boltzmann_k = system.boltzmann_k
         self.reference_temperature = system.reference_temperature
         self.n_bounded = system.dim
@@ -62,6 +100,9 @@ class AnalyticTarget:
     def record(self) -> dict:
         """What a model file stores to rebuild this target."""
         return {"kind": "analytic", "system": self.name}
+
+    def close(self) -> None:
+        """Nothing to release."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +168,9 @@ class MoleculeTarget:
         self.n_bounded = coordinates.n_bonded_dims
         bound = float(coordinates.bound)
         self.bounded_interval = (-bound, bound)
+        self.data_features: Tensor | None = None
+        self.validation_features: Tensor | None = None
+        self.split: DataSplit | None = None
         self.bridge = EnergyBridge(molecule.create_openmm_system(), platform=platform, workers=workers)
 
     @classmethod

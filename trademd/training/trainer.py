@@ -85,43 +85,47 @@ METRICS_COLUMNS = ("step", "phase", "loss", "nll_t0", "val_nll_t0", "trade", "tr
 
 @dataclass
 class TrainConfig:
-    """Settings of a training run. Temperatures in K (reduced units for analytic systems)."""
+    """Settings of a training run. Temperatures in K (reduced units for analytic systems).
+
+    The defaults are the ``quick`` preset (minutes on a laptop CPU for alanine dipeptide), the
+    one place they are set; :data:`trademd.train.PRESETS` holds what other presets change.
+    """
 
     t_min: float
     t_max: float
     objective: str = "trade"
-    steps: int = 2000
+    steps: int = 1500
     batch_size: int = 256
     learning_rate: float = 1e-3
     clip_norm: float = 3.0
     trade_mode: str = "grid"
     trade_weight: float = 1.0
-    trade_points: int = 256
-    evaluation_points: str = "samples"
-    warmup_fraction: float = 0.2
+    trade_points: int = 128
+    evaluation_points: str = "both"
+    warmup_fraction: float = 0.3
     ramp_fraction: float = 0.2
     residual_loss: str = "huber"
     huber_delta: float = 1.0
     residual_cutoff: float = 50.0
-    grid_size: int = 25
-    cache_samples: int = 2000
-    cache_every: int = 200
+    grid_size: int = 9
+    cache_samples: int = 500
+    cache_every: int = 100
     cache_momentum: float = 0.5
     reverse_kl_samples: int = 256
     chirality_restraint_kt: float = 100.0
     max_bad_batches: int = 50
-    metrics_every: int = 100
+    metrics_every: int = 150
     metrics_samples: int = 10000
-    checkpoint_every: int = 500
+    checkpoint_every: int = 250
     ema_decay: float = 0.99
     focus_temperatures: list = field(default_factory=list)
-    refine_rounds: int = 0
-    refine_steps: int = 200
-    refine_samples: int = 20000
+    refine_rounds: int = 5
+    refine_steps: int = 150
+    refine_samples: int = 40000
     refine_learning_rate: float = 2e-4
     refine_clip_fraction: float = 1e-3
     seed: int = 0
-    flow: dict = field(default_factory=dict)
+    flow: dict = field(default_factory=lambda: {"width": 64, "depth": 2, "bins": 8})
 
     @property
     def total_steps(self) -> int:
@@ -245,7 +249,6 @@ class Trainer:
         bounded = data[:, self.target.n_torsions:]
         sigma = float((bounded.std(dim=0) / (0.5 * (high - low))).mean()) if bounded.numel() else 0.5
         config = {
-            "width": 64, "depth": 2, "bins": 8,
             "layers": ["bounded|bounded"] * 3 if self.target.n_torsions == 0 else
             ["torsions|torsions", "bounded|torsions", "bounded|bounded"] * 2,
             "bounded_base": "scaled_truncated_normal" if scaled else "truncated_normal",
