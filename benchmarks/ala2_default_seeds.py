@@ -38,7 +38,7 @@ def run_seed(seed: int, out: Path, platform: str, device: str, reference: Path |
     from trademd.evaluate import evaluate_samples
     from trademd.io.h5io import frame_count
     from trademd.pipeline import RunConfig
-    from trademd.sampling_run import sample_run
+    from trademd.sample import sample_run
     from trademd.simulate import simulate
     from trademd.train import train_run
 

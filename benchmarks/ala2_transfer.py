@@ -32,9 +32,10 @@ from trademd.evaluate import evaluate_samples
 from trademd.io.h5io import ensemble_temperatures, frame_count, open_hdf5, read_trajectory
 from trademd.analysis.plots import ess_against_temperature
 
-from trademd.sample import phi_psi
-from trademd.sampling_run import sample_run
+from trademd.analysis.observables import phi_psi
+from trademd.sample import sample_run
 from trademd.simulate import ExchangeConfig, SimulationConfig, simulate
+from trademd.systems import system_from_attrs
 from trademd.analysis.statistics import chains_by_replica, integrated_autocorrelation_time
 from trademd.train import train_run
 
@@ -96,7 +97,7 @@ def phi_tau_frames(path: Path, temperature_k: float) -> dict:
     """Integrated autocorrelation time (frames) of phi and of the phi > 0 indicator, per
     replica chain, and the frames they come from."""
     trajectory = read_trajectory(path, temperature_k)
-    phi, _ = phi_psi(trajectory.molecule(), trajectory.positions_nm)
+    phi, _ = phi_psi(system_from_attrs(trajectory.attrs, trajectory.topology_pdb), trajectory.positions_nm)
     result = {"frames": trajectory.n_frames}
     for name, values in (("phi", phi), ("positive_phi", (phi > 0).astype(np.float64))):
         chains = chains_by_replica(values, trajectory.replica, trajectory.time_ps)

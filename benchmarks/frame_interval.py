@@ -38,7 +38,7 @@ def subsample(source: Path, stride: int, out: Path) -> Path:
 
 
 def main() -> None:
-    from trademd.sampling_run import sample_run
+    from trademd.sample import sample_run
     from trademd.train import train_run
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

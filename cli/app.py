@@ -249,7 +249,7 @@ def sample(
     """Sample a trained model at any temperature with OpenMM energies and importance weights."""
     import json
 
-    from trademd.sampling_run import sample_run
+    from trademd.sample import sample_run
 
     summaries = sample_run(model, list(temperature), n, out, overwrite=overwrite,
                            extrapolate=extrapolate, device=device, platform=platform,
@@ -277,11 +277,9 @@ def evaluate(
     """Compare samples with a reference ensemble: phi/psi KL and JS, energy W1, ESS, free energies."""
     import json
 
-    from trademd.evaluate import evaluate_samples
+    from trademd.evaluate import evaluate_samples, metrics_path
 
-    stem = samples.with_suffix("")
-    tag = f"_T{temperature:g}" if temperature is not None else ""
-    out_json = out or Path(f"{stem}{tag}_metrics.json")
+    out_json = metrics_path(samples, temperature, out)
     metrics = evaluate_samples(samples, reference, temperature, model, out_json,
                                out_json.with_suffix(".png"))
     typer.echo(json.dumps(metrics))

@@ -222,7 +222,7 @@ def test_an_output_below_a_regular_file_is_one_line(tmp_path, command, out):
          "interrupted: the work up to the last checkpoint is saved; continue with --resume"),
         ("trademd.pipeline.run_pipeline", ["run", "--out", "r"],
          "interrupted: finished stages are kept; rerun the same command to continue"),
-        ("trademd.sampling_run.sample_run", ["sample", "--model", "m.pt", "--temperature", "300",
+        ("trademd.sample.sample_run", ["sample", "--model", "m.pt", "--temperature", "300",
                                              "--out", "s.h5"], "interrupted"),
         ("trademd.io.h5io.describe", ["info", "x.h5"], "interrupted"),
     ],

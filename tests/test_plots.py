@@ -6,7 +6,7 @@ import sys
 
 def test_importing_the_figure_code_leaves_the_matplotlib_backend_alone(tmp_path):
     script = ("import matplotlib; matplotlib.use('svg'); "
-              "import trademd.analysis.plots, trademd.sampling_run, trademd.train; "
+              "import trademd.analysis.plots, trademd.sample, trademd.train; "
               "from trademd.analysis.plots import ramachandran_png; import numpy as np; "
               "png = ramachandran_png(np.zeros(10), np.zeros(10)); "
               "assert png[:4] == b'\\x89PNG'; print(matplotlib.get_backend())")

@@ -15,7 +15,8 @@ from trademd.cli.app import app
 from trademd.evaluate import js_divergence, kl_divergence, wasserstein_1
 from trademd.io.h5io import read_samples, read_trajectory
 from trademd.energy.molecule import MoleculeEnergy
-from trademd.sample import basin_free_energy, load_model, phi_psi_histogram
+from trademd.analysis.observables import basin_free_energy, phi_psi_histogram
+from trademd.training.model_file import load_model
 from trademd.simulate import SimulationConfig, simulate
 from trademd.systems import get_system
 from trademd.systems.analytic import get_analytic_system
@@ -121,29 +122,29 @@ def test_sample_file_is_exact_and_self_describing(trained_model, tmp_path):
     assert result.exit_code == 0, result.output
     summaries = [json.loads(line) for line in result.stdout.strip().splitlines()]
     assert [s["temperature_k"] for s in summaries] == [300.0, 450.0]
-    groups = read_samples(out)
-    assert groups[None]["format"] == "trade-md/samples"
+    samples_file = read_samples(out)
+    assert samples_file.attrs["format"] == "trade-md/samples"
     for attribute in ("command", "openmm_version", "trademd_version", "model", "system"):
-        assert attribute in groups[None]
+        assert attribute in samples_file.attrs
     energy = MoleculeEnergy(get_system("ala2-vacuum").create_openmm_system())
     for summary in summaries:
-        group = groups[summary["temperature_k"]]
-        weights, log_w = group["weights"], group["log_weights"]
+        group = samples_file.by_temperature[summary["temperature_k"]]
+        weights, log_w = group.weights, group.log_weights
         assert weights.sum() == pytest.approx(1.0)
-        flagged = group["wrong_chirality"] | group["nonfinite_energy"]
+        flagged = group.wrong_chirality | group.nonfinite_energy
         assert np.all(weights[flagged] == 0) and np.all(np.isneginf(log_w[flagged]))
         assert summary["ess"] == pytest.approx(1 / np.sum(weights**2), rel=1e-9)
         kt = 0.0083144626181532395 * summary["temperature_k"]
         good = ~flagged
-        assert np.allclose(log_w[good], -group["energy_kj_mol"][good] / kt - group["log_prob"][good])
-        recomputed, _ = energy(group["positions_nm"][good][:8])
+        assert np.allclose(log_w[good], -group.energy_kj_mol[good] / kt - group.log_prob[good])
+        recomputed, _ = energy(group.positions_nm[good][:8])
         # OpenMM CPU is single precision: 1e-5 relative on clashing samples of 1e6 kJ/mol
-        assert np.allclose(recomputed, group["energy_kj_mol"][good][:8], rtol=1e-5, atol=1e-2)
-        phi = mdtraj.compute_phi(mdtraj.Trajectory(group["positions_nm"], get_system("ala2-vacuum").mdtraj_topology()))[1][:, 0]
-        assert np.allclose(phi, group["phi"], atol=1e-5)
-        png = Image.open(io.BytesIO(group["ramachandran_png"]))
+        assert np.allclose(recomputed, group.energy_kj_mol[good][:8], rtol=1e-5, atol=1e-2)
+        phi = mdtraj.compute_phi(mdtraj.Trajectory(group.positions_nm, get_system("ala2-vacuum").mdtraj_topology()))[1][:, 0]
+        assert np.allclose(phi, group.phi, atol=1e-5)
+        png = Image.open(io.BytesIO(group.ramachandran_png))
         assert png.size[0] > 100
-        assert group["histograms"]["phi_psi_weighted"].sum() == pytest.approx(1.0)
+        assert group.histograms["phi_psi_weighted"].sum() == pytest.approx(1.0)
     assert (tmp_path / "s_T300_ramachandran.png").is_file()
 
     exported = runner.invoke(app, ["export", str(out), "--format", "dcd", "--temperature", "300",
@@ -182,20 +183,20 @@ def test_evaluate_against_a_reference(trained_model, tmp_path):
 
 def _samples_from_frames(path, trajectory, phi_shift_rad=0.0):
     """A samples file holding a trajectory's own frames with equal weights (phi shifted)."""
-    from trademd.io.h5io import write_samples
-    from trademd.sample import phi_psi
+    from trademd.analysis.observables import phi_psi
+    from trademd.io.h5io import TemperatureSamples, write_samples
+    from trademd.systems import system_from_attrs
 
     n = trajectory.n_frames
-    phi, psi = phi_psi(trajectory.molecule(), trajectory.positions_nm)
+    molecule = system_from_attrs(trajectory.attrs, trajectory.topology_pdb)
+    phi, psi = phi_psi(molecule, trajectory.positions_nm)
     phi = np.remainder(phi + phi_shift_rad + math.pi, 2 * math.pi) - math.pi
-    group = {"positions_nm": trajectory.positions_nm, "log_prob": np.zeros(n),
-             "energy_kj_mol": trajectory.energy_kj_mol, "log_weights": np.zeros(n),
-             "weights": np.full(n, 1.0 / n), "wrong_chirality": np.zeros(n, dtype=bool),
-             "nonfinite_energy": np.zeros(n, dtype=bool), "phi": phi, "psi": psi,
-             "attrs": {"temperature_k": trajectory.temperature_k, "n": n, "ess": float(n),
-                       "relative_ess": 1.0},
-             "histograms": {}, "ramachandran_png": b"png"}
-    write_samples(path, [group], {"system": "ala2-vacuum"}, trajectory.molecule().pdb_text)
+    samples = TemperatureSamples(
+        temperature_k=trajectory.temperature_k, positions_nm=trajectory.positions_nm,
+        log_prob=np.zeros(n), energy_kj_mol=trajectory.energy_kj_mol, log_weights=np.zeros(n),
+        weights=np.full(n, 1.0 / n), wrong_chirality=np.zeros(n, dtype=bool),
+        nonfinite_energy=np.zeros(n, dtype=bool), phi=phi, psi=psi, ramachandran_png=b"png")
+    write_samples(path, [samples], {"system": "ala2-vacuum"}, molecule.pdb_text)
     return path
 
 
@@ -240,7 +241,7 @@ def test_reverse_kl_energy_restrains_the_mirror_image(trained_model):
 
 def test_model_file_records_its_format_and_newer_versions_are_refused(trained_model, tmp_path):
     from trademd.errors import TradeMDError
-    from trademd.sample import load_model
+    from trademd.training.model_file import load_model
 
     model, _ = trained_model
     saved = torch.load(model, weights_only=False)

@@ -19,11 +19,11 @@ import numpy as np
 
 from trademd.errors import TradeMDError
 from trademd.io.h5io import ensemble_temperatures, read_samples, read_trajectory
-from trademd.sample import basin_free_energy, phi_psi, phi_psi_histogram
+from trademd.analysis.observables import basin_free_energy, phi_psi, phi_psi_histogram
 from trademd.analysis.statistics import effective_sample_size
 from trademd.systems import system_from_attrs
 
-__all__ = ["EPSILON", "METRIC_BINS", "kl_divergence", "js_divergence", "wasserstein_1",
+__all__ = ["metrics_path", "EPSILON", "METRIC_BINS", "kl_divergence", "js_divergence", "wasserstein_1",
            "evaluate_samples"]
 
 #: Probability floor per bin of the histogram divergences, and bins per axis.
@@ -63,6 +63,16 @@ def wasserstein_1(x: np.ndarray, y: np.ndarray, x_weights: np.ndarray | None = N
     return float(wasserstein_distance(x[keep_x], y[keep_y], x_weights[keep_x], y_weights[keep_y]))
 
 
+def metrics_path(samples_path: str | Path, temperature_k: float | None = None,
+                 out: str | Path | None = None) -> Path:
+    """Where ``trade-md evaluate`` writes its metrics JSON (the figure goes beside it as .png):
+    ``out`` if given, else ``SAMPLES[_T<T>]_metrics.json`` next to the samples file."""
+    if out is not None:
+        return Path(out)
+    tag = f"_T{temperature_k:g}" if temperature_k is not None else ""
+    return Path(f"{Path(samples_path).with_suffix('')}{tag}_metrics.json")
+
+
 def evaluate_samples(samples_path: str | Path, reference_path: str | Path,
                      temperature_k: float | None = None, model_path: str | Path | None = None,
                      out_json: str | Path | None = None, out_png: str | Path | None = None) -> dict:
@@ -75,29 +85,23 @@ def evaluate_samples(samples_path: str | Path, reference_path: str | Path,
     ensembles = ensemble_temperatures(reference_path)
     reference = read_trajectory(reference_path, temperature_k if len(ensembles) > 1 else None)
     temperature_k = reference.temperature_k if temperature_k is None else float(temperature_k)
-    if temperature_k not in samples_file:
-        available = sorted(t for t in samples_file if t is not None)
-        raise TradeMDError(
-            f"{str(samples_path)!r} has no samples at {temperature_k:g} K (it has {available}): "
-            "sample at the reference temperature or pass --temperature"
-        )
     if abs(reference.temperature_k - temperature_k) > 1e-6:
         raise TradeMDError(
             f"the reference was simulated at {reference.temperature_k:g} K, not {temperature_k:g} K: "
             "compare samples with a reference at the same temperature"
         )
-    samples = samples_file[temperature_k]
+    samples = samples_file.at(samples_path, temperature_k)
     molecule = system_from_attrs(reference.attrs, reference.topology_pdb)
     if molecule.phi_atoms is None:
         raise TradeMDError(f"system {molecule.name!r} has no phi/psi dihedrals to compare")
     ref_phi, ref_psi = phi_psi(molecule, reference.positions_nm)
-    weights = samples["weights"]
+    weights = samples.weights
     ref_hist, _ = phi_psi_histogram(ref_phi, ref_psi, bins=METRIC_BINS)
-    weighted_hist, _ = phi_psi_histogram(samples["phi"], samples["psi"], weights, bins=METRIC_BINS)
-    flagged = samples["wrong_chirality"] | samples["nonfinite_energy"]
-    unweighted_hist, _ = phi_psi_histogram(samples["phi"][~flagged], samples["psi"][~flagged],
+    weighted_hist, _ = phi_psi_histogram(samples.phi, samples.psi, weights, bins=METRIC_BINS)
+    flagged = samples.flagged
+    unweighted_hist, _ = phi_psi_histogram(samples.phi[~flagged], samples.psi[~flagged],
                                            bins=METRIC_BINS)
-    delta_f, delta_f_error = basin_free_energy(samples["phi"], weights, samples["attrs"]["ess"])
+    delta_f, delta_f_error = basin_free_energy(samples.phi, weights, samples.ess)
     # reference frames are correlated: the error uses frames / tau_int of the basin indicator
     ref_effective = effective_sample_size((ref_phi > 0).astype(np.float64), reference.replica,
                                           reference.time_ps)
@@ -111,9 +115,9 @@ def evaluate_samples(samples_path: str | Path, reference_path: str | Path,
         "kl_phi_psi_unweighted": kl_divergence(ref_hist, unweighted_hist),
         "js_phi_psi_weighted": js_divergence(ref_hist, weighted_hist),
         "js_phi_psi_unweighted": js_divergence(ref_hist, unweighted_hist),
-        "energy_w1_weighted_kj_mol": wasserstein_1(samples["energy_kj_mol"], reference.energy_kj_mol, weights),
-        "energy_w1_unweighted_kj_mol": wasserstein_1(samples["energy_kj_mol"][~flagged], reference.energy_kj_mol),
-        "relative_ess": float(samples["attrs"]["relative_ess"]),
+        "energy_w1_weighted_kj_mol": wasserstein_1(samples.energy_kj_mol, reference.energy_kj_mol, weights),
+        "energy_w1_unweighted_kj_mol": wasserstein_1(samples.energy_kj_mol[~flagged], reference.energy_kj_mol),
+        "relative_ess": samples.relative_ess,
         "fraction_flagged": float(np.mean(flagged)),
         "delta_f_positive_phi_kt": _finite_or_none(delta_f),
         "delta_f_positive_phi_kt_error": _finite_or_none(delta_f_error),
@@ -127,8 +131,8 @@ def evaluate_samples(samples_path: str | Path, reference_path: str | Path,
     if out_png is not None:
         from trademd.analysis.plots import comparison_figure
 
-        comparison_figure(out_png, (ref_phi, ref_psi), (samples["phi"], samples["psi"], weights),
-                          reference.energy_kj_mol, samples["energy_kj_mol"], temperature_k)
+        comparison_figure(out_png, (ref_phi, ref_psi), (samples.phi, samples.psi, weights),
+                          reference.energy_kj_mol, samples.energy_kj_mol, temperature_k)
     return metrics
 
 
@@ -141,7 +145,7 @@ def _reference_nll(model_path, reference, temperature_k: float) -> float:
     :mod:`trademd.flow.coordinates` (frames outside the model's support count as +inf)."""
     import torch
 
-    from trademd.sample import load_model
+    from trademd.training.model_file import load_model
 
     model = load_model(model_path, platform="CPU")
     try:

@@ -18,7 +18,7 @@ import sys
 
 from trademd.errors import TradeMDError
 from trademd.io.h5io import frame_count
-from trademd.sampling_run import sample_run
+from trademd.sample import sample_run
 from trademd.simulate import SimulationConfig, simulate
 from trademd.train import train_run
 

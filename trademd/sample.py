@@ -1,5 +1,5 @@
-"""Sampling a trained model at any temperature: OpenMM energies, importance weights, ESS,
-phi/psi and Ramachandran histograms.
+"""``trade-md sample`` as a library call: draw samples of a trained model at any temperature,
+weigh them with OpenMM energies, histogram, plot and write them.
 
 For samples z ~ p_theta(z|T) mapped to configurations x(z), the model's density of x (modulo
 rigid motions, see :mod:`trademd.flow.coordinates`) is log p(x|T) = log p_theta(z|T) - log|dx/dz|,
@@ -9,127 +9,31 @@ and the importance weights for the Boltzmann distribution at T are
 
 self-normalised. Samples with the wrong chirality at a chiral centre or a non-finite energy
 are flagged and get zero weight (reported as ``fraction_flagged``). The Kish effective sample
-size (sum w)^2 / sum w^2 is reported absolute and relative to n.
+size (sum w)^2 / sum w^2 is reported pooled and per batch (:mod:`trademd.analysis.ess`).
 """
 
-from dataclasses import dataclass
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from trademd.flow.coordinates import wrong_chirality_mask
+from trademd.analysis.ess import weight_diagnostics
+from trademd.analysis.observables import basin_free_energy, phi_psi, phi_psi_histogram
+from trademd.analysis.plots import ramachandran_png
 from trademd.errors import TradeMDError
-from trademd.flow.conditional import TemperatureFlow, load_flow
+from trademd.flow.coordinates import wrong_chirality_mask
+from trademd.io.h5io import TemperatureSamples, group_name, write_samples
+from trademd.io.provenance import provenance
+from trademd.platforms import torch_device
 from trademd.progress import Progress
-from trademd.training.trade import kish_ess, log_importance_weights
-from trademd.training.trainer import MODEL_FORMAT, MODEL_FORMAT_VERSION
+from trademd.training.model_file import TrainedModel, load_model
+from trademd.training.trade import log_importance_weights
 
-__all__ = ["TrainedModel", "load_model", "TemperatureSamples", "draw_samples",
-           "basin_free_energy", "phi_psi", "phi_psi_histogram", "PHI_PSI_BINS"]
+__all__ = ["ESS_BATCHES", "draw_samples", "sample_run", "summarise"]
 
-#: Bins per axis of the phi/psi histograms (the TRADE paper's KL uses 30 x 30... here 60).
-PHI_PSI_BINS = 60
-
-
-@dataclass
-class TrainedModel:
-    """A flow and the target it was trained on, ready to sample.
-
-    Attributes:
-        flow: the temperature-conditional flow.
-        target: a :class:`~trademd.training.targets.MoleculeTarget` (energies, coordinates).
-        temperature_range: (T_min, T_max) in K it was trained on.
-        reference_temperature: T0 of the training data (K).
-        path: the model file.
-    """
-
-    flow: TemperatureFlow
-    target: object
-    temperature_range: tuple[float, float]
-    reference_temperature: float
-    path: Path
-
-    def close(self) -> None:
-        self.target.close()
-
-
-def load_model(path: str | Path, device: torch.device | str = "cpu", platform: str = "auto") -> TrainedModel:
-    """Load ``model.pt`` written by ``trade-md train``."""
-    from trademd.training.targets import MoleculeTarget
-
-    path = Path(path)
-    if not path.is_file():
-        raise TradeMDError(f"model file {str(path)!r} not found: give the model.pt of a `trade-md train` run")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-        record = saved["target"]
-    except Exception:
-        raise TradeMDError(f"{str(path)!r} is not a trade-md model file (model.pt from `trade-md train`)") from None
-    # files written before the format was recorded are version 1 too
-    if saved.get("format", MODEL_FORMAT) != MODEL_FORMAT:
-        raise TradeMDError(f"{str(path)!r} is a {saved['format']!r} file, not a trade-md model (model.pt)")
-    if saved.get("format_version", 1) > MODEL_FORMAT_VERSION:
-        raise TradeMDError(
-            f"{str(path)!r} has model format version {saved['format_version']}, newer than this "
-            f"trade-md reads ({MODEL_FORMAT_VERSION}): upgrade trade-md")
-    if record.get("kind") != "molecule":
-        raise TradeMDError(
-            f"{str(path)!r} was trained on the analytic system {record.get('system')!r}: "
-            "`trade-md sample` writes molecular samples; use the Python API for analytic systems"
-        )
-    target = MoleculeTarget.from_record(record, saved["reference_temperature"], platform=platform)
-    flow = load_flow(saved["flow"], map_location=torch.device(device))
-    flow.eval()
-    t_min, t_max = saved["temperature_range"]
-    return TrainedModel(flow, target, (float(t_min), float(t_max)),
-                        float(saved["reference_temperature"]), path)
-
-
-@dataclass
-class TemperatureSamples:
-    """Samples at one temperature (arrays over n samples).
-
-    Attributes:
-        temperature_k: T (K).
-        positions_nm: float32 [n, atoms, 3].
-        log_prob: float64 [n], log p(x|T) of the model.
-        energy_kj_mol: float64 [n], OpenMM potential energy (+inf where it overflowed).
-        log_weights: float64 [n], unnormalised; -inf for flagged samples.
-        weights: float64 [n], normalised to sum 1.
-        wrong_chirality: bool [n].
-        nonfinite_energy: bool [n].
-        phi, psi: float64 [n] radians (empty if the system has none).
-    """
-
-    temperature_k: float
-    positions_nm: np.ndarray
-    log_prob: np.ndarray
-    energy_kj_mol: np.ndarray
-    log_weights: np.ndarray
-    weights: np.ndarray
-    wrong_chirality: np.ndarray
-    nonfinite_energy: np.ndarray
-    phi: np.ndarray
-    psi: np.ndarray
-
-    @property
-    def n(self) -> int:
-        return int(len(self.log_prob))
-
-    @property
-    def ess(self) -> float:
-        """Kish effective sample size (absolute)."""
-        return float(kish_ess(torch.as_tensor(self.log_weights)))
-
-    @property
-    def relative_ess(self) -> float:
-        return self.ess / self.n
-
-    @property
-    def fraction_flagged(self) -> float:
-        return float(np.mean(self.wrong_chirality | self.nonfinite_energy))
+#: Consecutive batches whose Kish ESS gives the spread of the pooled figure.
+ESS_BATCHES = 5
 
 
 def draw_samples(model: TrainedModel, temperature_k: float, n: int, batch_size: int = 4096,
@@ -194,42 +98,74 @@ def _normalised(log_weights: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum()
 
 
-def phi_psi(molecule, positions_nm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Backbone dihedrals (radians) by mdtraj, empty arrays if the system has none."""
-    import mdtraj
+def summarise(samples: TemperatureSamples, path: Path) -> dict:
+    """The one-line JSON summary of samples at one temperature: the Kish ESS pooled over all
+    samples, that of each of ``ESS_BATCHES`` consecutive batches (its spread), the weight
+    share of the 10 largest weights and the Pareto k of the weight tail
+    (:mod:`trademd.analysis.ess`)."""
+    finite = samples.weights > 0
+    mean_energy = float(np.sum(samples.weights[finite] * samples.energy_kj_mol[finite]))
+    diagnostics = weight_diagnostics(samples.log_weights, n_batches=ESS_BATCHES)
+    summary = {
+        "path": str(path),
+        "temperature_k": samples.temperature_k,
+        "n": samples.n,
+        "ess": samples.ess,
+        "relative_ess": samples.relative_ess,
+        "relative_ess_batches": list(diagnostics.batch_relative_ess),
+        "relative_ess_batch_min": diagnostics.batch_relative_ess_min,
+        "relative_ess_batch_max": diagnostics.batch_relative_ess_max,
+        "top10_weight_share": diagnostics.top10_weight_share,
+        "pareto_k": diagnostics.pareto_k if math.isfinite(diagnostics.pareto_k) else None,
+        "mean_energy_kj_mol": mean_energy,
+        "fraction_flagged": samples.fraction_flagged,
+    }
+    if len(samples.phi):
+        delta_f, error = basin_free_energy(samples.phi, samples.weights, samples.ess)
+        summary["delta_f_positive_phi_kt"] = delta_f if math.isfinite(delta_f) else None
+        summary["delta_f_positive_phi_kt_error"] = error if math.isfinite(error) else None
+    return summary
 
-    if molecule.phi_atoms is None or molecule.psi_atoms is None:
-        return np.zeros(0), np.zeros(0)
-    trajectory = mdtraj.Trajectory(positions_nm, molecule.mdtraj_topology())
-    angles = mdtraj.compute_dihedrals(trajectory, [molecule.phi_atoms, molecule.psi_atoms])
-    return angles[:, 0].astype(np.float64), angles[:, 1].astype(np.float64)
 
-
-def phi_psi_histogram(phi: np.ndarray, psi: np.ndarray, weights: np.ndarray | None = None,
-                      bins: int = PHI_PSI_BINS) -> tuple[np.ndarray, np.ndarray]:
-    """Normalised 2-D histogram [bins, bins] (probabilities summing to 1) over [-pi, pi)^2 and
-    its bin edges [bins + 1] (the same for both axes)."""
-    edges = np.linspace(-math.pi, math.pi, bins + 1)
-    histogram, _, _ = np.histogram2d(phi, psi, bins=[edges, edges], weights=weights)
-    total = histogram.sum()
-    return (histogram / total if total > 0 else histogram), edges
-
-
-def basin_free_energy(phi: np.ndarray, weights: np.ndarray | None = None,
-                      ess: float | None = None) -> tuple[float, float]:
-    """Free-energy difference (in kT) of the positive-phi region relative to the negative-phi
-    (alpha/beta) region, -ln(P(phi > 0) / P(phi < 0)), and its standard error from the
-    binomial variance with ``ess`` effective samples (default: len(phi) or the Kish ESS of the
-    weights)."""
-    if weights is None:
-        weights = np.full(len(phi), 1.0 / len(phi))
-        ess = ess or float(len(phi))
-    else:
-        weights = weights / weights.sum()
-        ess = ess or float(1.0 / np.sum(weights**2))
-    p_positive = float(weights[phi > 0].sum())
-    if p_positive <= 0 or p_positive >= 1:
-        return (math.inf if p_positive <= 0 else -math.inf), math.inf
-    delta_f = -math.log(p_positive / (1 - p_positive))
-    error = math.sqrt(p_positive * (1 - p_positive) / ess) / (p_positive * (1 - p_positive))
-    return delta_f, error
+def sample_run(model_path: str | Path, temperatures: list[float], n: int, out: str | Path,
+               overwrite: bool = False, extrapolate: bool = False, device: str = "auto",
+               platform: str = "auto", batch_size: int = 4096, command: str | None = None,
+               show_progress: bool = True) -> list[dict]:
+    """Sample a trained model at each temperature into one HDF5 file (a group per T) and a
+    Ramachandran PNG per temperature next to it; returns the summaries."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise TradeMDError(f"{str(out)!r} exists: pass --overwrite to replace it")
+    model = load_model(model_path, device=torch_device(device), platform=platform)
+    groups, summaries = [], []
+    try:
+        for temperature_k in temperatures:
+            samples = draw_samples(model, temperature_k, n, batch_size, extrapolate, show_progress)
+            summary = summarise(samples, out)
+            png = ramachandran_png(samples.phi, samples.psi, samples.weights,
+                                   f"{model.target.name} at {temperature_k:g} K, reweighted "
+                                   f"(ESS {100 * samples.relative_ess:.1f} %)")
+            suffix = "" if len(temperatures) == 1 else f"_{group_name(temperature_k)}"
+            png_path = out.with_name(f"{out.stem}{suffix}_ramachandran.png")
+            png_path.parent.mkdir(parents=True, exist_ok=True)
+            png_path.write_bytes(png)
+            weighted, edges = phi_psi_histogram(samples.phi, samples.psi, samples.weights)
+            unweighted, _ = phi_psi_histogram(samples.phi, samples.psi)
+            samples.summary = {k: v for k, v in summary.items() if k != "path" and v is not None}
+            samples.histograms = {"phi_psi_weighted": weighted, "phi_psi_unweighted": unweighted,
+                                  "bin_edges_rad": edges}
+            samples.ramachandran_png = png
+            groups.append(samples)
+            summaries.append(summary)
+    finally:
+        model.close()
+    attrs = {
+        "model": str(Path(model_path).resolve()),
+        "system": model.target.name,
+        "temperatures_k": [float(t) for t in temperatures],
+        "trained_range_k": list(model.temperature_range),
+        "reference_temperature_k": model.reference_temperature,
+        **provenance(command),
+    }
+    write_samples(out, groups, attrs, model.target.molecule.pdb_text, overwrite=True)
+    return summaries

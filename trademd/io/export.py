@@ -60,14 +60,7 @@ def _frames(path: Path, temperature_k: float | None):
         trajectory = read_trajectory(path, temperature_k)  # also the one-line errors for wrong files
         extra = {"energy_kj_mol": trajectory.energy_kj_mol, "time_ps": trajectory.time_ps}
         return trajectory.positions_nm, None, trajectory.topology_pdb, extra
-    groups = read_samples(path)
-    temperatures = sorted(t for t in groups if t is not None)
-    if temperature_k is None:
-        if len(temperatures) != 1:
-            raise TradeMDError(f"{str(path)!r} holds samples at {temperatures} K: pick one with --temperature")
-        temperature_k = temperatures[0]
-    if temperature_k not in groups:
-        raise TradeMDError(f"{str(path)!r} has no samples at {temperature_k:g} K (it has {temperatures})")
-    group = groups[temperature_k]
-    extra = {k: group[k] for k in ("energy_kj_mol", "phi", "psi")}
-    return group["positions_nm"], group["weights"], groups[None]["topology_pdb"], extra
+    samples_file = read_samples(path)
+    samples = samples_file.at(path, temperature_k)
+    extra = {"energy_kj_mol": samples.energy_kj_mol, "phi": samples.phi, "psi": samples.psi}
+    return samples.positions_nm, samples.weights, samples_file.topology_pdb, extra

@@ -6,7 +6,7 @@ attributes of :func:`trademd.io.provenance.provenance`, and a ``unit`` attribute
 with a physical unit.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import json
 import math
 from pathlib import Path
@@ -22,6 +22,8 @@ __all__ = [
     "SAMPLES_FORMAT",
     "write_samples",
     "read_samples",
+    "TemperatureSamples",
+    "SamplesFile",
     "TRAJECTORY_FORMAT",
     "REPLICA_EXCHANGE_FORMAT",
     "DynamicsFile",
@@ -474,16 +476,89 @@ def group_name(temperature_k: float) -> str:
     return f"T{temperature_k:g}"
 
 
-def write_samples(path: str | Path, groups: list[dict], attrs: dict, topology_pdb: str,
-                  overwrite: bool = False) -> Path:
-    """Write a samples file: one group per temperature.
+@dataclass
+class TemperatureSamples:
+    """Weighted samples at one temperature, as drawn and as stored in one ``T<temperature>``
+    group of a samples file (arrays over n samples, datasets of :data:`SAMPLE_DATASETS`).
 
-    Args:
-        groups: per temperature a dict with the arrays of :data:`SAMPLE_DATASETS`, and
-            ``attrs`` (temperature_k, ess, ...), ``histograms`` ({name: array}) and
-            ``ramachandran_png`` (bytes).
-        attrs: root attributes (model, provenance).
+    Attributes:
+        temperature_k: T (K).
+        positions_nm: float32 [n, atoms, 3].
+        log_prob: float64 [n], log p(x|T) of the model.
+        energy_kj_mol: float64 [n], OpenMM potential energy (+inf where it overflowed).
+        log_weights: float64 [n], unnormalised; -inf for flagged samples.
+        weights: float64 [n], normalised to sum 1.
+        wrong_chirality: bool [n].
+        nonfinite_energy: bool [n].
+        phi, psi: float64 [n] radians (empty if the system has none).
+        summary: the group's attributes (ESS diagnostics, free energies: ``trade-md sample``'s
+            summary).
+        histograms: named arrays of the ``histograms/`` subgroup.
+        ramachandran_png: the group's Ramachandran plot (PNG bytes; empty if none).
     """
+
+    temperature_k: float
+    positions_nm: np.ndarray
+    log_prob: np.ndarray
+    energy_kj_mol: np.ndarray
+    log_weights: np.ndarray
+    weights: np.ndarray
+    wrong_chirality: np.ndarray
+    nonfinite_energy: np.ndarray
+    phi: np.ndarray
+    psi: np.ndarray
+    summary: dict = field(default_factory=dict)
+    histograms: dict = field(default_factory=dict)
+    ramachandran_png: bytes = b""
+
+    @property
+    def n(self) -> int:
+        return int(len(self.log_prob))
+
+    @property
+    def ess(self) -> float:
+        """Kish effective sample size (absolute): 1 / sum w^2 of the normalised weights."""
+        return float(1.0 / np.sum(self.weights ** 2))
+
+    @property
+    def relative_ess(self) -> float:
+        return self.ess / self.n
+
+    @property
+    def flagged(self) -> np.ndarray:
+        """bool [n]: wrong chirality or a non-finite energy (zero weight)."""
+        return self.wrong_chirality | self.nonfinite_energy
+
+    @property
+    def fraction_flagged(self) -> float:
+        return float(np.mean(self.flagged))
+
+
+@dataclass
+class SamplesFile:
+    """A samples file's contents: root attributes (model, provenance), the topology and the
+    samples of every temperature (K)."""
+
+    attrs: dict
+    topology_pdb: str
+    by_temperature: dict[float, TemperatureSamples]
+
+    def at(self, path, temperature_k: float | None) -> TemperatureSamples:
+        """The samples at ``temperature_k`` (None: the only temperature of the file)."""
+        temperatures = sorted(self.by_temperature)
+        if temperature_k is None:
+            if len(temperatures) != 1:
+                raise TradeMDError(f"{str(path)!r} holds samples at {temperatures} K: pick one with --temperature")
+            temperature_k = temperatures[0]
+        if temperature_k not in self.by_temperature:
+            raise TradeMDError(f"{str(path)!r} has no samples at {temperature_k:g} K (it has {temperatures})")
+        return self.by_temperature[temperature_k]
+
+
+def write_samples(path: str | Path, samples: list[TemperatureSamples], attrs: dict,
+                  topology_pdb: str, overwrite: bool = False) -> Path:
+    """Write a samples file: one group per temperature, the root ``attrs`` (model,
+    provenance) and the topology."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise TradeMDError(f"{str(path)!r} exists: pass --overwrite to replace it")
@@ -494,33 +569,35 @@ def write_samples(path: str | Path, groups: list[dict], attrs: dict, topology_pd
         _write_attrs(h5, attrs)
         h5.attrs["units"] = json.dumps({k: v[0] for k, v in SAMPLE_DATASETS.items() if v[0]})
         h5.create_dataset("topology_pdb", data=topology_pdb)
-        for group_data in groups:
-            group = h5.create_group(group_name(group_data["attrs"]["temperature_k"]))
-            for key, value in group_data["attrs"].items():
+        for entry in samples:
+            group = h5.create_group(group_name(entry.temperature_k))
+            for key, value in entry.summary.items():
                 group.attrs[key] = value
+            group.attrs["temperature_k"] = entry.temperature_k
             for name, (unit, description) in SAMPLE_DATASETS.items():
-                dataset = group.create_dataset(name, data=group_data[name], compression="gzip"
+                dataset = group.create_dataset(name, data=getattr(entry, name), compression="gzip"
                                                if name == "positions_nm" else None)
                 dataset.attrs["unit"] = unit
                 dataset.attrs["description"] = description
             histograms = group.create_group("histograms")
-            for name, value in group_data["histograms"].items():
+            for name, value in entry.histograms.items():
                 histograms.create_dataset(name, data=value)
-            group.create_dataset("ramachandran_png", data=np.void(group_data["ramachandran_png"]))
+            group.create_dataset("ramachandran_png", data=np.void(entry.ramachandran_png))
     return path
 
 
-def read_samples(path: str | Path) -> dict[float, dict]:
-    """Read a samples file: {temperature_k: {dataset name: array, "attrs": dict,
-    "histograms": {...}}}, plus the root attributes and ``topology_pdb`` under key ``None``."""
+def read_samples(path: str | Path) -> SamplesFile:
+    """Read a samples file written by :func:`write_samples`."""
     with open_checked(path, SAMPLES_FORMAT) as h5:
-        result: dict = {None: {**h5.attrs, "topology_pdb": _text(h5["topology_pdb"][()])}}
-        for name, group in h5.items():
+        by_temperature = {}
+        for group in h5.values():
             if not isinstance(group, h5py.Group):
                 continue
-            entry = {k: group[k][()] for k in SAMPLE_DATASETS if k in group}
-            entry["attrs"] = dict(group.attrs)
-            entry["histograms"] = {k: v[()] for k, v in group["histograms"].items()}
-            entry["ramachandran_png"] = group["ramachandran_png"][()].tobytes()
-            result[float(group.attrs["temperature_k"])] = entry
-        return result
+            arrays = {k: group[k][()] for k in SAMPLE_DATASETS}
+            summary = dict(group.attrs)
+            temperature_k = float(summary["temperature_k"])
+            by_temperature[temperature_k] = TemperatureSamples(
+                temperature_k=temperature_k, summary=summary,
+                histograms={k: v[()] for k, v in group["histograms"].items()},
+                ramachandran_png=group["ramachandran_png"][()].tobytes(), **arrays)
+        return SamplesFile(dict(h5.attrs), _text(h5["topology_pdb"][()]), by_temperature)

@@ -43,14 +43,14 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from trademd.errors import TradeMDError
 from trademd.flow.conditional import TemperatureFlow, build_flow
 from trademd.progress import Progress
+from trademd.training.model_file import MODEL_FORMAT, MODEL_FORMAT_VERSION
 from trademd.training.refine import RefinementBuffer
 from trademd.training.trade import (
     ExpectationCache, dlogp_dlogt, kish_ess, log_importance_weights, log_spaced_grid,
     residual_loss, snis_mean, trade_residual,
 )
 
-__all__ = ["MODEL_FORMAT", "MODEL_FORMAT_VERSION", "OBJECTIVES", "Objective", "TrainConfig",
-           "Trainer", "importance_weights"]
+__all__ = ["OBJECTIVES", "Objective", "TrainConfig", "Trainer", "importance_weights"]
 
 class Objective(str, Enum):
     """What a run trains on; the value is the name in settings files and on the CLI."""
@@ -71,10 +71,6 @@ class Objective(str, Enum):
 
 
 OBJECTIVES = tuple(objective.value for objective in Objective)
-
-#: Name and version of the ``model.pt`` layout (like the HDF5 files' ``format`` attributes).
-MODEL_FORMAT = "trade-md/model"
-MODEL_FORMAT_VERSION = 1
 
 #: Columns of metrics.csv (a term that an objective lacks stays empty).
 METRICS_COLUMNS = ("step", "phase", "loss", "nll_t0", "val_nll_t0", "trade", "trade_weight",

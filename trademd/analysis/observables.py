@@ -1,0 +1,52 @@
+"""Observables of molecular ensembles: backbone dihedrals, Ramachandran histograms and the
+free energy of the positive-phi basin (radians, kT)."""
+
+import math
+
+import numpy as np
+
+__all__ = ["PHI_PSI_BINS", "phi_psi", "phi_psi_histogram", "basin_free_energy"]
+
+#: Bins per axis of the phi/psi histograms stored with samples.
+PHI_PSI_BINS = 60
+
+
+def phi_psi(molecule, positions_nm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Backbone dihedrals (radians) by mdtraj, empty arrays if the system has none."""
+    import mdtraj
+
+    if molecule.phi_atoms is None or molecule.psi_atoms is None:
+        return np.zeros(0), np.zeros(0)
+    trajectory = mdtraj.Trajectory(positions_nm, molecule.mdtraj_topology())
+    angles = mdtraj.compute_dihedrals(trajectory, [molecule.phi_atoms, molecule.psi_atoms])
+    return angles[:, 0].astype(np.float64), angles[:, 1].astype(np.float64)
+
+
+def phi_psi_histogram(phi: np.ndarray, psi: np.ndarray, weights: np.ndarray | None = None,
+                      bins: int = PHI_PSI_BINS) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised 2-D histogram [bins, bins] (probabilities summing to 1) over [-pi, pi)^2 and
+    its bin edges [bins + 1] (the same for both axes)."""
+    edges = np.linspace(-math.pi, math.pi, bins + 1)
+    histogram, _, _ = np.histogram2d(phi, psi, bins=[edges, edges], weights=weights)
+    total = histogram.sum()
+    return (histogram / total if total > 0 else histogram), edges
+
+
+def basin_free_energy(phi: np.ndarray, weights: np.ndarray | None = None,
+                      ess: float | None = None) -> tuple[float, float]:
+    """Free-energy difference (in kT) of the positive-phi region relative to the negative-phi
+    (alpha/beta) region, -ln(P(phi > 0) / P(phi < 0)), and its standard error from the
+    binomial variance with ``ess`` effective samples (default: len(phi) or the Kish ESS of the
+    weights)."""
+    if weights is None:
+        weights = np.full(len(phi), 1.0 / len(phi))
+        ess = ess or float(len(phi))
+    else:
+        weights = weights / weights.sum()
+        ess = ess or float(1.0 / np.sum(weights**2))
+    p_positive = float(weights[phi > 0].sum())
+    if p_positive <= 0 or p_positive >= 1:
+        return (math.inf if p_positive <= 0 else -math.inf), math.inf
+    delta_f = -math.log(p_positive / (1 - p_positive))
+    error = math.sqrt(p_positive * (1 - p_positive) / ess) / (p_positive * (1 - p_positive))
+    return delta_f, error
