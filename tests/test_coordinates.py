@@ -7,19 +7,14 @@ import numpy as np
 import pytest
 import torch
 
+from trademd.analysis.chirality import chirality_restraint, chirality_signs, wrong_chirality_mask
 from trademd.flow.coordinates import (
-    ALA2_CHIRAL_CENTRES,
     InternalCoordinates,
     canonical_frame,
     cartesian_to_internal,
-    chirality_restraint,
-    chirality_signs,
     constrained_bonds_from_openmm,
     internal_log_det,
     internal_to_cartesian,
-    tetrahedral_centres,
-    wrong_chirality_fraction,
-    wrong_chirality_mask,
 )
 from trademd.errors import TradeMDError
 from trademd.systems import get_system
@@ -397,20 +392,21 @@ def test_cuda_matches_cpu(ala2):
 
 
 def test_chirality_flips_under_mirror_and_is_reported(ala2):
-    reference = ala2.positions_nm()
+    reference, centres = ala2.positions_nm(), ala2.chiral_centres
+    assert centres.tolist() == [[8, 6, 14, 10]]  # CA with N, C, CB
     x = _ala2_configurations(ala2, 6, seed=9)
-    signs = chirality_signs(x, ALA2_CHIRAL_CENTRES)
+    signs = chirality_signs(x, centres)
     assert signs.shape == (6, 1)
-    assert (signs == chirality_signs(reference, ALA2_CHIRAL_CENTRES)).all()
-    assert (chirality_signs(-x, ALA2_CHIRAL_CENTRES) == -signs).all()
+    assert (signs == chirality_signs(reference, centres)).all()
+    assert (chirality_signs(-x, centres) == -signs).all()
     # a mirror image: bonds and angles unchanged, torsions negated
     b, a, t = cartesian_to_internal(x, ala2.zmatrix)
     bm, am, tm = cartesian_to_internal(-x, ala2.zmatrix)
     torch.testing.assert_close((b, a), (bm, am))
     assert (((t + tm + math.pi) % (2 * math.pi)) - math.pi).abs().max() < 1e-9
     mixed = torch.cat([x, -x[:2]])
-    assert wrong_chirality_mask(mixed, ALA2_CHIRAL_CENTRES, reference).tolist() == [False] * 6 + [True] * 2
-    assert wrong_chirality_fraction(mixed, ALA2_CHIRAL_CENTRES, reference) == pytest.approx(0.25)
+    assert wrong_chirality_mask(mixed, centres, reference).tolist() == [False] * 6 + [True] * 2
+    assert float(wrong_chirality_mask(mixed, centres, reference).double().mean()) == pytest.approx(0.25)
     # the flow can make the wrong one: CB's torsion about CA-C sets CA's handedness
     ic = _fitted(ala2.zmatrix, x)
     features, _ = ic(x[:1])
@@ -418,17 +414,7 @@ def test_chirality_flips_under_mirror_and_is_reported(ala2):
     column = ic.torsion_index((10, 8, 14, 6))
     torsions[0, column] = -torsions[0, column]
     flipped, _ = ic.inverse(torsions, features.bounded)
-    assert wrong_chirality_fraction(flipped, ALA2_CHIRAL_CENTRES, reference) == 1.0
-
-
-def test_tetrahedral_centres(ala2):
-    bonds = [(b.atom1.index, b.atom2.index) for b in ala2.mdtraj_topology().bonds]
-    centres = tetrahedral_centres(ala2.n_atoms, bonds)
-    assert sorted(centres[:, 0].tolist()) == [1, 8, 10, 18]
-    assert wrong_chirality_fraction(_ala2_configurations(ala2, 4, 10), centres, ala2.positions_nm()) == 0.0
-    _, heavy, tree_bonds = _random_tree(seed=11, n_atoms=12)
-    for row in tetrahedral_centres(12, tree_bonds):
-        assert sum(row[0] in pair for pair in tree_bonds) == 4
+    assert wrong_chirality_mask(flipped, centres, reference).all()
 
 
 def test_chirality_restraint_is_flat_on_the_physical_enantiomer_and_differentiable(ala2):

@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trademd.analysis.chirality import wrong_chirality_mask
 from trademd.analysis.ess import weight_diagnostics
 from trademd.analysis.observables import basin_free_energy, phi_psi, phi_psi_histogram
 from trademd.analysis.plots import ramachandran_png
 from trademd.errors import TradeMDError
-from trademd.flow.coordinates import wrong_chirality_mask
 from trademd.io.h5io import TemperatureSamples, group_name, write_samples
 from trademd.io.provenance import provenance
 from trademd.platforms import torch_device

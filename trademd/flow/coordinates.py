@@ -70,11 +70,8 @@ per-sample flag ``out_of_range`` and, by the ``out_of_range`` option, keeps the 
 
 **Chirality.** The internal coordinates cannot tell a chiral centre from its mirror image
 through the torsions alone: a flow may place alanine's CB on the wrong side of CA (a D-amino
-acid). Chosen option: report and filter. :func:`chirality_signs` gives the sign of the signed
-volume of three neighbours around each centre, :func:`wrong_chirality_mask` /
-:func:`wrong_chirality_fraction` compare with a reference structure (the PDB), and the
-sample stage flags and drops such samples. ``ALA2_CHIRAL_CENTRES`` = CA (8) with N (6), C (14),
-CB (10).
+acid). Chosen option: report and filter (:mod:`trademd.analysis.chirality`); the sample stage
+flags and drops such samples.
 
 Example:
 
@@ -106,22 +103,15 @@ from trademd.errors import TradeMDError
 from trademd.systems.zmatrix import validate_zmatrix
 
 __all__ = [
-    "ALA2_CHIRAL_CENTRES",
     "ICFeatures",
     "InternalCoordinates",
     "canonical_frame",
     "cartesian_to_internal",
-    "chirality_signs",
     "constrained_bonds_from_openmm",
     "internal_log_det",
     "internal_to_cartesian",
-    "tetrahedral_centres",
-    "wrong_chirality_fraction",
-    "wrong_chirality_mask",
 ]
 
-#: Alanine dipeptide's chiral centre: (centre CA, N, C, CB) atom indices.
-ALA2_CHIRAL_CENTRES = np.array([[8, 6, 14, 10]], dtype=np.int64)
 
 _OUT_OF_RANGE_MODES = ("flag", "clamp", "raise")
 
@@ -570,77 +560,3 @@ class InternalCoordinates(nn.Module):
             f"n_angles={self.n_angles}, constrained={int(self.bond_fixed.sum())}, "
             f"bound={self.bound:g}, n_std={self.n_std:g}, fitted={self.fitted}"
         )
-
-
-# ----------------------------------------------------------------------------------------------
-# Chirality
-
-
-def chirality_signs(x, centres) -> Tensor:
-    """Sign of the signed volume ``(a - c) . ((b - c) x (d - c))`` per centre row (c, a, b, d).
-
-    Args:
-        x: [..., n_atoms, 3] (tensor or array).
-        centres: int [m, 4]: (centre, a, b, d), e.g. :data:`ALA2_CHIRAL_CENTRES`.
-
-    Returns:
-        [..., m] in {-1, 0, +1} (0 only for an exactly planar centre). A mirror image
-        (x -> -x) flips every sign.
-    """
-    return torch.sign(signed_volumes(torch.as_tensor(x), centres))
-
-
-def signed_volumes(x: Tensor, centres) -> Tensor:
-    """``(a - c) . ((b - c) x (d - c))`` per centre row (c, a, b, d) of ``centres`` (int
-    [m, 4]) for positions x [..., n_atoms, 3]: [..., m] (nm^3)."""
-    idx = torch.as_tensor(np.asarray(centres), dtype=torch.long, device=x.device)
-    c, a, b, d = (x[..., idx[:, i], :] for i in range(4))
-    return ((a - c) * torch.cross(b - c, d - c, dim=-1)).sum(-1)
-
-
-def wrong_chirality_mask(x, centres, reference) -> Tensor:
-    """bool [...]: True where any centre's sign differs from that of ``reference``
-    [n_atoms, 3] (e.g. the PDB positions)."""
-    x = torch.as_tensor(x)
-    ref = chirality_signs(torch.as_tensor(reference, dtype=x.dtype, device=x.device), centres)
-    return (chirality_signs(x, centres) != ref).any(-1)
-
-
-def chirality_restraint(x: Tensor, centres, reference) -> Tensor:
-    """Flat-bottom restraint that keeps every centre's handedness that of ``reference``:
-    sum over centres of relu(-V / V_ref), V the signed volume of :func:`chirality_signs`.
-
-    Zero for every configuration with the reference's chirality (so a target
-    exp(-u - k * restraint) equals exp(-u) there), about 1 per mirrored centre, and
-    differentiable in x: reverse-KL training uses it to keep a flow on the physical enantiomer.
-
-    Args:
-        x: [B, n_atoms, 3] (nm).
-        centres: int [m, 4] rows (centre, a, b, d).
-        reference: [n_atoms, 3] positions with the wanted chirality.
-
-    Returns:
-        [B], dimensionless.
-    """
-    reference_volume = signed_volumes(torch.as_tensor(reference, dtype=x.dtype, device=x.device), centres)
-    return torch.relu(-signed_volumes(x, centres) / reference_volume).sum(-1)
-
-
-def wrong_chirality_fraction(x, centres, reference) -> float:
-    """Fraction of the configurations x [B, n_atoms, 3] whose chirality differs from
-    ``reference``: ``wrong_chirality_mask(...).float().mean()``."""
-    mask = wrong_chirality_mask(x, centres, reference)
-    return float(mask.double().mean()) if mask.numel() else 0.0
-
-
-def tetrahedral_centres(n_atoms: int, bonds) -> np.ndarray:
-    """Candidate stereo centres of a bond graph: every atom with exactly four bonded
-    neighbours, as rows (centre, n1, n2, n3) with its three lowest-index neighbours (int
-    [m, 4]). Covers the chiral centres; also lists centres that are not chiral (CH3), whose
-    sign nevertheless stays fixed in MD, so a flip there also marks an unphysical sample."""
-    neighbours: list[list[int]] = [[] for _ in range(n_atoms)]
-    for i, j in bonds:
-        neighbours[int(i)].append(int(j))
-        neighbours[int(j)].append(int(i))
-    rows = [[a, *sorted(nb)[:3]] for a, nb in enumerate(neighbours) if len(nb) == 4]
-    return np.asarray(rows, dtype=np.int64).reshape(-1, 4)

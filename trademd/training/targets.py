@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from trademd.flow.coordinates import InternalCoordinates, chirality_restraint, constrained_bonds_from_openmm
+from trademd.analysis.chirality import chirality_restraint
+from trademd.flow.coordinates import InternalCoordinates, constrained_bonds_from_openmm
 from trademd.energy.bridge import EnergyBridge, potential_energy
 from trademd.errors import TradeMDError
 from trademd.io.h5io import read_trajectory
@@ -225,7 +226,7 @@ class MoleculeTarget:
         """(u = U / (k T) [B], log|dx/dz| [B]) of features z [B, D] at T [B] (K); differentiable
         in z through the OpenMM forces; +inf where the energy overflows. With
         ``chirality_restraint_kt`` > 0, u also holds that many kT per mirrored chiral centre
-        (:func:`~trademd.flow.coordinates.chirality_restraint`; zero on the physical enantiomer)."""
+        (:func:`~trademd.analysis.chirality.chirality_restraint`; zero on the physical enantiomer)."""
         x, log_det = self.positions(z)
         energy_kj_mol = potential_energy(x, self.bridge)
         u = energy_kj_mol / (self.boltzmann_k * temperature.double())
