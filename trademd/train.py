@@ -102,7 +102,7 @@ def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | No
     device = torch_device(device)
     if device.type == "cpu":
         # small per-step tensors: one thread is fastest, and leaves the other cores to the
-        # OpenMM energy workers (measured: 5x faster than 2 threads on a busy 2-core machine)
+        # OpenMM energy workers (docs/performance.md)
         torch.set_num_threads(1)
     target = _target(data, system, platform, temperature_k)
     try:

@@ -115,9 +115,8 @@ class EnergyBridge:
             everything in this process).
         kernel: ``auto``, ``single`` (single-molecule Contexts) or ``replicated`` (per-copy
             replicated Contexts of ``copies`` copies). ``auto`` is ``replicated`` on CUDA for
-            vacuum systems only: per-copy implicit-solvent (GB) energies on CUDA differ from
-            a single-molecule Context by about 620 kJ/mol (measured on an H100,
-            docs/performance.md), so on CUDA implicit-solvent energies run in
+            vacuum systems only: per-copy implicit-solvent (GB) energies on CUDA were found
+            wrong against a single-molecule Context (docs/performance.md), so on CUDA implicit-solvent energies run in
             single-molecule Contexts on the CPU side (and a ``replicated`` request is refused).
         copies: copies per replicated Context (default: measured optimum per platform/solvent).
         molecule_radius_nm: the largest atom-centroid distance (nm) a replicated Context
@@ -180,7 +179,7 @@ class EnergyBridge:
             "system_xml": openmm.XmlSerializer.serialize(openmm_system),
             "platform": platform_name,
             # double precision on CUDA: copies sit tens of nm apart, where mixed precision's
-            # float32 positions cost up to 8e-3 kJ/mol (measured on an H100)
+            # float32 positions lose accuracy (docs/performance.md)
             "properties": {**openmm_platform(platform_name, threads=1)[1],
                            **({"Precision": "double"} if platform_name == "CUDA" else {})},
             "n_copies": self.copies,
