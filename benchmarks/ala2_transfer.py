@@ -27,16 +27,23 @@ import time
 
 import numpy as np
 
+from trademd.analysis.observables import phi_psi
+from trademd.analysis.plots import ess_against_temperature
+from trademd.analysis.statistics import (
+    chains_by_replica,
+    integrated_autocorrelation_time,
+)
 from trademd.errors import TradeMDError
 from trademd.evaluate import evaluate_samples
-from trademd.io.h5io import ensemble_temperatures, frame_count, open_hdf5, read_trajectory
-from trademd.analysis.plots import ess_against_temperature
-
-from trademd.analysis.observables import phi_psi
+from trademd.io.h5io import (
+    ensemble_temperatures,
+    frame_count,
+    open_hdf5,
+    read_trajectory,
+)
 from trademd.sample import sample_run
 from trademd.simulate import ExchangeConfig, SimulationConfig, simulate
 from trademd.systems import system_from_attrs
-from trademd.analysis.statistics import chains_by_replica, integrated_autocorrelation_time
 from trademd.train import train_run
 
 OBJECTIVES = ("trade", "nll", "reverse-kl", "nll+reverse-kl")

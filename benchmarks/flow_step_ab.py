@@ -13,8 +13,8 @@ d log p / dT (create_graph) at batch 256 over 240-660 K, a loss of both, backwar
 import argparse
 import importlib.util
 import math
-import re
 from pathlib import Path
+import re
 import statistics
 import subprocess
 import tempfile

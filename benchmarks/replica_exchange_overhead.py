@@ -18,10 +18,10 @@ import time
 import numpy as np
 import openmm
 
-from trademd.platforms import openmm_platform
-from trademd.md.engines import LadderEngine
 from trademd.md.copies import replicate_system
+from trademd.md.engines import LadderEngine
 from trademd.md.settings import COM_RESTRAINT_NM, MOLECULE_RADIUS_NM, ExchangeConfig
+from trademd.platforms import openmm_platform
 from trademd.systems import get_system
 
 

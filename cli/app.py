@@ -2,8 +2,8 @@
 
 from functools import wraps
 import inspect
-import shlex
 from pathlib import Path
+import shlex
 from typing import List, Optional
 
 import typer

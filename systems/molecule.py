@@ -5,8 +5,8 @@ import io
 
 import numpy as np
 import openmm
-import openmm.app as app
 from openmm import unit
+import openmm.app as app
 
 from trademd.errors import TradeMDError
 

@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from trademd.analysis.chirality import chirality_restraint, chirality_signs, wrong_chirality_mask
+from trademd.analysis.chirality import (
+    chirality_restraint,
+    chirality_signs,
+    wrong_chirality_mask,
+)
+from trademd.errors import TradeMDError
 from trademd.flow.coordinates import (
     InternalCoordinates,
     canonical_frame,
@@ -16,10 +21,8 @@ from trademd.flow.coordinates import (
     internal_log_det,
     internal_to_cartesian,
 )
-from trademd.errors import TradeMDError
 from trademd.systems import get_system
 from trademd.systems.zmatrix import zmatrix_from_bonds
-
 
 # ---------------------------------------------------------------------------------------------
 # molecules

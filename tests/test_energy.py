@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 
 from trademd.cli.app import app
 from trademd.energy.bridge import EnergyBridge, potential_energy
+from trademd.energy.molecule import MoleculeEnergy
 from trademd.energy.pool import ReplicatedKernel
 from trademd.errors import TradeMDError
-from trademd.energy.molecule import MoleculeEnergy
 from trademd.units import BOLTZMANN_KJ_MOL_K
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from trademd.errors import TradeMDError
 from trademd.analysis.ess import kish_relative_ess, pareto_k, weight_diagnostics
+from trademd.errors import TradeMDError
 
 
 def _direct_kish_relative_ess(log_weights: np.ndarray) -> float:

@@ -6,10 +6,16 @@ import math
 import pytest
 import torch
 
-from trademd.flow.base import TemperatureBase
 from trademd.errors import TradeMDError
-from trademd.flow.conditional import (TemperatureFlow, _KnotSpline, _knots, build_flow, load_flow,
-                                      parse_layers)
+from trademd.flow.base import TemperatureBase
+from trademd.flow.conditional import (
+    TemperatureFlow,
+    _knots,
+    _KnotSpline,
+    build_flow,
+    load_flow,
+    parse_layers,
+)
 
 T_RANGE = (250.0, 650.0)
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from trademd.flow.conditional import load_flow
-from trademd.training.refine import RefinementBuffer, resampling_probabilities
 from trademd.systems.analytic import get_analytic_system
+from trademd.training.refine import RefinementBuffer, resampling_probabilities
 from trademd.training.targets import AnalyticTarget
 from trademd.training.trainer import TrainConfig, Trainer
 

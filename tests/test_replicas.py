@@ -4,8 +4,8 @@ import numpy as np
 import openmm
 import pytest
 
-from trademd.errors import TradeMDError
 from trademd.energy.molecule import MoleculeEnergy
+from trademd.errors import TradeMDError
 from trademd.md.copies import copy_energy_parameter, replicate_system
 
 CPU = openmm.Platform.getPlatformByName("CPU")

@@ -6,20 +6,20 @@ import math
 
 import mdtraj
 import numpy as np
+from PIL import Image
 import pytest
 import torch
-from PIL import Image
 from typer.testing import CliRunner
 
+from trademd.analysis.observables import basin_free_energy, phi_psi_histogram
 from trademd.cli.app import app
+from trademd.energy.molecule import MoleculeEnergy
 from trademd.evaluate import js_divergence, kl_divergence, wasserstein_1
 from trademd.io.h5io import read_samples, read_trajectory
-from trademd.energy.molecule import MoleculeEnergy
-from trademd.analysis.observables import basin_free_energy, phi_psi_histogram
-from trademd.training.model_file import load_model
 from trademd.simulate import SimulationConfig, simulate
 from trademd.systems import get_system
 from trademd.systems.analytic import get_analytic_system
+from trademd.training.model_file import load_model
 from trademd.training.targets import AnalyticTarget
 from trademd.training.trade import kish_ess
 from trademd.training.trainer import importance_weights

@@ -4,8 +4,8 @@ import h5py
 import numpy as np
 import pytest
 
-from trademd.io.h5io import frame_count, read_trajectory
 from trademd.energy.molecule import MoleculeEnergy
+from trademd.io.h5io import frame_count, read_trajectory
 from trademd.simulate import SimulationConfig, simulate
 from trademd.systems import get_system
 

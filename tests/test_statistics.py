@@ -3,7 +3,11 @@
 import numpy as np
 import pytest
 
-from trademd.analysis.statistics import chains_by_replica, effective_sample_size, integrated_autocorrelation_time
+from trademd.analysis.statistics import (
+    chains_by_replica,
+    effective_sample_size,
+    integrated_autocorrelation_time,
+)
 
 
 def _ar1(rho: float, n_chains: int, n: int, seed: int) -> np.ndarray:

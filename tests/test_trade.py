@@ -7,10 +7,16 @@ import torch
 
 from trademd.systems.analytic import get_analytic_system
 from trademd.training.trade import (
-    ExpectationCache, dlogp_dlogt, kish_ess, log_importance_weights, log_spaced_grid,
-    residual_loss, snis_mean, trade_residual, trade_target,
+    ExpectationCache,
+    dlogp_dlogt,
+    kish_ess,
+    log_importance_weights,
+    log_spaced_grid,
+    residual_loss,
+    snis_mean,
+    trade_residual,
+    trade_target,
 )
-
 
 
 @pytest.fixture(autouse=True)

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from trademd.errors import TradeMDError
-from trademd.io.h5io import ensemble_temperatures, read_samples, read_trajectory
 from trademd.analysis.observables import basin_free_energy, phi_psi, phi_psi_histogram
 from trademd.analysis.statistics import effective_sample_size
+from trademd.errors import TradeMDError
+from trademd.io.h5io import ensemble_temperatures, read_samples, read_trajectory
 from trademd.systems import system_from_attrs
 
 __all__ = ["metrics_path", "EPSILON", "METRIC_BINS", "kl_divergence", "js_divergence", "wasserstein_1",

@@ -19,8 +19,12 @@ from trademd.io.h5io import REPLICA_EXCHANGE_FORMAT, DynamicsFile, file_format
 from trademd.io.provenance import provenance
 from trademd.md.driver import restore, run_saves
 from trademd.md.engines import build_engine
-from trademd.md.settings import (DynamicsSettings, ExchangeConfig, SimulationConfig,
-                                 load_system)
+from trademd.md.settings import (
+    DynamicsSettings,
+    ExchangeConfig,
+    SimulationConfig,
+    load_system,
+)
 
 __all__ = ["SimulationConfig", "ExchangeConfig", "simulate", "simulation_config"]
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
+from trademd.analysis.plots import plot_losses
 from trademd.errors import TradeMDError
 from trademd.platforms import torch_device
-from trademd.analysis.plots import plot_losses
 from trademd.training.targets import AnalyticTarget, MoleculeTarget, Target
 from trademd.training.trainer import TrainConfig, Trainer
 

@@ -32,10 +32,20 @@ import openmm
 import torch
 from torch.autograd.function import once_differentiable
 
-from trademd.energy.pool import (WORKERS_SUPPORTED, KernelSpec, SingleKernel, WorkerPool, build_kernel,
-                                 probe_positions_nm)
+from trademd.energy.pool import (
+    WORKERS_SUPPORTED,
+    KernelSpec,
+    SingleKernel,
+    WorkerPool,
+    build_kernel,
+    probe_positions_nm,
+)
 from trademd.errors import TradeMDError
-from trademd.platforms import PLATFORM_CHOICES, available_openmm_platforms, openmm_platform
+from trademd.platforms import (
+    PLATFORM_CHOICES,
+    available_openmm_platforms,
+    openmm_platform,
+)
 from trademd.units import BOLTZMANN_KJ_MOL_K
 
 __all__ = [

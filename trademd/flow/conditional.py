@@ -30,17 +30,17 @@ feature not in X) or ``none`` (only the temperature). ``"X|X"`` splits X in two 
 bit mask of the position that changes with each occurrence (even/odd, pairs, quads, ...).
 """
 
-import math
 from collections import defaultdict
 from collections.abc import Sequence
+import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+import torch.nn.functional as F
 from zuko.nn import MLP
 
-from trademd.flow.base import TemperatureBase
 from trademd.errors import TradeMDError
+from trademd.flow.base import TemperatureBase
 
 __all__ = ["DEFAULT_LAYERS", "SplineCoupling", "TemperatureFlow", "build_flow", "load_flow",
            "parse_layers"]

@@ -91,8 +91,8 @@ True
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
+import math
 from typing import NamedTuple
 
 import numpy as np

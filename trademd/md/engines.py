@@ -29,8 +29,12 @@ from trademd.energy.molecule import MoleculeEnergy
 from trademd.io.h5io import DynamicsFile
 from trademd.md.copies import com_restraint_energies, replicate_system
 from trademd.md.exchange import ExchangeState
-from trademd.md.settings import (COM_RESTRAINT_NM, MOLECULE_RADIUS_NM, ExchangeConfig,
-                                 SimulationConfig)
+from trademd.md.settings import (
+    COM_RESTRAINT_NM,
+    MOLECULE_RADIUS_NM,
+    ExchangeConfig,
+    SimulationConfig,
+)
 from trademd.platforms import openmm_platform
 from trademd.units import BOLTZMANN_KJ_MOL_K
 

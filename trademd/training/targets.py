@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 
 from trademd.analysis.chirality import chirality_restraint
-from trademd.flow.coordinates import InternalCoordinates, constrained_bonds_from_openmm
 from trademd.energy.bridge import EnergyBridge, potential_energy
 from trademd.errors import TradeMDError
+from trademd.flow.coordinates import InternalCoordinates, constrained_bonds_from_openmm
 from trademd.io.h5io import read_trajectory
 from trademd.systems import system_from_attrs
 from trademd.systems.analytic import AnalyticSystem

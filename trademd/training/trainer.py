@@ -27,14 +27,13 @@ refinement buffer, RNG state) and, at the end, ``model.pt`` (what sampling needs
 ``selection.json`` and ``loss.png``.
 """
 
-from dataclasses import asdict, dataclass, field
 import csv
+from dataclasses import asdict, dataclass, field
+from enum import Enum
 import json
 import math
 from pathlib import Path
 import time
-
-from enum import Enum
 
 import torch
 from torch import Tensor
@@ -46,8 +45,14 @@ from trademd.progress import Progress
 from trademd.training.model_file import MODEL_FORMAT, MODEL_FORMAT_VERSION
 from trademd.training.refine import RefinementBuffer
 from trademd.training.trade import (
-    ExpectationCache, dlogp_dlogt, kish_ess, log_importance_weights, log_spaced_grid,
-    residual_loss, snis_mean, trade_residual,
+    ExpectationCache,
+    dlogp_dlogt,
+    kish_ess,
+    log_importance_weights,
+    log_spaced_grid,
+    residual_loss,
+    snis_mean,
+    trade_residual,
 )
 
 __all__ = ["OBJECTIVES", "Objective", "TrainConfig", "Trainer", "importance_weights"]
