@@ -8,8 +8,8 @@ one thread) measured in the same run, and their ratio.
     python benchmarks/energy_throughput.py                      # full run
     python benchmarks/energy_throughput.py --batches 64 256 --seconds 0.5
 
-Heavy imports happen inside ``main`` so the spawned worker processes, which import this
-script as their ``__main__``, start quickly.
+The bridge's worker processes are plain subprocesses that import only
+:mod:`trademd.energy.pool`.
 """
 
 import argparse
