@@ -29,7 +29,7 @@ from openmm import unit
 
 from trademd.errors import TradeMDError
 
-__all__ = ["ReplicaLayout", "replicate_system", "copy_energy_parameter", "com_restraint_energies",
+__all__ = ["CopyLayout", "replicate_system", "copy_energy_parameter", "com_restraint_energies",
            "SUPPORTED_FORCES"]
 
 #: 1/(4 pi eps0) in kJ nm/(mol e^2), the value OpenMM uses internally.
@@ -57,7 +57,7 @@ def copy_energy_parameter(copy_index: int) -> str:
 
 
 @dataclass(frozen=True)
-class ReplicaLayout:
+class CopyLayout:
     """Where the copies sit: a cubic lattice with ``spacing_nm`` between neighbours.
 
     Attributes:
@@ -108,7 +108,7 @@ def replicate_system(
     molecule_radius_nm: float = 1.0,
     com_restraint_nm: float | None = None,
     gb_cutoff_nm: float = 3.0,
-) -> tuple[openmm.System, ReplicaLayout]:
+) -> tuple[openmm.System, CopyLayout]:
     """Build a ``System`` of ``n_copies`` non-interacting copies of ``system``.
 
     Args:
@@ -122,7 +122,7 @@ def replicate_system(
         gb_cutoff_nm: neighbour-list cutoff of the GB force (nm).
 
     Returns:
-        The replicated system and its :class:`ReplicaLayout`.
+        The replicated system and its :class:`CopyLayout`.
     """
     if n_copies < 1:
         raise TradeMDError(f"the number of copies must be at least 1, got {n_copies}")
@@ -137,7 +137,7 @@ def replicate_system(
     drift_nm = com_restraint_nm or 0.0
     reach_nm = 2.0 * (molecule_radius_nm + drift_nm)
     spacing_nm = reach_nm + (gb_cutoff_nm if has_gb else 0.0) + 1.0
-    layout = ReplicaLayout(
+    layout = CopyLayout(
         n_copies=n_copies,
         n_atoms=system.getNumParticles(),
         spacing_nm=spacing_nm,
@@ -258,7 +258,7 @@ def _nonbonded_force(force: openmm.NonbondedForce, copies, n_atoms, prefix):
     return new
 
 
-def _gb_force(force: openmm.GBSAOBCForce, layout: ReplicaLayout, per_copy: bool):
+def _gb_force(force: openmm.GBSAOBCForce, layout: CopyLayout, per_copy: bool):
     """OBC2 generalised Born (OpenMM's ``GBSAOBCForce``) as a ``CustomGBForce``.
 
     With ``per_copy``, a computed value ``lam`` = lam_c of the particle's copy (a sum of
@@ -322,7 +322,7 @@ def com_restraint_energies(offsets_nm: np.ndarray, masses_amu: np.ndarray,
 
     Args:
         offsets_nm: positions relative to the copies' lattice points (what
-            :meth:`ReplicaLayout.split` returns), [n_copies, n_atoms, 3] in nm.
+            :meth:`CopyLayout.split` returns), [n_copies, n_atoms, 3] in nm.
         masses_amu: atom masses of one copy [n_atoms].
         radius_nm: the restraint's radius.
 
@@ -334,7 +334,7 @@ def com_restraint_energies(offsets_nm: np.ndarray, masses_amu: np.ndarray,
     return 0.5 * COM_RESTRAINT_KJ_MOL_NM2 * excess ** 2
 
 
-def _com_restraint(layout: ReplicaLayout, radius_nm: float) -> openmm.CustomCentroidBondForce:
+def _com_restraint(layout: CopyLayout, radius_nm: float) -> openmm.CustomCentroidBondForce:
     """Flat-bottom harmonic restraint of each copy's centre of mass to its lattice point."""
     restraint = openmm.CustomCentroidBondForce(
         1, "0.5*k_com*max(0, d-d_com)^2; d=sqrt((x1-x0)^2+(y1-y0)^2+(z1-z0)^2)"
