@@ -11,6 +11,10 @@ refinement (what refinement adds, in the same run).
     python benchmarks/ala2_default_seeds.py --out runs/bench-seeds --seeds 0 1 2 \
         [--reference reference_remd.h5] [--platform CPU --device cpu]
     python benchmarks/ala2_default_seeds.py --out runs/bench-seeds --aggregate   # tables only
+    python benchmarks/ala2_default_seeds.py --out runs/long --seeds 0 --steps 4500   # a longer budget
+
+A seed's stages whose outputs exist are reused (e.g. copy another run's ``seedN/data_600K.h5``
+to train a longer budget on the same MD).
 
 Seeds can run as separate processes (e.g. pinned to 2 cores each with ``taskset``) into the
 same ``--out``; ``--aggregate`` then writes ``results.md`` and ``results.json`` over all seeds
@@ -59,7 +63,8 @@ def run_seed(seed: int, out: Path, platform: str, device: str, reference: Path |
     model = run_dir / "train" / "model.pt"
     if not model.exists():
         train_run(run_dir / "train", t_min, t_max, data=data, preset=config.preset,
-                  overrides={"seed": seed, "focus_temperatures": list(config.temperatures_k)},
+                  overrides={"seed": seed, "steps": config.steps,
+                             "focus_temperatures": list(config.temperatures_k)},
                   device=device, platform=platform,
                   resume=(run_dir / "train" / "checkpoint.pt").exists(), show_progress=progress)
     wall["train_s"] = time.perf_counter() - start
@@ -153,9 +158,12 @@ def main() -> None:
     parser.add_argument("--reference", type=Path, default=None)
     parser.add_argument("--save-every-ps", type=float, default=None,
                         help="frame interval of the MD (default: the run default)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps (default: the preset's; refinement scales with them)")
     parser.add_argument("--aggregate", action="store_true", help="only write the tables")
     args = parser.parse_args()
-    overrides = {} if args.save_every_ps is None else {"save_every_ps": args.save_every_ps}
+    overrides = {k: v for k, v in (("save_every_ps", args.save_every_ps), ("steps", args.steps))
+                 if v is not None}
     if not args.aggregate:
         for seed in args.seeds:
             run_seed(seed, args.out, args.platform, args.device, args.reference, overrides)
