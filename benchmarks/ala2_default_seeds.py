@@ -57,7 +57,8 @@ def run_seed(seed: int, out: Path, platform: str, device: str, reference: Path |
         simulate(settings, data, resume=data.exists(), show_progress=progress)
     with h5py.File(data) as h5:  # the file's own record: set-up and every resume included
         wall["simulate_s"] = float(h5.attrs["wall_time_s"])
-    print(f"seed {seed}: simulate done in {wall['simulate_s']:.0f} s", flush=True)
+    data_check = _data_check(data)
+    print(f"seed {seed}: simulate done in {wall['simulate_s']:.0f} s; {data_check}", flush=True)
     start = time.perf_counter()
     t_min, t_max = config.temperature_range_k
     model = run_dir / "train" / "model.pt"
@@ -75,13 +76,33 @@ def run_seed(seed: int, out: Path, platform: str, device: str, reference: Path |
                            device=device, platform=platform, show_progress=progress)
     wall["sample_s"] = time.perf_counter() - start
     print(f"seed {seed}: sample done in {wall['sample_s']:.0f} s", flush=True)
-    result = {"seed": seed, "overrides": overrides or {}, "wall_time": wall, "samples": summaries,
+    result = {"seed": seed, "overrides": overrides or {}, "wall_time": wall, "data": data_check,
+              "samples": summaries,
               "training": _training_ess(run_dir / "train" / "metrics.csv"),
               "selection": json.loads((run_dir / "train" / "selection.json").read_text())}
     if reference is not None:
         result["evaluation_300K"] = evaluate_samples(samples, reference, 300.0)
     (run_dir / "result.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def _data_check(data: Path) -> dict:
+    """The MD data's own ensemble: mean energy (s.e. over replicas, kJ/mol), the fraction of
+    frames with phi > 0, and the integrator settings that made them (an ensemble check of
+    e.g. hydrogen mass repartitioning against earlier data)."""
+    from trademd.analysis.observables import phi_psi
+    from trademd.io.h5io import read_trajectory
+    from trademd.systems import get_system
+
+    trajectory = read_trajectory(data)
+    energy = trajectory.energy_kj_mol.astype(np.float64)
+    per_replica = np.array([energy[trajectory.replica == r].mean() for r in np.unique(trajectory.replica)])
+    phi, _ = phi_psi(get_system(trajectory.attrs["system"]), trajectory.positions_nm)
+    return {"frames": int(len(energy)), "mean_energy_kj_mol": float(energy.mean()),
+            "mean_energy_se_kj_mol": float(per_replica.std(ddof=1) / math.sqrt(len(per_replica))),
+            "fraction_positive_phi": float(np.mean(phi > 0)),
+            "timestep_ps": float(trajectory.attrs["timestep_ps"]),
+            "hydrogen_mass_amu": float(trajectory.attrs.get("hydrogen_mass_amu", 0.0))}
 
 
 def _training_ess(metrics_csv: Path) -> dict:
@@ -131,6 +152,13 @@ def aggregate(out: Path) -> str:
         lines.append(f"| {t:g} K | {_mean_se(values['ess'])} | {min(values['ess']):.1f} | {_mean_se(values['df'])} |")
     lines += ["", f"Reference dF(phi>0) at 300 K (replica exchange): {RECORDED_REFERENCE_DF_300K[0]} +- "
               f"{RECORDED_REFERENCE_DF_300K[1]} kT (recorded, docs/results.md).", "",
+              "| seed | data: frames | mean U 600 K (kJ/mol) | phi > 0 |", "| --- | --- | --- | --- |"]
+    for r in results:
+        if "data" in r:
+            d = r["data"]
+            lines.append(f"| {r['seed']} | {d['frames']} | {d['mean_energy_kj_mol']:.2f} +- "
+                         f"{d['mean_energy_se_kj_mol']:.2f} | {100 * d['fraction_positive_phi']:.2f} % |")
+    lines += ["",
               "| seed | ESS 300 K main phase end (10k) | ESS 300 K after refinement (10k) | ESS T0 main end | ESS T0 after | selected step | simulate (s) | train (s) | sample 2 x 100k (s) |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:

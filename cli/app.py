@@ -128,6 +128,9 @@ def simulate(
     replicas: Optional[int] = typer.Option(
         None, help="copies simulated together (default 64); replica exchange: ladders (default 4)"),
     save_every: str = typer.Option("1ps", help="interval between saved frames"),
+    timestep: str = typer.Option("2fs", help="integration time step (4fs needs --hydrogen-mass)"),
+    hydrogen_mass: Optional[float] = typer.Option(
+        None, help="hydrogen mass repartitioning: hydrogens get this mass (amu, e.g. 1.5), taken from their heavy atom"),
     equilibration: str = typer.Option("100ps", help="discarded equilibration per replica"),
     platform: str = typer.Option("auto", help="OpenMM platform: auto, CPU or CUDA"),
     seed: int = typer.Option(0, help="random seed of velocities and the Langevin integrator"),
@@ -146,6 +149,7 @@ def simulate(
         temperature_k=temperature, temperatures_k=tuple(temperatures or ()), replicas=replicas,
         resume_file=out if resume else None, exchange_every_ps=parse_time_ps(exchange_every),
         time_ps=parse_time_ps(time), save_every_ps=parse_time_ps(save_every),
+        timestep_ps=parse_time_ps(timestep), hydrogen_mass_amu=hydrogen_mass,
         equilibration_ps=parse_time_ps(equilibration, allow_zero=True), seed=seed, platform=platform,
     )
     path = run_simulation(config, out, overwrite=overwrite, resume=resume,
@@ -296,6 +300,8 @@ def run(
     time: str = typer.Option("1ns", help="simulation time per replica (16 replicas x 1 ns every 0.1 ps: 160,000 frames)"),
     replicas: int = typer.Option(16, help="MD replicas"),
     save_every: str = typer.Option("0.1ps", help="MD frame interval"),
+    timestep: str = typer.Option("4fs", help="MD time step"),
+    hydrogen_mass: float = typer.Option(1.5, help="MD hydrogen mass (amu; repartitioned from heavy atoms, 0: force-field masses)"),
     seed: int = typer.Option(0, help="seed of the MD and of training"),
     preset: str = typer.Option("quick", help="training preset: quick or paper"),
     steps: Optional[int] = typer.Option(None, help="training steps (default: the preset's)"),
@@ -312,6 +318,7 @@ def run(
 
     config = RunConfig(system=system, temperatures_k=tuple(temperature), data_temperature_k=data_temperature,
                        simulation_ps=parse_time_ps(time), replicas=replicas, save_every_ps=parse_time_ps(save_every),
+                       timestep_ps=parse_time_ps(timestep), hydrogen_mass_amu=hydrogen_mass or None,
                        preset=preset, steps=steps, n_samples=n, seed=seed)
     summary = run_pipeline(config, out, platform=platform, device=device,
                            command=full_command(ctx), show_progress=not quiet)

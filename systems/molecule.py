@@ -58,9 +58,12 @@ class MolecularSystem:
         """Reference positions of the PDB, float64 [n_atoms, 3] in nm."""
         return np.asarray(self.pdb().getPositions(asNumpy=True).value_in_unit(unit.nanometer), dtype=np.float64)
 
-    def create_openmm_system(self) -> openmm.System:
-        """The single-molecule OpenMM system: NoCutoff, constraints as :attr:`constraints`."""
-        return build_openmm_system(self.pdb().topology, self.forcefield_files, self.constraints)
+    def create_openmm_system(self, hydrogen_mass_amu: float | None = None) -> openmm.System:
+        """The single-molecule OpenMM system: NoCutoff, constraints as :attr:`constraints`;
+        with ``hydrogen_mass_amu``, hydrogens bonded to heavy atoms get that mass, taken from
+        their heavy atom (OpenMM's hydrogen mass repartitioning)."""
+        return build_openmm_system(self.pdb().topology, self.forcefield_files, self.constraints,
+                                   hydrogen_mass_amu)
 
     def mdtraj_topology(self):
         """The topology as an ``mdtraj.Topology``."""
@@ -69,7 +72,8 @@ class MolecularSystem:
         return mdtraj.Topology.from_openmm(self.pdb().topology)
 
 
-def build_openmm_system(topology: app.Topology, forcefield_files, constraints: str) -> openmm.System:
+def build_openmm_system(topology: app.Topology, forcefield_files, constraints: str,
+                        hydrogen_mass_amu: float | None = None) -> openmm.System:
     """Create an OpenMM system for an isolated molecule, turning force-field errors into
     one-line :class:`TradeMDError` messages."""
     try:
@@ -82,7 +86,8 @@ def build_openmm_system(topology: app.Topology, forcefield_files, constraints: s
     constraint = {"HBonds": app.HBonds, "None": None}[constraints]
     try:
         return forcefield.createSystem(
-            topology, nonbondedMethod=app.NoCutoff, constraints=constraint, rigidWater=True
+            topology, nonbondedMethod=app.NoCutoff, constraints=constraint, rigidWater=True,
+            hydrogenMass=None if hydrogen_mass_amu is None else hydrogen_mass_amu * unit.amu,
         )
     except (ValueError, Exception) as error:
         raise TradeMDError(

@@ -57,6 +57,15 @@ def test_systems_lists_builtins():
     assert "amber96_obc.xml" in result.output
 
 
+def test_simulate_with_hydrogen_mass_repartitioning(tmp_path):
+    out = tmp_path / "hmr.h5"
+    result = runner.invoke(app, ["simulate", *QUICK, "--timestep", "4fs", "--hydrogen-mass", "1.5",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    attrs = read_trajectory(out).attrs
+    assert attrs["timestep_ps"] == 0.004 and attrs["hydrogen_mass_amu"] == 1.5
+
+
 def test_simulate_info_export(tmp_path):
     out = tmp_path / "run.h5"
     result = runner.invoke(app, ["simulate", *QUICK, "--out", str(out)])
@@ -64,6 +73,7 @@ def test_simulate_info_export(tmp_path):
     trajectory = read_trajectory(out)
     assert trajectory.n_frames == 4
     assert "simulate" in trajectory.attrs["command"]
+    assert trajectory.attrs["timestep_ps"] == 0.002 and trajectory.attrs["hydrogen_mass_amu"] == 0.0
 
     info = runner.invoke(app, ["info", str(out)])
     assert info.exit_code == 0
@@ -87,6 +97,7 @@ def test_simulate_info_export(tmp_path):
         (["--time", "20 years"], ["cannot read the duration"]),
         (["--platform", "CUDA"], ["CUDA", "--platform"]),
         (["--pdb", "missing.pdb", "--forcefield", "amber99sbildn.xml"], ["not found"]),
+        (["--hydrogen-mass", "0.5"], ["--hydrogen-mass", "between 1 and 4"]),
     ],
 )
 def test_simulate_bad_input(tmp_path, arguments, words):

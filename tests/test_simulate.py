@@ -1,10 +1,14 @@
 """Molecular dynamics: the right temperature, exact stored energies, chunked resumable files."""
 
+import json
+
 import h5py
 import numpy as np
+from openmm import unit
 import pytest
 
 from trademd.energy.molecule import MoleculeEnergy
+from trademd.errors import TradeMDError
 from trademd.io.h5io import frame_count, read_trajectory
 from trademd.simulate import SimulationConfig, simulate
 from trademd.systems import get_system
@@ -18,11 +22,14 @@ def _config(**overrides) -> SimulationConfig:
 
 
 @pytest.mark.slow
-def test_kinetic_temperature_matches_target(tmp_path):
+@pytest.mark.parametrize("timestep_ps, hydrogen_mass_amu", [(0.002, None), (0.004, 1.5)])
+def test_kinetic_temperature_matches_target(tmp_path, timestep_ps, hydrogen_mass_amu):
     """Mean kinetic temperature over 16 replicas x 20 ps equals the target within 4 standard
-    errors (block averages over 2 ps blocks, longer than the 1/friction = 1 ps memory)."""
+    errors (block averages over 2 ps blocks, longer than the 1/friction = 1 ps memory), also
+    with hydrogen mass repartitioning at 4 fs (kinetic energy from the repartitioned masses)."""
     config = _config(temperature_k=400.0, time_ps=20.0, replicas=16, save_every_ps=0.1,
-                     equilibration_ps=2.0, chunk_saves=50)
+                     equilibration_ps=2.0, chunk_saves=50, timestep_ps=timestep_ps,
+                     hydrogen_mass_amu=hydrogen_mass_amu)
     path = simulate(config, tmp_path / "t.h5", show_progress=False)
     with h5py.File(path) as h5:
         kinetic = h5["kinetic_temperature_k"][()]
@@ -119,3 +126,46 @@ def test_a_run_stopped_before_its_first_chunk_starts_again_on_resume(tmp_path, m
     resumed = read_trajectory(tmp_path / "cut.h5")
     assert resumed.n_frames == uninterrupted.n_frames == 2 * 4
     assert np.allclose(resumed.positions_nm, uninterrupted.positions_nm, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["ala2-vacuum", "ala2-implicit"])
+def test_hydrogen_mass_repartitioning_keeps_total_mass_and_energies(name):
+    """Every hydrogen gets the asked mass, its heavy atom loses what it gained (total mass
+    unchanged), and the potential energy of any configuration is unchanged."""
+    molecule = get_system(name)
+    plain, heavy = molecule.create_openmm_system(), molecule.create_openmm_system(hydrogen_mass_amu=1.5)
+    masses = lambda system: np.array([system.getParticleMass(i).value_in_unit(unit.amu)
+                                      for i in range(system.getNumParticles())])
+    before, after = masses(plain), masses(heavy)
+    hydrogen = np.array([atom.element.symbol == "H" for atom in molecule.pdb().topology.atoms()])
+    assert np.allclose(after[hydrogen], 1.5)
+    assert np.all(after[~hydrogen] <= before[~hydrogen]) and after[~hydrogen].min() > 8.0
+    assert after.sum() == pytest.approx(before.sum(), rel=1e-12)
+    lost = np.zeros_like(before)  # each heavy atom loses what its hydrogens gained
+    for bond in molecule.pdb().topology.bonds():
+        h, other = (bond[0].index, bond[1].index) if hydrogen[bond[0].index] else (bond[1].index, bond[0].index)
+        if hydrogen[h] and not hydrogen[other]:
+            lost[other] += after[h] - before[h]
+    assert np.allclose(before[~hydrogen] - after[~hydrogen], lost[~hydrogen])
+    positions = molecule.positions_nm()[None] + np.random.default_rng(3).normal(0, 0.01, (5, molecule.n_atoms, 3))
+    u_plain, _ = MoleculeEnergy(plain)(positions)
+    u_heavy, _ = MoleculeEnergy(heavy)(positions)
+    assert np.allclose(u_plain, u_heavy, atol=1e-6)
+
+
+def test_hydrogen_mass_is_recorded_and_kept_on_resume(tmp_path):
+    config = _config(system_name="ala2-implicit", timestep_ps=0.004, hydrogen_mass_amu=1.5, time_ps=2.0)
+    path = simulate(config, tmp_path / "h.h5", show_progress=False)
+    trajectory = read_trajectory(path)
+    assert trajectory.attrs["hydrogen_mass_amu"] == 1.5 and trajectory.attrs["timestep_ps"] == 0.004
+    assert np.all(np.isfinite(trajectory.energy_kj_mol))
+    simulate(_config(time_ps=4.0), path, resume=True, show_progress=False)  # the file's settings win
+    resumed = read_trajectory(path)
+    assert resumed.n_frames == 8 * 4
+    assert json.loads(resumed.attrs["simulation_config"])["hydrogen_mass_amu"] == 1.5
+
+
+@pytest.mark.parametrize("mass", [0.5, 4.5])
+def test_impossible_hydrogen_mass_is_refused(tmp_path, mass):
+    with pytest.raises(TradeMDError, match="--hydrogen-mass must lie between 1 and 4 amu"):
+        simulate(_config(hydrogen_mass_amu=mass), tmp_path / "x.h5", show_progress=False)

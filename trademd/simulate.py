@@ -82,7 +82,7 @@ def simulate(config: SimulationConfig | ExchangeConfig, out: str | Path, overwri
     else:
         molecule = load_system(config)
     config.validate()
-    engine = build_engine(molecule.create_openmm_system(), config)
+    engine = build_engine(molecule.create_openmm_system(config.hydrogen_mass_amu), config)
     if resume:
         saves_done = restore(engine, file, config)
     else:
@@ -112,7 +112,9 @@ def _dynamics_attrs(config: DynamicsSettings, platform_name: str) -> dict:
     settings["forcefield_files"] = list(config.forcefield_files)
     if isinstance(config, ExchangeConfig):
         settings["temperatures_k"] = [float(t) for t in config.temperatures_k]
+    hydrogen_mass_amu = 0.0 if config.hydrogen_mass_amu is None else config.hydrogen_mass_amu
     return {"timestep_ps": config.timestep_ps, "friction_per_ps": config.friction_per_ps,
+            "hydrogen_mass_amu": hydrogen_mass_amu,
             "seed": config.seed, "save_every_ps": config.save_every_ps,
             "equilibration_ps": config.equilibration_ps, "platform": platform_name,
             "simulation_config": settings}

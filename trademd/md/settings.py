@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from trademd.errors import TradeMDError
 
-__all__ = ["COM_RESTRAINT_NM", "MOLECULE_RADIUS_NM", "DynamicsSettings", "SimulationConfig",
+__all__ = ["COM_RESTRAINT_NM", "MOLECULE_RADIUS_NM", "MAX_HYDROGEN_MASS_AMU", "DynamicsSettings", "SimulationConfig",
            "ExchangeConfig", "load_system"]
 
 #: Radius of the flat-bottom centre-of-mass restraint (nm) and the molecule size the lattice
@@ -13,11 +13,20 @@ __all__ = ["COM_RESTRAINT_NM", "MOLECULE_RADIUS_NM", "DynamicsSettings", "Simula
 COM_RESTRAINT_NM = 0.5
 MOLECULE_RADIUS_NM = 1.5
 
+#: Heaviest hydrogen allowed (amu): a methyl carbon keeps 12 - 3 x (4 - 1) = 3 amu.
+MAX_HYDROGEN_MASS_AMU = 4.0
+
 
 @dataclass(kw_only=True)
 class DynamicsSettings:
     """What plain MD and replica exchange share: the system, how long, how often to save,
-    the Langevin settings (times in ps). Keyword arguments only."""
+    the Langevin settings (times in ps). Keyword arguments only.
+
+    ``hydrogen_mass_amu`` (None: the force field's masses) repartitions mass from each heavy
+    atom to its hydrogens (total mass unchanged). Masses do not enter the Boltzmann
+    distribution of configurations, so this changes the dynamics only; heavier hydrogens
+    allow a 4 fs ``timestep_ps`` with LangevinMiddle and HBonds constraints.
+    """
 
     system_name: str
     time_ps: float
@@ -25,6 +34,7 @@ class DynamicsSettings:
     equilibration_ps: float = 100.0
     timestep_ps: float = 0.002
     friction_per_ps: float = 1.0
+    hydrogen_mass_amu: float | None = None
     seed: int = 0
     platform: str = "auto"
     chunk_saves: int = 10
@@ -39,6 +49,9 @@ class DynamicsSettings:
             raise TradeMDError("--time must be at least one --save-every interval")
         if self.equilibration_ps < 0:
             raise TradeMDError("--equilibration must not be negative")
+        if self.hydrogen_mass_amu is not None and not 1.0 <= self.hydrogen_mass_amu <= MAX_HYDROGEN_MASS_AMU:
+            raise TradeMDError(f"--hydrogen-mass must lie between 1 and {MAX_HYDROGEN_MASS_AMU:g} amu "
+                               f"(got {self.hydrogen_mass_amu:g}); 1.5 with a 4 fs time step is usual")
 
     @property
     def steps_per_save(self) -> int:

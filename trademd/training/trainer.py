@@ -120,7 +120,7 @@ class TrainConfig:
     checkpoint_every: int = 250
     ema_decay: float = 0.99
     focus_temperatures: list = field(default_factory=list)
-    refine_rounds: int = 5
+    refine_rounds: int = 7
     refine_steps: int = 150
     refine_samples: int = 40000
     refine_learning_rate: float = 2e-4
