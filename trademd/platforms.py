@@ -41,18 +41,24 @@ def openmm_platform(name: str = "auto", threads: int | None = None) -> tuple[ope
     if name == "CPU":
         properties["Threads"] = str(threads or os.cpu_count() or 1)
     elif name == "CUDA":
+        from trademd.distributed import local_device_index
+
         properties["Precision"] = "mixed"
+        properties["DeviceIndex"] = str(local_device_index())  # under torchrun: the rank's GPU
     return openmm.Platform.getPlatformByName(name), properties
 
 
 def torch_device(name: str = "auto"):
-    """The torch device for ``auto`` (CUDA if available), ``cpu`` or ``cuda``."""
+    """The torch device for ``auto`` (CUDA if available), ``cpu`` or ``cuda`` (under torchrun,
+    the GPU of the rank's local rank)."""
     import torch
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from trademd.distributed import local_device_index
+
+    if name not in ("auto", "cpu", "cuda"):
+        raise TradeMDError(f"unknown device {name!r}: choose auto, cpu or cuda")
     if name == "cuda" and not torch.cuda.is_available():
         raise TradeMDError("torch sees no CUDA device: use --device auto or cpu")
-    if name not in ("cpu", "cuda"):
-        raise TradeMDError(f"unknown device {name!r}: choose auto, cpu or cuda")
-    return torch.device(name)
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_device_index())

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from trademd import distributed
 from trademd.analysis.plots import plot_losses
 from trademd.errors import TradeMDError
 from trademd.platforms import torch_device
@@ -62,7 +63,7 @@ def load_config_file(path: str | Path) -> dict:
 
 
 def _target(data: str | Path | None, system: str | None, platform: str,
-            temperature_k: float | None = None) -> Target:
+            temperature_k: float | None = None, workers: int | None = None) -> Target:
     from trademd.systems.analytic import ANALYTIC_SYSTEMS, get_analytic_system
 
     if data is None:
@@ -72,7 +73,8 @@ def _target(data: str | Path | None, system: str | None, platform: str,
                 f"system {sorted(ANALYTIC_SYSTEMS)} that needs no data"
             )
         return AnalyticTarget(get_analytic_system(system))
-    return MoleculeTarget.from_trajectory(data, platform=platform, temperature_k=temperature_k)
+    return MoleculeTarget.from_trajectory(data, platform=platform, temperature_k=temperature_k,
+                                          workers=workers)
 
 
 def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | None = None,
@@ -85,6 +87,10 @@ def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | No
     Settings: the preset, then the config file, then ``overrides`` (CLI options), each
     overriding the one before; where only the steps change, the preset's refinement steps
     scale with them.
+
+    Under ``torchrun`` (``torchrun --nproc_per_node N -m trademd train ...``) the ranks train
+    one model data-parallel (:mod:`trademd.training.trainer`): ``batch_size`` is per rank, each
+    rank evaluates its own energies (on CPU with its share of the cores), rank 0 writes ``out``.
     """
     base = preset_settings(preset)
     chosen = load_config_file(config_file) if config_file is not None else {}
@@ -100,26 +106,33 @@ def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | No
     if not resume and (out / "model.pt").exists():
         raise TradeMDError(f"{str(out)!r} already holds a trained model: choose another --out or --resume")
     device = torch_device(device)
+    ranks = distributed.start(device)
+    workers = None
     if device.type == "cpu":
         # small per-step tensors: one thread is fastest, and leaves the other cores to the
-        # OpenMM energy workers (docs/performance.md)
+        # OpenMM energy workers (docs/performance.md); ranks side by side share the cores
         torch.set_num_threads(1)
-    target = _target(data, system, platform, temperature_k)
+        workers = distributed.cpu_share(ranks) - 1 if ranks.active else None
+    target = _target(data, system, platform, temperature_k, workers)
     try:
         trainer = Trainer(target, config, out, device=device,
-                          validation_features=target.validation_features)
-        if target.split is not None:
-            (out / "split.json").write_text(target.split.to_json())
+                          validation_features=target.validation_features, ranks=ranks)
         if resume:
             _check_same_target(out, target.record()["system"], target.reference_temperature)
             trainer.resume()
-        (out / "target.json").write_text(json.dumps({"system": target.record()["system"],
-                                                     "temperature_k": target.reference_temperature,
-                                                     "data": str(data) if data else None}))
+        if ranks.is_main:
+            if target.split is not None:
+                (out / "split.json").write_text(target.split.to_json())
+            (out / "target.json").write_text(json.dumps({"system": target.record()["system"],
+                                                         "temperature_k": target.reference_temperature,
+                                                         "data": str(data) if data else None,
+                                                         "world_size": ranks.world_size}))
         model = trainer.train(show_progress=show_progress)
     finally:
         target.close()
-    plot_losses(out / "metrics.csv", out / "loss.png")
+        distributed.stop()
+    if ranks.is_main:
+        plot_losses(out / "metrics.csv", out / "loss.png")
     return model
 
 

@@ -21,6 +21,13 @@ temperature-annealed Boltzmann generators, Schopmans and Friederich 2025), start
 selected parameters; each round is scored and selected like the main phase
 (:mod:`trademd.training.refine`).
 
+Data parallel (``torchrun``, :mod:`trademd.distributed`): every rank holds the data and draws
+its slice of one global minibatch (``batch_size`` per rank) from a generator all ranks share,
+so W ranks at batch B take the same steps as one process at batch W x B; each rank draws its
+own flow samples and evaluates their energies; gradients are averaged over ranks before
+clipping, and E_T[u], the ESS metrics and the validation NLL are pooled over ranks, so every
+rank selects the same step. Rank 0 writes every file.
+
 A run directory holds ``config.json``, ``metrics.csv``, ``checkpoint.pt`` (everything
 ``resume`` needs: parameters, EMA, best parameters, optimiser, scheduler, expectation cache,
 refinement buffer, RNG state) and, at the end, ``model.pt`` (what sampling needs),
@@ -39,6 +46,8 @@ import torch
 from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from trademd import distributed
+from trademd.distributed import Ranks
 from trademd.errors import TradeMDError
 from trademd.flow.conditional import TemperatureFlow, build_flow
 from trademd.progress import Progress
@@ -47,7 +56,6 @@ from trademd.training.refine import RefinementBuffer
 from trademd.training.trade import (
     ExpectationCache,
     dlogp_dlogt,
-    kish_ess,
     log_importance_weights,
     log_spaced_grid,
     residual_loss,
@@ -210,18 +218,25 @@ class Trainer:
         run_dir: output folder.
         device: torch device.
         validation_features: held-out features at T0 for the validation NLL (optional).
+        ranks: this process's place in a ``torchrun`` launch (default: the only process).
     """
 
     def __init__(self, target, config: TrainConfig, run_dir: str | Path,
-                 device: torch.device | str = "cpu", validation_features: Tensor | None = None):
+                 device: torch.device | str = "cpu", validation_features: Tensor | None = None,
+                 ranks: Ranks = Ranks()):
         config.validate(target.reference_temperature)
         self.target, self.config, self.device = target, config, torch.device(device)
+        self.ranks = ranks
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.seed)
         self.data = target.data_features.to(self.device)
+        self.data_generator = torch.Generator().manual_seed(config.seed)
         self.validation = None if validation_features is None else validation_features.to(self.device)
         self.flow = build_flow(self._flow_config()).to(self.device)
+        distributed.broadcast_parameters(self.flow)
+        if ranks.rank > 0:  # every rank draws its own flow samples
+            torch.manual_seed(_rank_seed(config.seed, ranks.rank, 0))
         self.optimizer = torch.optim.Adam(self.flow.parameters(), lr=config.learning_rate)
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
             self.optimizer, max_lr=config.learning_rate, total_steps=config.steps,
@@ -234,6 +249,17 @@ class Trainer:
         self.last_metrics: dict = {}
         self.best: dict | None = None  # {"step", "score", "criterion", "state_dict"} of the EMA
         self.buffer: RefinementBuffer | None = None
+
+    def _data_batch(self, size: int) -> Tensor:
+        """This rank's ``size`` frames of a global minibatch of ``size x world_size`` frames
+        drawn (with replacement) by the generator all ranks share."""
+        r, w = self.ranks.rank, self.ranks.world_size
+        index = torch.randint(len(self.data), (size * w,), generator=self.data_generator)
+        return self.data[index[r * size:(r + 1) * size].to(self.device)]
+
+    def _share(self, n: int) -> int:
+        """This rank's part of ``n`` samples drawn over all ranks."""
+        return distributed.shard_sizes(n, self.ranks.world_size)[self.ranks.rank]
 
     @property
     def model(self) -> TemperatureFlow:
@@ -295,8 +321,9 @@ class Trainer:
     def refresh_cache(self) -> None:
         """Re-estimate E_T[u] at every grid temperature by SNIS from flow samples."""
         for index, temperature in enumerate(self.cache.temperatures.tolist()):
-            _, _, u, log_w = importance_weights(self.flow, self.target, self.config.cache_samples, temperature)
-            self.cache.update(index, float(snis_mean(u.double(), log_w.double())))
+            _, _, u, log_w = importance_weights(self.flow, self.target,
+                                                self._share(self.config.cache_samples), temperature)
+            self.cache.update(index, distributed.pooled_snis_mean(u, log_w))
 
     def _trade_loss(self) -> tuple[Tensor, dict]:
         c = self.config
@@ -319,7 +346,7 @@ class Trainer:
             if use_samples:
                 points.append((z_s, u_s))
         if c.evaluation_points in ("data", "both"):
-            z_d = self.data[torch.randint(len(self.data), (n,), device=self.device)]
+            z_d = self._data_batch(n)
             with torch.no_grad():
                 u_d, _ = self.target.reduced_energy(z_d, temperature)
             points.append((z_d, u_d))
@@ -353,7 +380,7 @@ class Trainer:
         parts: dict = {}
         loss = torch.zeros((), device=self.device)
         if c.kind.fits_data:
-            batch = self.data[torch.randint(len(self.data), (c.batch_size,), device=self.device)]
+            batch = self._data_batch(c.batch_size)
             nll = -self.flow.log_prob(batch, self.target.reference_temperature).mean()
             loss = loss + nll
             parts["nll_t0"] = float(nll.detach())
@@ -383,7 +410,7 @@ class Trainer:
             self.ema = AveragedModel(self.flow, multi_avg_fn=get_ema_multi_avg_fn(c.ema_decay))
             self.optimizer = torch.optim.Adam(self.flow.parameters(), lr=c.refine_learning_rate)
         grid = self.cache.temperatures.float()
-        per_temperature = max(1, c.refine_samples // len(grid))
+        per_temperature = max(1, self._share(c.refine_samples) // len(grid))
         temperatures = grid.repeat_interleave(per_temperature)
         z, _, _, log_w = importance_weights(self.model, self.target, len(temperatures), temperatures,
                                             chirality_restraint_kt=c.chirality_restraint_kt)
@@ -398,7 +425,7 @@ class Trainer:
             self._start_refinement_round(round_index)
         z, t = self.buffer.batch(c.batch_size)
         refine_nll = -self.flow.log_prob(z, t).mean()
-        batch = self.data[torch.randint(len(self.data), (c.batch_size,), device=self.device)]
+        batch = self._data_batch(c.batch_size)
         nll = -self.flow.log_prob(batch, self.target.reference_temperature).mean()
         return refine_nll + nll, {"refine_nll": float(refine_nll.detach()),
                                   "nll_t0": float(nll.detach()),
@@ -414,19 +441,21 @@ class Trainer:
             The path of ``model.pt``.
         """
         c = self.config
-        (self.run_dir / "config.json").write_text(json.dumps(asdict(c), indent=2))
-        if self.step == 0:  # a fresh run: no metrics of an earlier one
-            (self.run_dir / "metrics.csv").unlink(missing_ok=True)
-        progress = Progress(c.total_steps, "steps", enabled=show_progress)
+        if self.ranks.is_main:
+            (self.run_dir / "config.json").write_text(json.dumps(asdict(c), indent=2))
+            if self.step == 0:  # a fresh run: no metrics of an earlier one
+                (self.run_dir / "metrics.csv").unlink(missing_ok=True)
+        progress = Progress(c.total_steps, "steps", enabled=show_progress and self.ranks.is_main)
         started, start_step = time.perf_counter(), self.step
         while self.step < c.total_steps:
             refining = self.step >= c.steps
             self.optimizer.zero_grad(set_to_none=True)
             loss, parts = self._refine_loss() if refining else self.loss()
-            if not torch.isfinite(loss):
+            if not distributed.all_finite(loss.detach()):
                 self._bad_batch()
                 continue
             loss.backward()
+            distributed.average_gradients(self.flow.parameters())
             norm = torch.nn.utils.clip_grad_norm_(self.flow.parameters(), c.clip_norm)
             if not torch.isfinite(norm):
                 self._bad_batch()
@@ -448,7 +477,9 @@ class Trainer:
                 self.save_checkpoint()
         if self.best is not None:
             self.flow.load_state_dict(self.best["state_dict"])
-        return self.save_model()
+        path = self.save_model()
+        distributed.barrier()  # model.pt exists for every rank once train() returns
+        return path
 
     def _metrics_due(self) -> bool:
         """Every ``metrics_every`` steps, at the end of the main phase and of every round."""
@@ -474,12 +505,16 @@ class Trainer:
         c = self.config
         values = {"step": self.step, "bad_batches": self.bad_batches}
         if self.validation is not None:
-            values["val_nll_t0"] = float(
-                -self.model.log_prob(self.validation, self.target.reference_temperature).mean())
+            mine = self.validation[self.ranks.rank::self.ranks.world_size]
+            log_p = self.model.log_prob(mine, self.target.reference_temperature).double()
+            sums = distributed.all_reduce(torch.stack([log_p.sum(), torch.tensor(
+                float(len(mine)), dtype=torch.float64, device=log_p.device)]))
+            values["val_nll_t0"] = float(-sums[0] / sums[1])
         for name, temperature in self.selection_temperatures():
-            _, _, _, log_w = importance_weights(self.model, self.target, c.metrics_samples, temperature,
-                                                chirality_restraint_kt=c.chirality_restraint_kt)
-            values[f"ess_{name}"] = float(kish_ess(log_w.double())) / c.metrics_samples
+            _, _, _, log_w = importance_weights(self.model, self.target, self._share(c.metrics_samples),
+                                                temperature, chirality_restraint_kt=c.chirality_restraint_kt)
+            ess, n = distributed.pooled_kish_ess(log_w)
+            values[f"ess_{name}"] = ess / n
         return values
 
     def _selection_score(self, values: dict) -> tuple[float | None, str]:
@@ -518,6 +553,8 @@ class Trainer:
         row["selection_score"] = self.best["score"] if selected else None
         row["selected"] = int(selected)
         self.last_metrics = row
+        if not self.ranks.is_main:
+            return
         path = self.run_dir / "metrics.csv"
         new_file = not path.exists()
         with path.open("a", newline="") as handle:
@@ -529,24 +566,29 @@ class Trainer:
     # -- persistence -------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoint.pt``: all state needed to continue exactly."""
+        """Write ``checkpoint.pt`` (rank 0): all state needed to continue exactly, with every
+        rank's random state."""
         path = self.run_dir / "checkpoint.pt"
+        rank_rngs = distributed.gather_objects(self._rng_states())
+        if not self.ranks.is_main:
+            return path
         state = {
             "step": self.step, "bad_batches": self.bad_batches,
             "flow": self.flow.state_dict(), "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "cache": self.cache.state_dict(),
             "best": self.best, "buffer": None if self.buffer is None else self.buffer.state_dict(),
-            "torch_rng": torch.get_rng_state(), "config": asdict(self.config),
+            "rank_rngs": rank_rngs,
+            "data_generator": self.data_generator.get_state(), "config": asdict(self.config),
         }
-        if self.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         torch.save(state, path.with_suffix(".tmp"))
         path.with_suffix(".tmp").replace(path)
         return path
 
     def resume(self) -> None:
-        """Continue from ``checkpoint.pt`` in ``run_dir``."""
+        """Continue from ``checkpoint.pt`` in ``run_dir``, on the same or another number of
+        ranks (a rank the checkpoint has no random state for starts a fresh stream; inside a
+        refinement round every rank continues on rank 0's buffer)."""
         path = self.run_dir / "checkpoint.pt"
         if not path.is_file():
             raise TradeMDError(f"no checkpoint to resume in {str(self.run_dir)!r}: drop --resume")
@@ -565,14 +607,28 @@ class Trainer:
         self.best = state["best"]
         if state["buffer"] is not None:
             self.buffer = RefinementBuffer.from_state_dict(state["buffer"])
-        torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        rank_rngs = state.get("rank_rngs") or [{"cpu": state["torch_rng"], "cuda": state.get("cuda_rng")}]
+        if self.ranks.rank < len(rank_rngs):
+            torch.set_rng_state(rank_rngs[self.ranks.rank]["cpu"].cpu())
+            cuda = rank_rngs[self.ranks.rank]["cuda"]
+            if cuda is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(cuda.cpu(), self.device)
+        else:  # resumed on more ranks than it was written by: a fresh stream for this one
+            torch.manual_seed(_rank_seed(self.config.seed, self.ranks.rank, self.step))
+        if "data_generator" in state:
+            self.data_generator.set_state(state["data_generator"])
+
+    def _rng_states(self) -> dict:
+        """This rank's random states (CPU, and its CUDA device's when on one)."""
+        return {"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
 
     def save_model(self) -> Path:
         """Write ``model.pt`` (the selected EMA parameters: flow, target record, temperature
-        range, T0) and ``selection.json`` (which step was chosen and why)."""
+        range, T0) and ``selection.json`` (which step was chosen and why); rank 0 writes."""
         path = self.run_dir / "model.pt"
+        if not self.ranks.is_main:
+            return path
         flow = build_flow(self.flow.config).to(self.device)
         flow.load_state_dict(self.best["state_dict"] if self.best else self.model.state_dict())
         selection = {k: v for k, v in (self.best or {}).items() if k != "state_dict"}
@@ -588,3 +644,8 @@ class Trainer:
         }, path)
         (self.run_dir / "selection.json").write_text(json.dumps(selection, indent=2))
         return path
+
+
+def _rank_seed(seed: int, rank: int, step: int) -> int:
+    """Seed of the flow-sample stream of a rank > 0 (rank 0 keeps the run's own seed)."""
+    return (seed * 1_000_003 + rank * 7919 + step) % (2 ** 63)
