@@ -241,11 +241,13 @@ def sample(
     model: Path = typer.Option(..., help="model.pt from `trade-md train`"),
     temperature: List[float] = typer.Option(..., help="temperature(s) in K; repeat for several"),
     out: Path = typer.Option(..., "--out", help="HDF5 samples file to write"),
-    n: int = typer.Option(10000, help="samples per temperature"),
+    n: int = typer.Option(10000, "--n", "--samples",
+                          help="samples per temperature (under torchrun write --samples: torchrun takes --n as its own)"),
     batch_size: int = typer.Option(4096, help="samples per batch"),
     extrapolate: bool = typer.Option(False, help="allow temperatures outside the trained range"),
     device: str = typer.Option("auto", help="torch device: auto, cpu or cuda"),
     platform: str = typer.Option("auto", help="OpenMM platform of the energies"),
+    seed: int = typer.Option(0, help="random seed of the samples (the same with any number of torchrun ranks)"),
     overwrite: bool = typer.Option(False, help="replace an existing output file"),
     json_summary: bool = typer.Option(False, "--json", help="print a one-line JSON summary per T"),
     quiet: bool = typer.Option(False, help="no progress display"),
@@ -257,7 +259,8 @@ def sample(
 
     summaries = sample_run(model, list(temperature), n, out, overwrite=overwrite,
                            extrapolate=extrapolate, device=device, platform=platform,
-                           batch_size=batch_size, command=full_command(ctx), show_progress=not quiet)
+                           batch_size=batch_size, command=full_command(ctx), show_progress=not quiet,
+                           seed=seed)
     for summary in summaries:
         if json_summary:
             typer.echo(json.dumps(summary))

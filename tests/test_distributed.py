@@ -7,10 +7,12 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from trademd import distributed
+from trademd.io.h5io import read_samples
 from trademd.training.trade import kish_ess, snis_mean
 from trademd.training.trainer import Trainer
 from trademd.train import train_run
@@ -113,8 +115,17 @@ def test_two_rank_trade_run_on_alanine_dipeptide_writes_a_usable_model(tmp_path)
     assert len(rows) == 1 + 3  # steps 6, 12 and the refinement round, written once
     model = load_model(tmp_path / "ala2" / "model.pt", platform="CPU")
     try:
-        samples = draw_samples(model, 300.0, 64, show_progress=False)
+        samples = draw_samples(model, 300.0, 1000, batch_size=128, seed=3, show_progress=False)
     finally:
         model.close()
-    assert samples.positions_nm.shape == (64, 22, 3)
+    assert samples.positions_nm.shape == (1000, 22, 3)
     assert abs(samples.weights.sum() - 1.0) < 1e-9 and samples.relative_ess > 0
+
+    # sampled by 2 ranks (8 batches, 4 each): the one-process samples, weights and ESS
+    _torchrun(tmp_path, "sample", "--model", "ala2/model.pt", "--temperature", "300", "--samples", "1000",
+              "--batch-size", "128", "--seed", "3", "--device", "cpu", "--platform", "CPU", "--quiet",
+              "--out", "two.h5")
+    shared = read_samples(tmp_path / "two.h5").by_temperature[300.0]
+    assert np.allclose(shared.positions_nm, samples.positions_nm, atol=1e-5)
+    assert np.allclose(shared.log_weights, samples.log_weights, atol=1e-4, equal_nan=True)
+    assert shared.summary["relative_ess"] == pytest.approx(samples.relative_ess, rel=1e-4)

@@ -7,6 +7,7 @@ same code serves both. Pooled estimates (self-normalised means, Kish ESS) are ex
 sums its own weights against a maximum shared by all ranks, and the sums are added.
 """
 
+import atexit
 from dataclasses import dataclass
 import math
 import os
@@ -51,11 +52,12 @@ def ranks_from_environment() -> Ranks:
 
 
 def start(device: torch.device) -> Ranks:
-    """Join the process group of a ``torchrun`` launch (NCCL for CUDA devices, gloo otherwise);
-    a no-op for one process."""
+    """Join the process group of a ``torchrun`` launch (NCCL for CUDA devices, gloo otherwise),
+    once per process (left at exit); a no-op for one process."""
     ranks = ranks_from_environment()
     if ranks.active and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(stop)
     return ranks
 
 

@@ -18,12 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trademd import distributed
 from trademd.analysis.chirality import wrong_chirality_mask
 from trademd.analysis.ess import weight_diagnostics
 from trademd.analysis.observables import basin_free_energy, phi_psi, phi_psi_histogram
 from trademd.analysis.plots import ramachandran_png
 from trademd.errors import TradeMDError
 from trademd.io.h5io import TemperatureSamples, group_name, write_samples
+from trademd.distributed import Ranks
 from trademd.io.provenance import provenance
 from trademd.platforms import torch_device
 from trademd.progress import Progress
@@ -37,8 +39,14 @@ ESS_BATCHES = 5
 
 
 def draw_samples(model: TrainedModel, temperature_k: float, n: int, batch_size: int = 4096,
-                 extrapolate: bool = False, show_progress: bool = True) -> TemperatureSamples:
+                 extrapolate: bool = False, show_progress: bool = True, seed: int = 0,
+                 ranks: Ranks = Ranks()) -> TemperatureSamples:
     """Draw ``n`` weighted samples at ``temperature_k`` from a trained model.
+
+    Batch b (of ``batch_size``) is drawn from its own seed (``seed``, T, b), so the samples do
+    not depend on how many ranks draw them: under ``torchrun`` rank r draws the batches
+    b = r, r + W, ..., every rank receives all of them in batch order, and the weights are
+    normalised over all samples.
 
     Raises:
         TradeMDError: for T outside the trained range (unless ``extrapolate``), n < 1.
@@ -54,30 +62,21 @@ def draw_samples(model: TrainedModel, temperature_k: float, n: int, batch_size: 
     if n < 1:
         raise TradeMDError(f"--n must be at least 1, got {n}")
     target = model.target
-    reference = torch.as_tensor(target.molecule.positions_nm())
-    centres = target.molecule.chiral_centres
-    parts: dict[str, list] = {k: [] for k in ("x", "log_prob", "energy", "wrong")}
-    progress = Progress(n, "samples", enabled=show_progress)
-    done = 0
-    while done < n:
-        m = min(batch_size, n - done)
-        with torch.no_grad():
-            z, log_p_z = model.flow.sample(m, temperature_k)
-            x, log_det = target.positions(z)
-            x = x.float().double()  # the energies belong to the float32 positions stored
-            energy, _ = target.bridge.evaluate(x)
-        parts["x"].append(x.float().cpu().numpy())
-        parts["log_prob"].append((log_p_z.double() - log_det).cpu().numpy())
-        parts["energy"].append(energy.double().cpu().numpy())
-        wrong = (wrong_chirality_mask(x.cpu(), centres, reference).numpy()
-                 if len(centres) else np.zeros(m, dtype=bool))
-        parts["wrong"].append(wrong)
-        done += m
+    n_batches = math.ceil(n / batch_size)
+    mine = range(ranks.rank, n_batches, ranks.world_size)
+    progress = Progress(sum(min(batch_size, n - b * batch_size) for b in mine), "samples",
+                        enabled=show_progress and ranks.is_main)
+    drawn, done = {}, 0
+    for b in mine:
+        drawn[b] = _draw_batch(model, temperature_k, min(batch_size, n - b * batch_size),
+                               _batch_seed(seed, temperature_k, b))
+        done += len(drawn[b]["energy"])
         progress.update(done)
-    positions = np.concatenate(parts["x"])
-    log_prob = np.concatenate(parts["log_prob"])
-    energy = np.concatenate(parts["energy"])
-    wrong = np.concatenate(parts["wrong"])
+    for other in distributed.gather_objects(drawn):
+        drawn.update(other)
+    batches = [drawn[b] for b in range(n_batches)]
+    positions, log_prob, energy, wrong = (np.concatenate([batch[k] for batch in batches])
+                                          for k in ("x", "log_prob", "energy", "wrong"))
     nonfinite = ~np.isfinite(energy)
     log_w = log_importance_weights(energy / (target.boltzmann_k * temperature_k), log_prob)
     log_w[wrong | nonfinite | ~np.isfinite(log_w)] = -np.inf
@@ -85,6 +84,30 @@ def draw_samples(model: TrainedModel, temperature_k: float, n: int, batch_size: 
     phi, psi = phi_psi(target.molecule, positions)
     return TemperatureSamples(float(temperature_k), positions, log_prob, energy, log_w, weights,
                               wrong, nonfinite, phi, psi)
+
+
+def _batch_seed(seed: int, temperature_k: float, batch: int) -> int:
+    """The seed of one batch of samples (a function of the run's seed, T and the batch only)."""
+    return (seed * 1_000_003 + round(temperature_k * 1000) * 7919 + batch) % (2 ** 63)
+
+
+def _draw_batch(model: TrainedModel, temperature_k: float, m: int, seed: int) -> dict:
+    """One batch: positions float32 [m, atoms, 3] (nm), log p(x|T) and energies float64 [m]
+    (kJ/mol), wrong-chirality flags bool [m]; the global random state is left as it was."""
+    target = model.target
+    device = next(model.flow.parameters()).device
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        z, log_p_z = model.flow.sample(m, temperature_k)
+        x, log_det = target.positions(z)
+        x = x.float().double()  # the energies belong to the float32 positions stored
+        energy, _ = target.bridge.evaluate(x)
+    centres = target.molecule.chiral_centres
+    reference = torch.as_tensor(target.molecule.positions_nm())
+    wrong = (wrong_chirality_mask(x.cpu(), centres, reference).numpy()
+             if len(centres) else np.zeros(m, dtype=bool))
+    return {"x": x.float().cpu().numpy(), "log_prob": (log_p_z.double() - log_det).cpu().numpy(),
+            "energy": energy.double().cpu().numpy(), "wrong": wrong}
 
 
 def _normalised(log_weights: np.ndarray) -> np.ndarray:
@@ -130,18 +153,29 @@ def summarise(samples: TemperatureSamples, path: Path) -> dict:
 def sample_run(model_path: str | Path, temperatures: list[float], n: int, out: str | Path,
                overwrite: bool = False, extrapolate: bool = False, device: str = "auto",
                platform: str = "auto", batch_size: int = 4096, command: str | None = None,
-               show_progress: bool = True) -> list[dict]:
+               show_progress: bool = True, seed: int = 0) -> list[dict]:
     """Sample a trained model at each temperature into one HDF5 file (a group per T) and a
-    Ramachandran PNG per temperature next to it; returns the summaries."""
+    Ramachandran PNG per temperature next to it; returns the summaries.
+
+    Under ``torchrun`` the ranks share the batches (each evaluating its own energies, on CPU
+    with its share of the cores) and rank 0 writes the files: the same samples, weights and
+    ESS as one process with the same ``seed``; ranks other than 0 return no summaries."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise TradeMDError(f"{str(out)!r} exists: pass --overwrite to replace it")
-    model = load_model(model_path, device=torch_device(device), platform=platform)
+    device = torch_device(device)
+    ranks = distributed.start(device)
+    workers = distributed.cpu_share(ranks) - 1 if ranks.active and device.type == "cpu" else None
+    model = load_model(model_path, device=device, platform=platform, workers=workers)
     groups, summaries = [], []
     try:
         for temperature_k in temperatures:
-            samples = draw_samples(model, temperature_k, n, batch_size, extrapolate, show_progress)
+            samples = draw_samples(model, temperature_k, n, batch_size, extrapolate, show_progress,
+                                   seed=seed, ranks=ranks)
             summary = summarise(samples, out)
+            summaries.append(summary)
+            if not ranks.is_main:
+                continue
             png = ramachandran_png(samples.phi, samples.psi, samples.weights,
                                    f"{model.target.name} at {temperature_k:g} K, reweighted "
                                    f"(ESS {100 * samples.relative_ess:.1f} %)")
@@ -156,16 +190,20 @@ def sample_run(model_path: str | Path, temperatures: list[float], n: int, out: s
                                   "bin_edges_rad": edges}
             samples.ramachandran_png = png
             groups.append(samples)
-            summaries.append(summary)
     finally:
         model.close()
+    if not ranks.is_main:
+        distributed.barrier()  # returns once rank 0 has written the file
+        return []
     attrs = {
         "model": str(Path(model_path).resolve()),
         "system": model.target.name,
         "temperatures_k": [float(t) for t in temperatures],
         "trained_range_k": list(model.temperature_range),
         "reference_temperature_k": model.reference_temperature,
+        "seed": seed,
         **provenance(command),
     }
     write_samples(out, groups, attrs, model.target.molecule.pdb_text, overwrite=True)
+    distributed.barrier()
     return summaries

@@ -130,7 +130,6 @@ def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | No
         model = trainer.train(show_progress=show_progress)
     finally:
         target.close()
-        distributed.stop()
     if ranks.is_main:
         plot_losses(out / "metrics.csv", out / "loss.png")
     return model
