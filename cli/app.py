@@ -41,8 +41,8 @@ def full_command(ctx: typer.Context) -> str:
     flags = {p.name: next((o for o in p.opts if o.startswith("--")), None) for p in ctx.command.params}
     for name, value in ctx.params.items():
         flag = flags.get(name)
-        if flag is None:  # a positional argument
-            words.append(shlex.quote(str(value)))
+        if flag is None:  # a positional argument (or several)
+            words += [shlex.quote(str(v)) for v in (value if isinstance(value, (list, tuple)) else [value])]
             continue
         if isinstance(value, bool):
             words += [flag] if value else []
@@ -134,27 +134,45 @@ def simulate(
     equilibration: str = typer.Option("100ps", help="discarded equilibration per replica"),
     platform: str = typer.Option("auto", help="OpenMM platform: auto, CPU or CUDA"),
     seed: int = typer.Option(0, help="random seed of velocities and the Langevin integrator"),
+    shard: Optional[str] = typer.Option(
+        None, help="run shard i/N of N independent runs (seed + i) into OUT.shard<i>of<N>.h5; join them with `trade-md merge`"),
     overwrite: bool = typer.Option(False, help="replace an existing output file"),
     resume: bool = typer.Option(False, help="continue an interrupted run of --out"),
     quiet: bool = typer.Option(False, help="no progress display"),
 ) -> None:
     """Run Langevin MD of many replicas in one OpenMM Context and write frames to HDF5; with
-    --temperatures, replica exchange writing one ensemble per temperature."""
-    from trademd.simulate import simulate as run_simulation
-    from trademd.simulate import simulation_config
+    --temperatures, replica exchange writing one ensemble per temperature. Under torchrun each
+    rank runs a shard (seed + rank) and rank 0 merges them into --out."""
+    from trademd.simulate import parse_shard, shard_path, simulate_shards, simulation_config
     from trademd.units import parse_time_ps
 
     config = simulation_config(
         system=system, pdb_path=pdb, forcefield_files=tuple(forcefield or ()),
         temperature_k=temperature, temperatures_k=tuple(temperatures or ()), replicas=replicas,
-        resume_file=out if resume else None, exchange_every_ps=parse_time_ps(exchange_every),
+        resume_file=(out if shard is None else shard_path(out, *parse_shard(shard))) if resume else None,
+        exchange_every_ps=parse_time_ps(exchange_every),
         time_ps=parse_time_ps(time), save_every_ps=parse_time_ps(save_every),
         timestep_ps=parse_time_ps(timestep), hydrogen_mass_amu=hydrogen_mass,
         equilibration_ps=parse_time_ps(equilibration, allow_zero=True), seed=seed, platform=platform,
     )
-    path = run_simulation(config, out, overwrite=overwrite, resume=resume,
-                          command=full_command(ctx), show_progress=not quiet)
+    path = simulate_shards(config, out, shard=None if shard is None else parse_shard(shard),
+                           overwrite=overwrite, resume=resume, command=full_command(ctx),
+                           show_progress=not quiet)
     typer.echo(str(path))
+
+
+@app.command()
+@reports_errors
+def merge(
+    ctx: typer.Context,
+    files: List[Path] = typer.Argument(..., help="finished simulate files of the same settings (e.g. shards)"),
+    out: Path = typer.Option(..., "--out", help="merged HDF5 file to write"),
+    overwrite: bool = typer.Option(False, help="replace an existing output file"),
+) -> None:
+    """Join simulate files of the same settings (shards of one run) into one file."""
+    from trademd.simulate import merge as merge_files
+
+    typer.echo(str(merge_files(list(files), out, overwrite=overwrite, command=full_command(ctx))))
 
 
 @app.command()

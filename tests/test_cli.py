@@ -98,6 +98,7 @@ def test_simulate_info_export(tmp_path):
         (["--platform", "CUDA"], ["CUDA", "--platform"]),
         (["--pdb", "missing.pdb", "--forcefield", "amber99sbildn.xml"], ["not found"]),
         (["--hydrogen-mass", "0.5"], ["--hydrogen-mass", "between 1 and 4"]),
+        (["--shard", "2/2"], ["cannot read --shard", "i/N"]),
     ],
 )
 def test_simulate_bad_input(tmp_path, arguments, words):

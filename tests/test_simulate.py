@@ -10,7 +10,7 @@ import pytest
 from trademd.energy.molecule import MoleculeEnergy
 from trademd.errors import TradeMDError
 from trademd.io.h5io import frame_count, read_trajectory
-from trademd.simulate import SimulationConfig, simulate
+from trademd.simulate import SimulationConfig, merge, simulate, simulate_shards
 from trademd.systems import get_system
 
 
@@ -169,3 +169,76 @@ def test_hydrogen_mass_is_recorded_and_kept_on_resume(tmp_path):
 def test_impossible_hydrogen_mass_is_refused(tmp_path, mass):
     with pytest.raises(TradeMDError, match="--hydrogen-mass must lie between 1 and 4 amu"):
         simulate(_config(hydrogen_mass_amu=mass), tmp_path / "x.h5", show_progress=False)
+
+
+def test_seed_zero_is_repeatable(tmp_path):
+    """OpenMM takes seed 0 as "choose at random": the engine must not pass it on."""
+    config = _config(seed=0, time_ps=1.0, replicas=2, platform="Reference")
+    first = read_trajectory(simulate(config, tmp_path / "a.h5", show_progress=False))
+    second = read_trajectory(simulate(config, tmp_path / "b.h5", show_progress=False))
+    assert np.array_equal(first.positions_nm, second.positions_nm)
+
+
+def _shards(tmp_path, count: int = 2, **overrides) -> list:
+    config = _config(time_ps=2.0, replicas=2, **overrides)
+    return [simulate_shards(config, tmp_path / "data.h5", shard=(i, count), show_progress=False)
+            for i in range(count)]
+
+
+def test_merge_interleaves_the_shards_frames_save_by_save(tmp_path):
+    paths = _shards(tmp_path)
+    assert [p.name for p in paths] == ["data.shard0of2.h5", "data.shard1of2.h5"]
+    merged = read_trajectory(merge(paths, tmp_path / "data.h5", command="trade-md merge test"))
+    parts = [read_trajectory(p) for p in paths]
+    assert merged.n_frames == sum(p.n_frames for p in parts) and merged.attrs["n_replicas"] == 4
+    assert merged.replica[:4].tolist() == [0, 1, 2, 3]  # save-major order, replicas offset
+    for offset, part in zip((0, 2), parts):
+        mine = (merged.replica >= offset) & (merged.replica < offset + 2)
+        assert np.array_equal(merged.positions_nm[mine], part.positions_nm)
+        assert np.array_equal(merged.energy_kj_mol[mine], part.energy_kj_mol)
+        assert np.array_equal(merged.time_ps[mine], part.time_ps)
+    with h5py.File(tmp_path / "data.h5") as h5, h5py.File(paths[0]) as a, h5py.File(paths[1]) as b:
+        expected = 0.5 * (a["kinetic_temperature_k"][()] + b["kinetic_temperature_k"][()])
+        assert np.allclose(h5["kinetic_temperature_k"][()], expected)
+        sources = json.loads(h5.attrs["merged_from"])
+        assert [s["seed"] for s in sources] == [11, 12] and h5.attrs["command"] == "trade-md merge test"
+    with pytest.raises(TradeMDError, match="cannot be resumed"):
+        simulate(_config(time_ps=4.0), tmp_path / "data.h5", resume=True, show_progress=False)
+
+
+def test_merge_refuses_files_that_are_not_shards_of_one_run(tmp_path):
+    paths = _shards(tmp_path)
+    other = simulate(_config(time_ps=2.0, replicas=2, temperature_k=350.0, seed=5), tmp_path / "hot.h5",
+                     show_progress=False)
+    with pytest.raises(TradeMDError, match="other settings.*temperature_k"):
+        merge([paths[0], other], tmp_path / "m.h5")
+    with pytest.raises(TradeMDError, match="same seed"):
+        merge([paths[0], paths[0]], tmp_path / "m.h5")
+    with pytest.raises(TradeMDError, match="two or more"):
+        merge([paths[0]], tmp_path / "m.h5")
+    with pytest.raises(TradeMDError, match="is one of the files"):
+        merge(paths, paths[0])
+    implicit = simulate(_config(time_ps=2.0, replicas=2, system_name="ala2-implicit", seed=9),
+                      tmp_path / "implicit.h5", show_progress=False)
+    with pytest.raises(TradeMDError, match="another system"):
+        merge([paths[0], implicit], tmp_path / "m.h5")
+
+
+def test_merge_of_replica_exchange_shards(tmp_path):
+    from trademd.simulate import ExchangeConfig
+
+    config = ExchangeConfig(system_name="ala2-vacuum", temperatures_k=(300.0, 400.0), time_ps=2.0,
+                            save_every_ps=0.5, exchange_every_ps=0.1, ladders=1, equilibration_ps=0.5,
+                            chunk_saves=2, platform="CPU", seed=3)
+    paths = [simulate_shards(config, tmp_path / "re.h5", shard=(i, 2), show_progress=False) for i in range(2)]
+    merged = merge(paths, tmp_path / "re.h5")
+    for temperature_k in (300.0, 400.0):
+        whole = read_trajectory(merged, temperature_k)
+        parts = [read_trajectory(p, temperature_k) for p in paths]
+        assert whole.n_frames == 8 and sorted(set(whole.replica.tolist())) == [0, 1]
+        assert np.array_equal(whole.positions_nm[whole.replica == 1], parts[1].positions_nm)
+    with h5py.File(merged) as h5, h5py.File(paths[0]) as a, h5py.File(paths[1]) as b:
+        assert np.array_equal(h5["exchange/attempts"][()], a["exchange/attempts"][()] + b["exchange/attempts"][()])
+        walkers = h5["exchange/walker_at_rung"][()]
+        assert walkers.shape[1:] == (2, 2) and set(np.unique(walkers[:, 1])) <= {2, 3}
+        assert h5["exchange"].attrs["round_trips"] == a["exchange"].attrs["round_trips"] + b["exchange"].attrs["round_trips"]

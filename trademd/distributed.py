@@ -51,12 +51,12 @@ def ranks_from_environment() -> Ranks:
                  int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def start(device: torch.device) -> Ranks:
-    """Join the process group of a ``torchrun`` launch (NCCL for CUDA devices, gloo otherwise),
-    once per process (left at exit); a no-op for one process."""
+def start(device: torch.device | None = None) -> Ranks:
+    """Join the process group of a ``torchrun`` launch (NCCL when ``device`` is a CUDA device,
+    gloo otherwise), once per process (left at exit); a no-op for one process."""
     ranks = ranks_from_environment()
     if ranks.active and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device is not None and device.type == "cuda" else "gloo")
         atexit.register(stop)
     return ranks
 

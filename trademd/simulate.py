@@ -9,13 +9,15 @@ replica exchange a ``trade-md/replica-exchange`` file with one ensemble per temp
 (``docs/formats.md``).
 """
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 import json
 from pathlib import Path
 import time
 
+from trademd import distributed
 from trademd.errors import TradeMDError
 from trademd.io.h5io import REPLICA_EXCHANGE_FORMAT, DynamicsFile, file_format
+from trademd.io.merge import merge_dynamics_files
 from trademd.io.provenance import provenance
 from trademd.md.driver import restore, run_saves
 from trademd.md.engines import build_engine
@@ -26,7 +28,8 @@ from trademd.md.settings import (
     load_system,
 )
 
-__all__ = ["SimulationConfig", "ExchangeConfig", "simulate", "simulation_config"]
+__all__ = ["SimulationConfig", "ExchangeConfig", "simulate", "simulation_config", "parse_shard",
+           "shard_path", "simulate_shards", "merge"]
 
 
 def simulation_config(*, system: str = "ala2-implicit", pdb_path: str | None = None,
@@ -74,7 +77,11 @@ def simulate(config: SimulationConfig | ExchangeConfig, out: str | Path, overwri
         if not out.is_file():
             raise TradeMDError(f"nothing to resume: {str(out)!r} does not exist (drop --resume)")
         file = DynamicsFile.reopen(out)
-        config = _stored_config(file.attrs, config.time_ps, config.platform)
+        if "merged_from" in file.attrs:
+            file.close()
+            raise TradeMDError(f"{str(out)!r} was merged from shard files and cannot be resumed: "
+                               "resume the shards, then merge them again")
+        config = _stored_config(file.attrs, config.time_ps, config.platform, config.cpu_threads)
         molecule = system_from_attrs(file.attrs, file.topology_pdb)
         if not file.has_checkpoint:  # stopped before its first chunk: nothing to keep
             file.close()
@@ -97,13 +104,72 @@ def simulate(config: SimulationConfig | ExchangeConfig, out: str | Path, overwri
     return out
 
 
-def _stored_config(attrs: dict, time_ps: float, platform: str) -> SimulationConfig | ExchangeConfig:
-    """The settings a file was started with; only the total time and platform may change."""
+def _stored_config(attrs: dict, time_ps: float, platform: str,
+                   cpu_threads: int | None) -> SimulationConfig | ExchangeConfig:
+    """The settings a file was started with; only the total time, platform and threads may
+    change."""
     settings = json.loads(attrs["simulation_config"])
     kind = ExchangeConfig if "temperatures_k" in settings else SimulationConfig
     config = kind(**settings)
-    config.time_ps, config.platform = time_ps, platform
+    config.time_ps, config.platform, config.cpu_threads = time_ps, platform, cpu_threads
     return config
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/N"`` -> (i, N), shard i (0-based) of N."""
+    try:
+        index, count = (int(part) for part in str(text).split("/"))
+    except ValueError:
+        index, count = -1, 0
+    if not 0 <= index < count:
+        raise TradeMDError(f"cannot read --shard {text!r}: write i/N with 0 <= i < N, e.g. 0/4")
+    return index, count
+
+
+def shard_path(out: str | Path, index: int, count: int) -> Path:
+    """The file of shard ``index`` of ``count``: ``data.h5`` -> ``data.shard0of4.h5``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.shard{index}of{count}{out.suffix}")
+
+
+def simulate_shards(config: SimulationConfig | ExchangeConfig, out: str | Path,
+                    shard: tuple[int, int] | None = None, overwrite: bool = False,
+                    resume: bool = False, command: str | None = None,
+                    show_progress: bool = True) -> Path:
+    """``trade-md simulate`` with shards: independent runs of the same settings.
+
+    - ``shard=(i, N)`` (a job of N): runs seed ``config.seed + i`` into :func:`shard_path`
+      and returns it; ``trade-md merge`` joins the N files.
+    - Under ``torchrun`` with W ranks (no ``shard``): rank r runs shard r of W on its share
+      of the CPU cores (or its own GPU), and rank 0 merges the shards into ``out``.
+    - Otherwise: :func:`simulate` into ``out``.
+    """
+    ranks = distributed.ranks_from_environment()
+    if shard is None and not ranks.active:
+        return simulate(config, out, overwrite=overwrite, resume=resume, command=command,
+                        show_progress=show_progress)
+    index, count = shard if shard is not None else (ranks.rank, ranks.world_size)
+    threads = distributed.cpu_share(ranks) if shard is None else config.cpu_threads
+    path = shard_path(out, index, count)
+    simulate(replace(config, seed=config.seed + index, cpu_threads=threads), path,
+             overwrite=overwrite, resume=resume and path.exists(), command=command,
+             show_progress=show_progress and (shard is not None or ranks.is_main))
+    if shard is not None:
+        return path
+    distributed.start()
+    distributed.barrier()  # every shard is finished
+    if ranks.is_main:
+        merge([shard_path(out, r, count) for r in range(count)], out, overwrite=overwrite,
+              command=command)
+    distributed.barrier()
+    return Path(out)
+
+
+def merge(paths: list[str | Path], out: str | Path, overwrite: bool = False,
+          command: str | None = None) -> Path:
+    """``trade-md merge``: join finished simulate files of the same settings (shards) into one
+    file whose frames are theirs, replica numbers offset (:mod:`trademd.io.merge`)."""
+    return merge_dynamics_files(paths, out, provenance(command), overwrite=overwrite)
 
 
 def _dynamics_attrs(config: DynamicsSettings, platform_name: str) -> dict:

@@ -33,6 +33,9 @@ __all__ = [
     "Trajectory",
     "TrajectoryWriter",
     "read_trajectory",
+    "new_file",
+    "create_frame_datasets",
+    "attribute_text",
     "open_checked",
     "describe",
 ]
@@ -157,7 +160,7 @@ def read_trajectory(path: str | Path, temperature_k: float | None = None,
                 "recompute them with `trade-md energy FILE --write` or rerun the simulation"
             )
         return Trajectory(
-            topology_pdb=_text(h5["topology_pdb"][()]),
+            topology_pdb=attribute_text(h5["topology_pdb"][()]),
             temperature_k=float(group.attrs["temperature_k"]),
             attrs={**h5.attrs, **group.attrs},
             **data,
@@ -221,7 +224,7 @@ def _write_attrs(node: h5py.Group, attrs: dict) -> None:
         node.attrs[key] = json.dumps(value) if isinstance(value, (list, tuple, dict)) else value
 
 
-def _create_frame_datasets(group: h5py.Group, n_atoms: int) -> None:
+def create_frame_datasets(group: h5py.Group, n_atoms: int) -> None:
     """The empty, extendable per-frame datasets of :data:`TRAJECTORY_DATASETS` and the
     per-save kinetic temperature in ``group``."""
     for name, (dtype, unit, description) in TRAJECTORY_DATASETS.items():
@@ -239,7 +242,7 @@ def _create_frame_datasets(group: h5py.Group, n_atoms: int) -> None:
     kinetic.attrs["description"] = "instantaneous kinetic temperature of the replicas [saves]"
 
 
-def _new_file(path: Path, file_format: str, attrs: dict, topology_pdb: str,
+def new_file(path: Path, file_format: str, attrs: dict, topology_pdb: str,
               overwrite: bool) -> h5py.File:
     """A new trade-md file with format, version, attributes, units and topology."""
     if path.exists() and not overwrite:
@@ -321,16 +324,16 @@ class DynamicsFile:
         replica-exchange file (attribute ``temperatures_k``, an ensemble group per
         temperature, an empty ``exchange/`` group) for several."""
         if len(temperatures_k) == 1:
-            h5 = _new_file(Path(path), TRAJECTORY_FORMAT, attrs, topology_pdb, overwrite)
-            _create_frame_datasets(h5, n_atoms)
+            h5 = new_file(Path(path), TRAJECTORY_FORMAT, attrs, topology_pdb, overwrite)
+            create_frame_datasets(h5, n_atoms)
             return cls(h5)
-        h5 = _new_file(Path(path), REPLICA_EXCHANGE_FORMAT,
+        h5 = new_file(Path(path), REPLICA_EXCHANGE_FORMAT,
                        {**attrs, "temperatures_k": [float(t) for t in temperatures_k]},
                        topology_pdb, overwrite)
         for temperature_k in temperatures_k:
             group = h5.create_group(group_name(temperature_k))
             group.attrs["temperature_k"] = float(temperature_k)
-            _create_frame_datasets(group, n_atoms)
+            create_frame_datasets(group, n_atoms)
         h5.create_group("exchange")
         return cls(h5)
 
@@ -346,7 +349,7 @@ class DynamicsFile:
 
     @property
     def topology_pdb(self) -> str:
-        return _text(self.h5["topology_pdb"][()])
+        return attribute_text(self.h5["topology_pdb"][()])
 
     @property
     def has_checkpoint(self) -> bool:
@@ -411,10 +414,10 @@ class DynamicsFile:
                 "--overwrite"
             )
         group = self.h5["checkpoint"]
-        engine_state = {k: _text(v) for k, v in group.attrs.items() if k not in ("n_saves", "platform")}
+        engine_state = {k: attribute_text(v) for k, v in group.attrs.items() if k not in ("n_saves", "platform")}
         return (
             group["openmm_checkpoint"][()].tobytes(),
-            _text(group["state_xml"][()]),
+            attribute_text(group["state_xml"][()]),
             int(group.attrs["n_saves"]),
             str(group.attrs["platform"]),
             engine_state,
@@ -439,11 +442,11 @@ def describe(path: str | Path) -> str:
         lines.append(f"  format: {fmt} (version {h5.attrs.get('format_version', '?')})")
         for key in sorted(h5.attrs):
             if key not in ("format", "format_version"):
-                lines.append(f"  {key}: {_text(h5.attrs[key])}")
+                lines.append(f"  {key}: {attribute_text(h5.attrs[key])}")
 
         def visit(name, obj):
             if isinstance(obj, h5py.Group) and obj.attrs:
-                attrs = ", ".join(f"{k}={_text(v)}" for k, v in sorted(obj.attrs.items()) if len(_text(v)) < 200)
+                attrs = ", ".join(f"{k}={attribute_text(v)}" for k, v in sorted(obj.attrs.items()) if len(attribute_text(v)) < 200)
                 lines.append(f"  /{name}/ ({attrs})")
             if isinstance(obj, h5py.Dataset):
                 unit = obj.attrs.get("unit", "")
@@ -453,7 +456,7 @@ def describe(path: str | Path) -> str:
     return "\n".join(lines)
 
 
-def _text(value) -> str:
+def attribute_text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -600,4 +603,4 @@ def read_samples(path: str | Path) -> SamplesFile:
                 temperature_k=temperature_k, summary=summary,
                 histograms={k: v[()] for k, v in group["histograms"].items()},
                 ramachandran_png=group["ramachandran_png"][()].tobytes(), **arrays)
-        return SamplesFile(dict(h5.attrs), _text(h5["topology_pdb"][()]), by_temperature)
+        return SamplesFile(dict(h5.attrs), attribute_text(h5["topology_pdb"][()]), by_temperature)

@@ -38,7 +38,7 @@ from trademd.md.settings import (
 from trademd.platforms import openmm_platform
 from trademd.units import BOLTZMANN_KJ_MOL_K
 
-__all__ = ["PlainEngine", "LadderEngine", "langevin_middle_per_dof", "build_engine"]
+__all__ = ["PlainEngine", "LadderEngine", "langevin_middle_per_dof", "build_engine", "openmm_seed"]
 
 
 def langevin_middle_per_dof(timestep_ps: float, friction_per_ps: float) -> openmm.CustomIntegrator:
@@ -62,19 +62,25 @@ def langevin_middle_per_dof(timestep_ps: float, friction_per_ps: float) -> openm
     return integrator
 
 
+def openmm_seed(seed: int) -> int:
+    """OpenMM's random seed for our ``seed``: never 0, which OpenMM takes as "choose one at
+    random" (seed 0 would make a run unrepeatable)."""
+    return seed % (2 ** 31 - 1) + 1
+
+
 class _ReplicatedContext:
     """One Context over ``n_copies`` copies of ``system`` with ``integrator``; what both
     engines share: placing, minimising, reading positions and velocities per copy."""
 
     def __init__(self, system: openmm.System, n_copies: int, integrator: openmm.Integrator,
-                 platform: str, seed: int):
+                 platform: str, seed: int, cpu_threads: int | None = None):
         replicated, self.layout = replicate_system(
             system, n_copies, per_copy_energies=False,
             molecule_radius_nm=MOLECULE_RADIUS_NM, com_restraint_nm=COM_RESTRAINT_NM,
         )
-        integrator.setRandomNumberSeed(seed)
+        integrator.setRandomNumberSeed(openmm_seed(seed))
         self.integrator = integrator
-        chosen, properties = openmm_platform(platform)
+        chosen, properties = openmm_platform(platform, threads=cpu_threads)
         self.platform_name = chosen.getName()
         self.context = openmm.Context(replicated, integrator, chosen, properties)
         self.molecule_energy = MoleculeEnergy(system)
@@ -111,7 +117,8 @@ class PlainEngine(_ReplicatedContext):
     def __init__(self, system: openmm.System, config: SimulationConfig):
         integrator = openmm.LangevinMiddleIntegrator(config.temperature_k, config.friction_per_ps,
                                                      config.timestep_ps)
-        super().__init__(system, config.replicas, integrator, config.platform, config.seed)
+        super().__init__(system, config.replicas, integrator, config.platform, config.seed,
+                         config.cpu_threads)
         self.temperatures_k = np.array([config.temperature_k])
         self.copies_per_ensemble = config.replicas
 
@@ -119,7 +126,7 @@ class PlainEngine(_ReplicatedContext):
         """Put every copy at ``positions_nm`` [atoms, 3], minimise, draw velocities, and run
         the (discarded) equilibration."""
         self._place_and_minimise(positions_nm)
-        self.context.setVelocitiesToTemperature(float(self.temperatures_k[0]), seed)
+        self.context.setVelocitiesToTemperature(float(self.temperatures_k[0]), openmm_seed(seed))
         if equilibration_steps:
             self.integrator.step(equilibration_steps)
 
@@ -166,7 +173,7 @@ class LadderEngine(_ReplicatedContext):
         self.steps_per_exchange = config.steps_per_exchange
         super().__init__(system, config.ladders * len(self.temperatures_k),
                          langevin_middle_per_dof(config.timestep_ps, config.friction_per_ps),
-                         config.platform, config.seed)
+                         config.platform, config.seed, config.cpu_threads)
         self.apply_temperatures()
         self.exchange_state = ExchangeState.start([float(t) for t in self.temperatures_k], config.ladders)
         self.rng = np.random.default_rng(config.seed)
@@ -188,7 +195,7 @@ class LadderEngine(_ReplicatedContext):
         copy's temperature, and run the (discarded) equilibration."""
         self._place_and_minimise(positions_nm)
         coldest = float(self.temperatures_k[0])
-        self.context.setVelocitiesToTemperature(coldest, seed)
+        self.context.setVelocitiesToTemperature(coldest, openmm_seed(seed))
         velocities = self._velocities()
         velocities *= np.sqrt(self.copy_temperatures_k / coldest)[:, None, None]
         self.context.setVelocities(velocities.reshape(-1, 3))

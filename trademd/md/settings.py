@@ -26,6 +26,7 @@ class DynamicsSettings:
     atom to its hydrogens (total mass unchanged). Masses do not enter the Boltzmann
     distribution of configurations, so this changes the dynamics only; heavier hydrogens
     allow a 4 fs ``timestep_ps`` with LangevinMiddle and HBonds constraints.
+    ``cpu_threads`` (None: all cores) is what the OpenMM CPU platform may use.
     """
 
     system_name: str
@@ -37,6 +38,7 @@ class DynamicsSettings:
     hydrogen_mass_amu: float | None = None
     seed: int = 0
     platform: str = "auto"
+    cpu_threads: int | None = None
     chunk_saves: int = 10
     pdb_path: str | None = None
     forcefield_files: tuple[str, ...] = ()
