@@ -234,7 +234,7 @@ def train(
     objective: Optional[str] = typer.Option(None, help="trade (default), nll, reverse-kl, nll+reverse-kl"),
     preset: str = typer.Option("quick", help="quick (laptop CPU, minutes) or paper (GPU scale)"),
     steps: Optional[int] = typer.Option(None, help="training steps (overrides the preset)"),
-    batch_size: Optional[int] = typer.Option(None, help="NLL batch size (overrides the preset)"),
+    batch_size: Optional[int] = typer.Option(None, help="NLL batch size, per rank under torchrun (overrides the preset)"),
     config: Optional[Path] = typer.Option(None, help="JSON or YAML file of training settings"),
     device: str = typer.Option("auto", help="torch device: auto, cpu or cuda"),
     platform: str = typer.Option("auto", help="OpenMM platform of the energies: auto, CPU, CUDA"),
