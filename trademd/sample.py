@@ -172,10 +172,10 @@ def sample_run(model_path: str | Path, temperatures: list[float], n: int, out: s
         for temperature_k in temperatures:
             samples = draw_samples(model, temperature_k, n, batch_size, extrapolate, show_progress,
                                    seed=seed, ranks=ranks)
+            if not ranks.is_main:  # rank 0 summarises and writes
+                continue
             summary = summarise(samples, out)
             summaries.append(summary)
-            if not ranks.is_main:
-                continue
             png = ramachandran_png(samples.phi, samples.psi, samples.weights,
                                    f"{model.target.name} at {temperature_k:g} K, reweighted "
                                    f"(ESS {100 * samples.relative_ess:.1f} %)")
