@@ -165,8 +165,7 @@ def sample_run(model_path: str | Path, temperatures: list[float], n: int, out: s
         raise TradeMDError(f"{str(out)!r} exists: pass --overwrite to replace it")
     device = torch_device(device)
     ranks = distributed.start(device)
-    workers = distributed.cpu_share(ranks) - 1 if ranks.active and device.type == "cpu" else None
-    model = load_model(model_path, device=device, platform=platform, workers=workers)
+    model = load_model(model_path, device=device, platform=platform)
     groups, summaries = [], []
     try:
         for temperature_k in temperatures:

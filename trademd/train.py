@@ -63,7 +63,7 @@ def load_config_file(path: str | Path) -> dict:
 
 
 def _target(data: str | Path | None, system: str | None, platform: str,
-            temperature_k: float | None = None, workers: int | None = None) -> Target:
+            temperature_k: float | None = None) -> Target:
     from trademd.systems.analytic import ANALYTIC_SYSTEMS, get_analytic_system
 
     if data is None:
@@ -73,8 +73,7 @@ def _target(data: str | Path | None, system: str | None, platform: str,
                 f"system {sorted(ANALYTIC_SYSTEMS)} that needs no data"
             )
         return AnalyticTarget(get_analytic_system(system))
-    return MoleculeTarget.from_trajectory(data, platform=platform, temperature_k=temperature_k,
-                                          workers=workers)
+    return MoleculeTarget.from_trajectory(data, platform=platform, temperature_k=temperature_k)
 
 
 def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | None = None,
@@ -107,13 +106,11 @@ def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | No
         raise TradeMDError(f"{str(out)!r} already holds a trained model: choose another --out or --resume")
     device = torch_device(device)
     ranks = distributed.start(device)
-    workers = None
     if device.type == "cpu":
         # small per-step tensors: one thread is fastest, and leaves the other cores to the
-        # OpenMM energy workers (docs/performance.md); ranks side by side share the cores
+        # OpenMM energy workers (docs/performance.md; ranks side by side share the cores)
         torch.set_num_threads(1)
-        workers = distributed.cpu_share(ranks) - 1 if ranks.active else None
-    target = _target(data, system, platform, temperature_k, workers)
+    target = _target(data, system, platform, temperature_k)
     try:
         trainer = Trainer(target, config, out, device=device,
                           validation_features=target.validation_features, ranks=ranks)

@@ -32,6 +32,7 @@ import openmm
 import torch
 from torch.autograd.function import once_differentiable
 
+from trademd.distributed import cpu_share, ranks_from_environment
 from trademd.energy.pool import (
     WORKERS_SUPPORTED,
     KernelSpec,
@@ -83,13 +84,6 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 def _fastest_platform(system: openmm.System, probe_nm: np.ndarray, candidates) -> str:
     """The candidate platform whose single-molecule Context evaluates ``probe_nm`` fastest."""
     batch = np.repeat(probe_nm[None], 8, axis=0)
@@ -121,8 +115,8 @@ class EnergyBridge:
         platform: ``auto`` (CUDA if available, else the fastest CPU-side platform), ``CPU``,
             ``CUDA`` or ``Reference``: the OpenMM platform of the evaluating Contexts.
         workers: worker processes besides this one, which evaluates its own share of every
-            batch (default: usable cores - 1 on CPU platforms, none on CUDA; 0 evaluates
-            everything in this process).
+            batch (default: usable cores - 1 on CPU platforms, under torchrun the rank's
+            share of them - 1; none on CUDA; 0 evaluates everything in this process).
         kernel: ``auto``, ``single`` (single-molecule Contexts) or ``replicated`` (per-copy
             replicated Contexts of ``copies`` copies). ``auto`` is ``replicated`` on CUDA for
             vacuum systems only: per-copy implicit-solvent (GB) energies on CUDA were found
@@ -174,7 +168,8 @@ class EnergyBridge:
         self.n_atoms = openmm_system.getNumParticles()
         if workers and not WORKERS_SUPPORTED:
             raise TradeMDError("energy worker processes need a POSIX system (Linux, macOS): use workers=0")
-        default_workers = 0 if gpu or not WORKERS_SUPPORTED else _usable_cores() - 1
+        # the cores of this process, or its share of them when torchrun ranks run side by side
+        default_workers = 0 if gpu or not WORKERS_SUPPORTED else cpu_share(ranks_from_environment()) - 1
         self.n_workers = default_workers if workers is None else workers
         self.copies = copies or _COPIES[platform_name][int(has_gb)]
         if self.copies < 1:

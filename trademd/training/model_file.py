@@ -37,10 +37,8 @@ class TrainedModel:
         self.target.close()
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu", platform: str = "auto",
-               workers: int | None = None) -> TrainedModel:
-    """Load ``model.pt`` written by ``trade-md train`` (``workers``: energy worker processes,
-    None: the cores less one)."""
+def load_model(path: str | Path, device: torch.device | str = "cpu", platform: str = "auto") -> TrainedModel:
+    """Load ``model.pt`` written by ``trade-md train``."""
     path = Path(path)
     if not path.is_file():
         raise TradeMDError(f"model file {str(path)!r} not found: give the model.pt of a `trade-md train` run")
@@ -61,8 +59,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", platform: s
             f"{str(path)!r} was trained on the analytic system {record.get('system')!r}: "
             "`trade-md sample` writes molecular samples; use the Python API for analytic systems"
         )
-    target = MoleculeTarget.from_record(record, saved["reference_temperature"], platform=platform,
-                                        workers=workers)
+    target = MoleculeTarget.from_record(record, saved["reference_temperature"], platform=platform)
     flow = load_flow(saved["flow"], map_location=torch.device(device))
     flow.eval()
     t_min, t_max = saved["temperature_range"]
