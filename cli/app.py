@@ -107,8 +107,8 @@ def systems() -> None:
 
     for system in list_systems():
         typer.echo(
-            f"{system.name:16s} {system.n_atoms:3d} atoms  {system.solvent:13s} "
-            f"{' + '.join(system.forcefield_files):34s} {system.description}"
+            f"{system.name:17s} {system.n_atoms:3d} atoms  {system.solvent:13s} "
+            f"{system.force_field_label:38s} {system.description}"
         )
 
 
@@ -321,8 +321,9 @@ def run(
     time: str = typer.Option("1ns", help="simulation time per replica (16 replicas x 1 ns every 0.1 ps: 160,000 frames)"),
     replicas: int = typer.Option(16, help="MD replicas"),
     save_every: str = typer.Option("0.1ps", help="MD frame interval"),
-    timestep: str = typer.Option("4fs", help="MD time step"),
-    hydrogen_mass: float = typer.Option(1.5, help="MD hydrogen mass (amu; repartitioned from heavy atoms, 0: force-field masses)"),
+    timestep: Optional[str] = typer.Option(None, help="MD time step (default: the system's, 4fs with rigid bonds to hydrogen, 2fs without)"),
+    hydrogen_mass: Optional[float] = typer.Option(
+        None, help="MD hydrogen mass (amu; repartitioned from heavy atoms, 0: force-field masses; default: the system's, 1.5 with rigid bonds to hydrogen)"),
     seed: int = typer.Option(0, help="seed of the MD and of training"),
     preset: str = typer.Option("quick", help="training preset: quick or paper"),
     steps: Optional[int] = typer.Option(None, help="training steps (default: the preset's)"),
@@ -339,7 +340,8 @@ def run(
 
     config = RunConfig(system=system, temperatures_k=tuple(temperature), data_temperature_k=data_temperature,
                        simulation_ps=parse_time_ps(time), replicas=replicas, save_every_ps=parse_time_ps(save_every),
-                       timestep_ps=parse_time_ps(timestep), hydrogen_mass_amu=hydrogen_mass or None,
+                       timestep_ps=parse_time_ps(timestep) if timestep else None,
+                       hydrogen_mass_amu=hydrogen_mass,
                        preset=preset, steps=steps, n_samples=n, seed=seed)
     summary = run_pipeline(config, out, platform=platform, device=device,
                            command=full_command(ctx), show_progress=not quiet)

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 import io
+from typing import Callable
 
 import numpy as np
 import openmm
@@ -32,7 +33,12 @@ class MolecularSystem:
         chiral_centres: int [m, 4] rows (centre, a, b, c): atoms whose handedness
             (sign of the signed volume of a, b, c around the centre) samples must keep.
         constraints: ``"HBonds"``: bonds to hydrogen are rigid in MD (2 fs steps) and held
-            fixed at their constraint lengths by the internal coordinates downstream.
+            fixed at their constraint lengths by the internal coordinates downstream;
+            ``"None"``: every bond is flexible (and a flow dimension).
+        openmm_factory: builds the OpenMM system when it does not come from
+            ``forcefield_files`` (e.g. an openmmtools test system); takes the hydrogen mass in
+            amu (None: force-field masses). Its particles follow the PDB's atom order.
+        force_field: one line naming the force field, for listings (default: the XML files).
     """
 
     name: str
@@ -45,6 +51,24 @@ class MolecularSystem:
     psi_atoms: tuple[int, int, int, int] | None
     chiral_centres: np.ndarray
     constraints: str = "HBonds"
+    openmm_factory: Callable[[float | None], openmm.System] | None = None
+    force_field: str = ""
+
+    @property
+    def md_timestep_ps(self) -> float:
+        """The MD time step ``trade-md run`` uses (ps): 4 fs with rigid bonds to hydrogen
+        (and :attr:`md_hydrogen_mass_amu`), 2 fs with every bond flexible."""
+        return 0.004 if self.constraints == "HBonds" else 0.002
+
+    @property
+    def md_hydrogen_mass_amu(self) -> float | None:
+        """The hydrogen mass ``trade-md run`` repartitions to (amu; None: force-field masses)."""
+        return 1.5 if self.constraints == "HBonds" else None
+
+    @property
+    def force_field_label(self) -> str:
+        """The force field in one line: :attr:`force_field`, else the XML files joined by +."""
+        return self.force_field or " + ".join(self.forcefield_files)
 
     def pdb(self) -> app.PDBFile:
         """The PDB, parsed by OpenMM."""
@@ -62,6 +86,8 @@ class MolecularSystem:
         """The single-molecule OpenMM system: NoCutoff, constraints as :attr:`constraints`;
         with ``hydrogen_mass_amu``, hydrogens bonded to heavy atoms get that mass, taken from
         their heavy atom (OpenMM's hydrogen mass repartitioning)."""
+        if self.openmm_factory is not None:
+            return self.openmm_factory(hydrogen_mass_amu)
         return build_openmm_system(self.pdb().topology, self.forcefield_files, self.constraints,
                                    hydrogen_mass_amu)
 

@@ -11,6 +11,7 @@ import openmm.app as app
 from trademd.errors import TradeMDError
 
 from .molecule import MolecularSystem, build_openmm_system
+from .published import alanine_dipeptide_openmmtools_system
 from .zmatrix import order_zmatrix, zmatrix_from_bonds
 
 __all__ = ["BUILTIN_SYSTEMS", "get_system", "user_system", "list_systems", "record_attrs",
@@ -36,7 +37,9 @@ _ALA2_PSI = (6, 8, 14, 16)
 _ALA2_CHIRAL_CA = (8, 6, 14, 10)
 
 
-def _alanine(name: str, forcefield: tuple[str, ...], solvent: str, description: str):
+def _alanine(name: str, forcefield: tuple[str, ...], solvent: str, description: str, **fields):
+    """Alanine dipeptide from the shipped PDB (the atom order, names and positions of
+    openmmtools' ``AlanineDipeptideImplicit`` too); ``fields`` override MolecularSystem's."""
     pdb_text = resources.files("trademd.systems").joinpath("data", _ALA2_PDB).read_text()
     return MolecularSystem(
         name=name,
@@ -48,6 +51,7 @@ def _alanine(name: str, forcefield: tuple[str, ...], solvent: str, description: 
         phi_atoms=_ALA2_PHI,
         psi_atoms=_ALA2_PSI,
         chiral_centres=np.array([_ALA2_CHIRAL_CA], dtype=np.int64),
+        **fields,
     )
 
 
@@ -60,6 +64,13 @@ BUILTIN_SYSTEMS = {
     ),
     "ala2-vacuum": lambda: _alanine(
         "ala2-vacuum", _ALA2_FORCEFIELD, "vacuum", "alanine dipeptide, AMBER99SB-ILDN, vacuum"
+    ),
+    "ala2-openmmtools": lambda: _alanine(
+        "ala2-openmmtools", (), "implicit-obc",
+        "alanine dipeptide, openmmtools AlanineDipeptideImplicit, no constraints "
+        "(FAB / annealed BG / CMT benchmark system)",
+        constraints="None", openmm_factory=alanine_dipeptide_openmmtools_system,
+        force_field="Amber ff96 + OBC1 (openmmtools prmtop)",
     ),
 }
 

@@ -17,7 +17,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="session", params=["ala2-vacuum", "ala2-implicit"])
+@pytest.fixture(scope="session", params=["ala2-vacuum", "ala2-implicit", "ala2-openmmtools"])
 def molecule(request):
     """Each built-in alanine-dipeptide system."""
     return get_system(request.param)

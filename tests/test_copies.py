@@ -7,6 +7,7 @@ import pytest
 from trademd.energy.molecule import MoleculeEnergy
 from trademd.errors import TradeMDError
 from trademd.md.copies import copy_energy_parameter, replicate_system
+from trademd.systems import get_system
 
 CPU = openmm.Platform.getPlatformByName("CPU")
 
@@ -44,8 +45,8 @@ def test_dynamics_system_forces_equal_single_molecule(molecule, perturbed):
     assert state.getPotentialEnergy()._value == pytest.approx(reference_energy.sum(), abs=1e-3)
 
 
-def test_constraints_are_replicated(molecule):
-    single = molecule.create_openmm_system()
+def test_constraints_are_replicated():
+    single = get_system("ala2-implicit").create_openmm_system()
     replicated, _ = replicate_system(single, 3, per_copy_energies=False)
     assert replicated.getNumConstraints() == 3 * single.getNumConstraints() == 36
     i, j, length = replicated.getConstraintParameters(2 * single.getNumConstraints())

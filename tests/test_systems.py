@@ -11,7 +11,7 @@ from trademd.systems.zmatrix import validate_zmatrix, zmatrix_from_bonds
 
 def test_builtin_systems_are_listed():
     names = [s.name for s in list_systems()]
-    assert names == ["ala2-implicit", "ala2-vacuum"]
+    assert names == ["ala2-implicit", "ala2-vacuum", "ala2-openmmtools"]
 
 
 def test_alanine_zmatrix_is_valid_and_places_every_atom(molecule):
@@ -38,6 +38,49 @@ def test_implicit_system_has_obc_and_hbond_constraints():
     names = {type(f).__name__ for f in system.getForces()}
     assert "GBSAOBCForce" in names
     assert system.getNumConstraints() == 12
+
+
+def test_published_benchmark_system_is_openmmtools_own():
+    """ala2-openmmtools is openmmtools' AlanineDipeptideImplicit(constraints=None): the same
+    atoms, bonds and positions as the shipped PDB, the same forces and energy, no constraints;
+    hydrogen masses repartitioned as asked."""
+    import openmm
+    from openmm import unit
+    from openmmtools.testsystems import AlanineDipeptideImplicit
+
+    reference = AlanineDipeptideImplicit(constraints=None)
+    molecule = get_system("ala2-openmmtools")
+    ours = molecule.pdb()
+    assert [(a.name, a.residue.name, a.element.symbol) for a in ours.topology.atoms()] == [
+        (a.name, a.residue.name, a.element.symbol) for a in reference.topology.atoms()]
+    bonds = lambda topology: sorted(sorted((b[0].index, b[1].index)) for b in topology.bonds())
+    assert bonds(ours.topology) == bonds(reference.topology)
+    assert np.abs(molecule.positions_nm() - reference.positions.value_in_unit(unit.nanometer)).max() < 1e-4
+    system = molecule.create_openmm_system()
+    assert system.getNumConstraints() == 0 and molecule.constraints == "None"
+    assert openmm.XmlSerializer.serialize(system) == openmm.XmlSerializer.serialize(reference.system)
+    energies = []
+    for candidate in (system, reference.system):
+        context = openmm.Context(candidate, openmm.VerletIntegrator(0.001),
+                                 openmm.Platform.getPlatformByName("Reference"))
+        context.setPositions(reference.positions)
+        energies.append(context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
+    assert energies[0] == energies[1]
+    heavy_hydrogens = molecule.create_openmm_system(hydrogen_mass_amu=3.0)
+    masses = [heavy_hydrogens.getParticleMass(i).value_in_unit(unit.amu) for i in range(22)]
+    assert masses[0] == pytest.approx(3.0) and sum(masses) == pytest.approx(
+        sum(system.getParticleMass(i).value_in_unit(unit.amu) for i in range(22)))
+
+
+def test_unconstrained_system_refuses_long_time_steps(tmp_path):
+    from trademd.md.settings import SimulationConfig
+    from trademd.simulate import simulate
+
+    config = SimulationConfig(system_name="ala2-openmmtools", temperature_k=600.0, time_ps=1.0,
+                              timestep_ps=0.004, hydrogen_mass_amu=1.5, replicas=1, platform="CPU")
+    with pytest.raises(TradeMDError, match="no bond constraints: a 4 fs time step is unstable; use --timestep 2fs"):
+        simulate(config, tmp_path / "x.h5", show_progress=False)
+    assert not (tmp_path / "x.h5").exists()
 
 
 def test_user_system_from_pdb(tmp_path):

@@ -20,6 +20,7 @@ from trademd.errors import TradeMDError
 from trademd.io.h5io import frame_count
 from trademd.sample import sample_run
 from trademd.simulate import SimulationConfig, simulate
+from trademd.systems import get_system
 from trademd.train import train_run
 
 __all__ = ["RunConfig", "run_pipeline"]
@@ -39,11 +40,12 @@ class RunConfig:
         save_every_ps: frame interval of the MD (ps). 0.1 ps gives ten times the frames of
             1 ps from the same MD, which is what stops the fit at T0 from overfitting
             (docs/results.md).
-        timestep_ps: MD time step (ps).
-        hydrogen_mass_amu: hydrogen mass repartitioning (amu; None: force-field masses). With
-            1.5 amu a 4 fs step halves the MD's cost; configurations keep their Boltzmann
-            distribution (masses do not enter it), and the samples are reweighted to the
-            exact energy anyway.
+        timestep_ps: MD time step (ps; None: the system's, 4 fs with rigid bonds to
+            hydrogen, 2 fs without constraints).
+        hydrogen_mass_amu: hydrogen mass repartitioning (amu; 0: force-field masses; None:
+            the system's, 1.5 amu with rigid bonds to hydrogen). With 1.5 amu a 4 fs step
+            halves the MD's cost; configurations keep their Boltzmann distribution (masses
+            do not enter it), and the samples are reweighted to the exact energy anyway.
         preset: training preset.
         steps: training steps (None: the preset's).
         n_samples: samples per temperature (enough for pooled ESS and free energies stable to
@@ -57,8 +59,8 @@ class RunConfig:
     simulation_ps: float = 1000.0
     replicas: int = 16
     save_every_ps: float = 0.1
-    timestep_ps: float = 0.004
-    hydrogen_mass_amu: float | None = 1.5
+    timestep_ps: float | None = None
+    hydrogen_mass_amu: float | None = None
     preset: str = "quick"
     steps: int | None = None
     n_samples: int = 100000
@@ -71,11 +73,14 @@ class RunConfig:
 
     def simulation(self, platform: str = "auto") -> SimulationConfig:
         """The MD settings of the run's data."""
+        molecule = get_system(self.system)
+        hydrogen_mass_amu = (molecule.md_hydrogen_mass_amu if self.hydrogen_mass_amu is None
+                             else self.hydrogen_mass_amu or None)
         return SimulationConfig(system_name=self.system, temperature_k=self.data_temperature_k,
                                 time_ps=self.simulation_ps, replicas=self.replicas,
                                 save_every_ps=self.save_every_ps, equilibration_ps=20.0,
-                                timestep_ps=self.timestep_ps, hydrogen_mass_amu=self.hydrogen_mass_amu,
-                                seed=self.seed, platform=platform)
+                                timestep_ps=self.timestep_ps or molecule.md_timestep_ps,
+                                hydrogen_mass_amu=hydrogen_mass_amu, seed=self.seed, platform=platform)
 
     @property
     def temperature_range_k(self) -> tuple[float, float]:

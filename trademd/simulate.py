@@ -25,6 +25,7 @@ from trademd.md.settings import (
     DynamicsSettings,
     ExchangeConfig,
     SimulationConfig,
+    check_timestep,
     load_system,
 )
 
@@ -89,6 +90,7 @@ def simulate(config: SimulationConfig | ExchangeConfig, out: str | Path, overwri
     else:
         molecule = load_system(config)
     config.validate()
+    check_timestep(config, molecule)
     engine = build_engine(molecule.create_openmm_system(config.hydrogen_mass_amu), config)
     if resume:
         saves_done = restore(engine, file, config)

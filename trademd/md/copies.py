@@ -7,10 +7,12 @@ is rewritten so that copies never interact:
 - bonds, angles and torsions are replicated term by term;
 - ``NonbondedForce`` (NoCutoff) becomes a ``CustomBondForce`` over all intramolecular pairs
   (exceptions for 1-2/1-3/1-4 pairs, Lorentz-Berthelot combination otherwise);
-- ``GBSAOBCForce`` becomes a ``CustomGBForce`` with the same OBC2 expressions, whose cutoff is
-  used only as a neighbour list: the copies sit on a lattice with spacing larger than the
-  cutoff plus twice the molecule's extent, so no pair of atoms from different copies is ever
-  within the cutoff and each copy's GB energy is that of the isolated molecule.
+- ``GBSAOBCForce`` becomes a ``CustomGBForce`` with the same OBC2 expressions, and a
+  ``CustomGBForce`` (e.g. OBC1 from an Amber prmtop, as in openmmtools' test systems) is
+  replicated particle by particle with its own expressions. Their cutoff is used only as a
+  neighbour list: the copies sit on a lattice with spacing larger than the cutoff plus twice
+  the molecule's extent, so no pair of atoms from different copies is ever within the cutoff
+  and each copy's GB energy is that of the isolated molecule.
 
 With ``per_copy_energies=True`` every energy term of copy ``c`` is multiplied by a global
 parameter ``lam_c`` (= 1) with an energy-parameter derivative, so one ``getState`` returns
@@ -40,6 +42,12 @@ _PROBE_RADIUS_NM = 0.14
 #: Force constant of the flat-bottom centre-of-mass restraint, kJ/(mol nm^2).
 COM_RESTRAINT_KJ_MOL_NM2 = 1000.0
 
+#: Names the replicated CustomGBForce adds: the per-particle copy index and the computed
+#: value holding lam_c of the particle's copy.
+_COPY_INDEX = "trademd_copy"
+_COPY_SCALE = "trademd_lam"
+
+
 #: Forces of a single-molecule system that :func:`replicate_system` can rewrite.
 SUPPORTED_FORCES = (
     "HarmonicBondForce",
@@ -47,6 +55,7 @@ SUPPORTED_FORCES = (
     "PeriodicTorsionForce",
     "NonbondedForce",
     "GBSAOBCForce",
+    "CustomGBForce",
     "CMMotionRemover",
 )
 
@@ -133,7 +142,7 @@ def replicate_system(
             f"cannot replicate forces {unsupported}: supported are {list(SUPPORTED_FORCES)} "
             "(implicit solvent OBC or vacuum, NoCutoff)"
         )
-    has_gb = "GBSAOBCForce" in names
+    has_gb = "GBSAOBCForce" in names or "CustomGBForce" in names
     drift_nm = com_restraint_nm or 0.0
     reach_nm = 2.0 * (molecule_radius_nm + drift_nm)
     spacing_nm = reach_nm + (gb_cutoff_nm if has_gb else 0.0) + 1.0
@@ -160,6 +169,9 @@ def replicate_system(
             continue
         if isinstance(force, openmm.GBSAOBCForce):
             replicated.addForce(_gb_force(force, layout, per_copy_energies))
+            continue
+        if isinstance(force, openmm.CustomGBForce):
+            replicated.addForce(_custom_gb_force(force, layout, per_copy_energies))
             continue
         builder = _BUILDERS[type(force).__name__]
         for copies in groups:
@@ -310,6 +322,55 @@ def _gb_force(force: openmm.GBSAOBCForce, layout: CopyLayout, per_copy: bool):
     for c in range(layout.n_copies):
         for charge, offset_radius, scaling in params:
             gb.addParticle([charge, offset_radius, scaling * offset_radius, float(c)])
+    if layout.n_copies > 1:
+        gb.setNonbondedMethod(openmm.CustomGBForce.CutoffNonPeriodic)
+        gb.setCutoffDistance(layout.gb_cutoff_nm)
+    return gb
+
+
+def _custom_gb_force(force: openmm.CustomGBForce, layout: CopyLayout, per_copy: bool):
+    """A ``CustomGBForce`` of one molecule (NoCutoff) replicated over the copies: the same
+    computed values, energy terms, global parameters and tabulated functions; particles and
+    exclusions repeated per copy. With ``per_copy``, a per-particle copy index selects the
+    computed value ``lam`` = lam_c of the particle's copy, which multiplies every energy term
+    (single-particle terms by ``lam``, pair terms by ``lam1``: both particles of a pair within
+    the cutoff belong to the same copy)."""
+    if force.getNonbondedMethod() != openmm.CustomGBForce.NoCutoff:
+        raise TradeMDError("replication needs a CustomGBForce with NoCutoff: build the system "
+                           "with nonbondedMethod=NoCutoff (nonbondedCutoff=None for a prmtop)")
+    gb = openmm.CustomGBForce()
+    for k in range(force.getNumPerParticleParameters()):
+        gb.addPerParticleParameter(force.getPerParticleParameterName(k))
+    gb.addPerParticleParameter(_COPY_INDEX)
+    for k in range(force.getNumGlobalParameters()):
+        gb.addGlobalParameter(force.getGlobalParameterName(k), force.getGlobalParameterDefaultValue(k))
+    for k in range(force.getNumTabulatedFunctions()):
+        function = openmm.XmlSerializer.clone(force.getTabulatedFunction(k))
+        gb.addTabulatedFunction(force.getTabulatedFunctionName(k), function)
+    for k in range(force.getNumComputedValues()):
+        gb.addComputedValue(*force.getComputedValueParameters(k))
+    if per_copy:
+        selector = "+".join(
+            f"{copy_energy_parameter(c)}*delta({_COPY_INDEX}-{c})" for c in range(layout.n_copies)
+        )
+        gb.addComputedValue(_COPY_SCALE, selector, openmm.CustomGBForce.SingleParticle)
+        for c in range(layout.n_copies):
+            gb.addGlobalParameter(copy_energy_parameter(c), 1.0)
+            gb.addEnergyParameterDerivative(copy_energy_parameter(c))
+    for k in range(force.getNumEnergyTerms()):
+        expression, kind = force.getEnergyTermParameters(k)
+        if per_copy:
+            main, *definitions = expression.split(";")
+            scale = _COPY_SCALE if kind == openmm.CustomGBForce.SingleParticle else f"{_COPY_SCALE}1"
+            expression = ";".join([f"{scale}*({main})", *definitions])
+        gb.addEnergyTerm(expression, kind)
+    n_atoms = layout.n_atoms
+    for c in range(layout.n_copies):
+        for i in range(n_atoms):
+            gb.addParticle([*force.getParticleParameters(i), float(c)])
+        for k in range(force.getNumExclusions()):
+            i, j = force.getExclusionParticles(k)
+            gb.addExclusion(i + c * n_atoms, j + c * n_atoms)
     if layout.n_copies > 1:
         gb.setNonbondedMethod(openmm.CustomGBForce.CutoffNonPeriodic)
         gb.setCutoffDistance(layout.gb_cutoff_nm)
