@@ -28,8 +28,8 @@ class MolecularSystem:
         forcefield_files: OpenMM force-field XML files (names OpenMM resolves, or paths).
         solvent: one of :data:`SOLVENTS`.
         zmatrix: int64 [n_atoms, 4], placement order (see :mod:`trademd.systems.zmatrix`).
-        phi_atoms: the four atom indices of the backbone phi dihedral, or None.
-        psi_atoms: the four atom indices of the backbone psi dihedral, or None.
+        backbone_dihedrals: per residue with both, its (phi, psi) as two rows of four atom
+            indices, in chain order (empty for a molecule without a backbone).
         chiral_centres: int [m, 4] rows (centre, a, b, c): atoms whose handedness
             (sign of the signed volume of a, b, c around the centre) samples must keep.
         constraints: ``"HBonds"``: bonds to hydrogen are rigid in MD (2 fs steps) and held
@@ -47,12 +47,21 @@ class MolecularSystem:
     forcefield_files: tuple[str, ...]
     solvent: str
     zmatrix: np.ndarray
-    phi_atoms: tuple[int, int, int, int] | None
-    psi_atoms: tuple[int, int, int, int] | None
+    backbone_dihedrals: tuple[tuple[tuple[int, int, int, int], tuple[int, int, int, int]], ...]
     chiral_centres: np.ndarray
     constraints: str = "HBonds"
     openmm_factory: Callable[[float | None], openmm.System] | None = None
     force_field: str = ""
+
+    @property
+    def phi_atoms(self) -> tuple[int, int, int, int] | None:
+        """The first residue's phi dihedral (four atom indices), or None."""
+        return self.backbone_dihedrals[0][0] if self.backbone_dihedrals else None
+
+    @property
+    def psi_atoms(self) -> tuple[int, int, int, int] | None:
+        """The first residue's psi dihedral (four atom indices), or None."""
+        return self.backbone_dihedrals[0][1] if self.backbone_dihedrals else None
 
     @property
     def md_timestep_ps(self) -> float:

@@ -1,5 +1,6 @@
 """Built-in systems by name, and systems from a user's PDB and force field."""
 
+from dataclasses import replace
 from importlib import resources
 import io
 import json
@@ -48,11 +49,19 @@ def _alanine(name: str, forcefield: tuple[str, ...], solvent: str, description: 
         forcefield_files=forcefield,
         solvent=solvent,
         zmatrix=order_zmatrix(_ALA2_SEEDS, _ALA2_ROWS),
-        phi_atoms=_ALA2_PHI,
-        psi_atoms=_ALA2_PSI,
+        backbone_dihedrals=((_ALA2_PHI, _ALA2_PSI),),
         chiral_centres=np.array([_ALA2_CHIRAL_CA], dtype=np.int64),
         **fields,
     )
+
+
+def _capped_alanines(name: str, pdb_file: str, description: str) -> MolecularSystem:
+    """A capped alanine peptide shipped as PDB (made by :mod:`trademd.systems.peptides`) in the
+    force field of ``ala2-implicit``: Z-matrix from the bond graph, every residue's phi/psi
+    and every chiral C-alpha from the topology."""
+    pdb_text = resources.files("trademd.systems").joinpath("data", pdb_file).read_text()
+    molecule = _user_system_from_text(pdb_text, pdb_file, _ALA2_IMPLICIT)
+    return replace(molecule, name=name, description=description)
 
 
 BUILTIN_SYSTEMS = {
@@ -72,6 +81,12 @@ BUILTIN_SYSTEMS = {
         constraints="None", openmm_factory=alanine_dipeptide_openmmtools_system,
         force_field="Amber ff96 + OBC1 (openmmtools prmtop)",
     ),
+    "ala4-implicit": lambda: _capped_alanines(
+        "ala4-implicit", "ala4-capped.pdb",
+        "alanine tetrapeptide Ace-(Ala)3-Nme, AMBER99SB-ILDN + OBC implicit solvent"),
+    "ala6-implicit": lambda: _capped_alanines(
+        "ala6-implicit", "ala6-capped.pdb",
+        "alanine hexapeptide Ace-(Ala)5-Nme, AMBER99SB-ILDN + OBC implicit solvent"),
 }
 
 
@@ -113,6 +128,7 @@ def record_attrs(molecule: MolecularSystem) -> dict:
         "constraints": molecule.constraints,
         "phi_atoms": list(molecule.phi_atoms or []),
         "psi_atoms": list(molecule.psi_atoms or []),
+        "backbone_dihedrals": [[list(phi), list(psi)] for phi, psi in molecule.backbone_dihedrals],
     }
 
 
@@ -149,7 +165,6 @@ def _user_system_from_text(pdb_text: str, file_name: str, forcefield_files) -> M
     )
     bonds = [(b[0].index, b[1].index) for b in topology.bonds()]
     heavy = [a.element is None or a.element.symbol != "H" for a in topology.atoms()]
-    phi, psi = _backbone_dihedrals(topology)
     return MolecularSystem(
         name=f"user:{file_name}",
         description=f"user system from {file_name}",
@@ -157,8 +172,7 @@ def _user_system_from_text(pdb_text: str, file_name: str, forcefield_files) -> M
         forcefield_files=tuple(forcefield_files),
         solvent=solvent,
         zmatrix=zmatrix_from_bonds(topology.getNumAtoms(), bonds, heavy),
-        phi_atoms=phi,
-        psi_atoms=psi,
+        backbone_dihedrals=_backbone_dihedrals(topology),
         chiral_centres=_chiral_centres(bonds, heavy),
     )
 
@@ -177,13 +191,17 @@ def _chiral_centres(bonds: list[tuple[int, int]], heavy: list[bool]) -> np.ndarr
     return np.array(rows, dtype=np.int64).reshape(-1, 4)
 
 
-def _backbone_dihedrals(topology: app.Topology):
+def _backbone_dihedrals(topology: app.Topology) -> tuple:
+    """(phi, psi) atom rows of every residue that has both (mdtraj's definitions), in chain
+    order: for a capped peptide Ace-(X)n-Nme, the n inner residues."""
     import mdtraj
 
     md_topology = mdtraj.Topology.from_openmm(topology)
     dummy = mdtraj.Trajectory(np.zeros((1, md_topology.n_atoms, 3)), md_topology)
-    phi_idx, _ = mdtraj.compute_phi(dummy)
-    psi_idx, _ = mdtraj.compute_psi(dummy)
-    phi = tuple(int(i) for i in phi_idx[0]) if len(phi_idx) else None
-    psi = tuple(int(i) for i in psi_idx[0]) if len(psi_idx) else None
-    return phi, psi
+    phi_rows, _ = mdtraj.compute_phi(dummy)
+    psi_rows, _ = mdtraj.compute_psi(dummy)
+    # the residue of a dihedral is that of its C-alpha: atom 2 of phi (C N CA C), 1 of psi
+    phi_by_residue = {md_topology.atom(int(row[2])).residue.index: row for row in phi_rows}
+    psi_by_residue = {md_topology.atom(int(row[1])).residue.index: row for row in psi_rows}
+    return tuple((tuple(int(i) for i in phi_by_residue[r]), tuple(int(i) for i in psi_by_residue[r]))
+                 for r in sorted(phi_by_residue.keys() & psi_by_residue.keys()))

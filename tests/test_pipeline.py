@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from trademd.cli.app import app
@@ -39,10 +40,13 @@ def test_run_pipeline_then_reuse(tmp_path):
 
 
 
-def test_published_benchmark_system_runs_every_stage(tmp_path):
-    """ala2-openmmtools (no constraints): `run` settings pick its 2 fs step and force-field
-    masses; MD, training and sampling run, and every bond is a flow dimension (60 internal
-    coordinates, as in the published benchmarks)."""
+@pytest.mark.parametrize("name, timestep_ps, flow_dims", [
+    ("ala2-openmmtools", 0.002, 60), ("ala4-implicit", 0.004, 3 * 42 - 6 - 22),
+    ("ala6-implicit", 0.004, 3 * 62 - 6 - 32)])
+def test_new_builtin_systems_run_every_stage(tmp_path, name, timestep_ps, flow_dims):
+    """The published benchmark system (no constraints: `run` picks 2 fs and force-field
+    masses, every bond a flow dimension: 60, as in the published benchmarks) and the capped
+    tetra- and hexapeptides (bonds to hydrogen rigid): MD, training and sampling run."""
     import h5py
     import torch
 
@@ -53,12 +57,13 @@ def test_published_benchmark_system_runs_every_stage(tmp_path):
     from trademd.train import train_run
     from trademd.training.model_file import load_model
 
-    settings = RunConfig(system="ala2-openmmtools", temperatures_k=(400.0,), simulation_ps=4.0,
+    settings = RunConfig(system=name, temperatures_k=(400.0,), simulation_ps=4.0,
                          replicas=4).simulation("CPU")
-    assert settings.timestep_ps == 0.002 and settings.hydrogen_mass_amu is None
+    assert settings.timestep_ps == timestep_ps
+    assert settings.hydrogen_mass_amu == (None if name == "ala2-openmmtools" else 1.5)
     data = simulate(settings, tmp_path / "data.h5", show_progress=False)
     with h5py.File(data) as h5:
-        assert h5.attrs["system"] == "ala2-openmmtools" and h5.attrs["constraints"] == "None"
+        assert h5.attrs["system"] == name
     small = {"steps": 4, "batch_size": 16, "trade_points": 16, "cache_samples": 100,
              "metrics_every": 2, "metrics_samples": 100, "refine_rounds": 1, "refine_steps": 2,
              "refine_samples": 200}
@@ -66,11 +71,12 @@ def test_published_benchmark_system_runs_every_stage(tmp_path):
                            device="cpu", platform="CPU", show_progress=False)
     model = load_model(model_path, platform="CPU")
     try:
-        positions = torch.as_tensor(get_system("ala2-openmmtools").positions_nm()[None])
+        positions = torch.as_tensor(get_system(name).positions_nm()[None])
         features, _ = model.target.coordinates(positions)
-        assert features.torsions.shape[1] + features.bounded.shape[1] == 60
+        assert features.torsions.shape[1] + features.bounded.shape[1] == flow_dims
     finally:
         model.close()
-    (summary,) = sample_run(model_path, [400.0], 16, tmp_path / "samples.h5", device="cpu",
+    # 4 training steps: each C-alpha's handedness is still a coin flip (ala6: 1 in 32 right)
+    (summary,) = sample_run(model_path, [400.0], 512, tmp_path / "samples.h5", device="cpu",
                             platform="CPU", show_progress=False)
-    assert summary["n"] == 16 and summary["temperature_k"] == 400.0
+    assert summary["n"] == 512 and summary["temperature_k"] == 400.0 and summary["fraction_flagged"] < 1

@@ -11,7 +11,7 @@ from trademd.systems.zmatrix import validate_zmatrix, zmatrix_from_bonds
 
 def test_builtin_systems_are_listed():
     names = [s.name for s in list_systems()]
-    assert names == ["ala2-implicit", "ala2-vacuum", "ala2-openmmtools"]
+    assert names == ["ala2-implicit", "ala2-vacuum", "ala2-openmmtools", "ala4-implicit", "ala6-implicit"]
 
 
 def test_alanine_zmatrix_is_valid_and_places_every_atom(molecule):
@@ -81,6 +81,74 @@ def test_unconstrained_system_refuses_long_time_steps(tmp_path):
     with pytest.raises(TradeMDError, match="no bond constraints: a 4 fs time step is unstable; use --timestep 2fs"):
         simulate(config, tmp_path / "x.h5", show_progress=False)
     assert not (tmp_path / "x.h5").exists()
+
+
+@pytest.mark.parametrize("name, alanines", [("ala4-implicit", 3), ("ala6-implicit", 5)])
+def test_capped_peptides_have_every_residue_and_l_alanines(name, alanines):
+    """Ace-(Ala)n-Nme: a valid Z-matrix over real bonds, every alanine's phi/psi (mdtraj's),
+    every C-alpha chiral with ala2's handedness (L), trans peptide bonds, a minimised energy."""
+    import openmm
+    from openmm import unit
+
+    from trademd.analysis.chirality import chirality_signs
+
+    molecule = get_system(name)
+    residues = [r.name for r in molecule.pdb().topology.residues()]
+    assert residues == ["ACE", *["ALA"] * alanines, "NME"] and molecule.n_atoms == 10 * alanines + 12
+    validate_zmatrix(molecule.zmatrix, molecule.n_atoms)
+    bonds = {frozenset((b[0].index, b[1].index)) for b in molecule.pdb().topology.bonds()}
+    assert all(frozenset((atom, partner)) in bonds for atom, partner, *_ in molecule.zmatrix[1:].tolist())
+    trajectory = mdtraj.Trajectory(molecule.positions_nm()[None], molecule.mdtraj_topology())
+    phi_rows, _ = mdtraj.compute_phi(trajectory)
+    psi_rows, _ = mdtraj.compute_psi(trajectory)
+    assert [list(p) for p, _ in molecule.backbone_dihedrals] == phi_rows.tolist()
+    assert [list(q) for _, q in molecule.backbone_dihedrals] == psi_rows.tolist()
+    assert len(molecule.chiral_centres) == alanines
+    names = [a.name for a in molecule.pdb().topology.atoms()]
+    assert [names[i] for i in molecule.chiral_centres[:, 0]] == ["CA"] * alanines
+    ala2 = get_system("ala2-implicit")
+    reference_sign = chirality_signs(ala2.positions_nm(), ala2.chiral_centres)[0]
+    assert (chirality_signs(molecule.positions_nm(), molecule.chiral_centres) == reference_sign).all()
+    _, omega = mdtraj.compute_omega(trajectory)
+    assert np.all(np.abs(np.abs(omega) - np.pi) < 0.35)
+    system = molecule.create_openmm_system()
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    context.setPositions(molecule.positions_nm())
+    state = context.getState(getEnergy=True, getForces=True)
+    forces = state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer)
+    # minimised: what is left comes from the PDB's 0.001 A rounding (ala2's PDB: 936 kJ/mol/nm)
+    assert np.linalg.norm(forces, axis=1).max() < 200.0
+    assert state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole) < 0
+
+
+def test_peptide_builder_uses_ideal_geometry():
+    """The unminimised Ace-Ala-Nme of the builder: ala2's atoms residue by residue, the
+    extended backbone dihedrals it was asked for, trans peptide bonds, ideal bond lengths."""
+    import io
+
+    from openmm import unit
+    import openmm.app as app
+
+    from trademd.systems.peptides import EXTENDED_PHI_PSI_DEG, capped_alanine_pdb
+
+    built = app.PDBFile(io.StringIO(capped_alanine_pdb(1, minimise=False)))
+    shipped = get_system("ala2-implicit").pdb()
+    by_residue = lambda pdb: [(r.name, sorted(a.name for a in r.atoms())) for r in pdb.topology.residues()]
+    assert by_residue(built) == by_residue(shipped)
+    positions = np.asarray(built.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
+    trajectory = mdtraj.Trajectory(positions[None], mdtraj.Topology.from_openmm(built.topology))
+    phi, psi = (np.degrees(f(trajectory)[1]).ravel() for f in (mdtraj.compute_phi, mdtraj.compute_psi))
+    assert phi == pytest.approx([EXTENDED_PHI_PSI_DEG[0]], abs=0.1)
+    assert psi == pytest.approx([EXTENDED_PHI_PSI_DEG[1]], abs=0.1)
+    index = {(a.residue.name, a.name): a.index for a in built.topology.atoms()}
+    # the two peptide bonds, ACE-ALA and ALA-NME, are trans
+    rows = [[index[("ACE", "CH3")], index[("ACE", "C")], index[("ALA", "N")], index[("ALA", "CA")]],
+            [index[("ALA", "CA")], index[("ALA", "C")], index[("NME", "N")], index[("NME", "C")]]]
+    assert np.abs(np.degrees(mdtraj.compute_dihedrals(trajectory, rows))).ravel() == pytest.approx([180.0, 180.0], abs=0.1)
+    length = lambda a, b: np.linalg.norm(positions[index[a]] - positions[index[b]])
+    assert length(("ALA", "N"), ("ALA", "CA")) == pytest.approx(0.146, abs=2e-4)
+    assert length(("ALA", "CA"), ("ALA", "CB")) == pytest.approx(0.153, abs=2e-4)
+    assert length(("ACE", "C"), ("ALA", "N")) == pytest.approx(0.133, abs=2e-4)
 
 
 def test_user_system_from_pdb(tmp_path):

@@ -1,0 +1,98 @@
+"""Capped alanine peptides Ace-(Ala)n-Nme from standard geometry: how the shipped
+``ala4``/``ala6`` structures were made.
+
+Heavy atoms are placed one by one from ideal bond lengths, angles and torsions (trans
+peptide bonds, L-alanine, an extended backbone), OpenMM's ``Modeller`` adds the hydrogens of
+its residue templates, and the structure is minimised in the force field it will be simulated
+with. ``python -m trademd.systems.peptides 4 OUT.pdb`` writes one.
+"""
+
+import io
+import math
+import sys
+
+import numpy as np
+import openmm
+from openmm import unit
+import openmm.app as app
+
+__all__ = ["capped_alanine_pdb", "EXTENDED_PHI_PSI_DEG"]
+
+#: Backbone dihedrals (degrees) every alanine is built with: the polyproline-II/beta region.
+EXTENDED_PHI_PSI_DEG = (-75.0, 145.0)
+
+# Ideal geometry (nm, degrees), Engh & Huber
+_BOND_NM = {"C-N": 0.133, "N-CA": 0.146, "CA-C": 0.152, "C=O": 0.123, "CA-CB": 0.153, "CH3-C": 0.152}
+_ANGLE_DEG = {"CA-C-N": 116.2, "C-N-CA": 121.7, "N-CA-C": 111.2, "N-C=O": 122.7, "C-CA-CB": 110.1}
+#: Torsion N-C-CA-CB of an L-amino acid (degrees); its mirror image has the opposite sign.
+_L_CB_TORSION_DEG = 122.0
+
+
+def _place(a: np.ndarray, b: np.ndarray, c: np.ndarray, bond_nm: float, angle_deg: float,
+           torsion_deg: float) -> np.ndarray:
+    """Position [3] (nm) of atom d with |cd| = bond, angle bcd and torsion abcd (NeRF)."""
+    angle, torsion = math.radians(angle_deg), math.radians(torsion_deg)
+    bc = (c - b) / np.linalg.norm(c - b)
+    normal = np.cross(b - a, bc)
+    normal /= np.linalg.norm(normal)
+    local = np.array([-bond_nm * math.cos(angle), bond_nm * math.sin(angle) * math.cos(torsion),
+                      bond_nm * math.sin(angle) * math.sin(torsion)])
+    frame = np.stack([bc, np.cross(normal, bc), normal], axis=1)
+    return c + frame @ local
+
+
+def _heavy_atoms(n_alanines: int) -> list[tuple[str, list[tuple[str, str, np.ndarray]]]]:
+    """Residues (name, [(atom name, element, position nm)]) with their heavy atoms."""
+    phi, psi = EXTENDED_PHI_PSI_DEG
+    ch3, c_prev = np.zeros(3), np.array([_BOND_NM["CH3-C"], 0.0, 0.0])
+    residues = [("ACE", [("CH3", "C", ch3), ("C", "C", c_prev)])]
+    before = np.array([-0.05, 0.1, 0.0])  # fixes the plane of the first torsion only
+    ca_prev = ch3  # the atoms two and one before the carbonyl carbon: before, ca_prev
+    for k in range(n_alanines + 1):
+        n = _place(before, ca_prev, c_prev, _BOND_NM["C-N"], _ANGLE_DEG["CA-C-N"], psi)
+        ca = _place(ca_prev, c_prev, n, _BOND_NM["N-CA"], _ANGLE_DEG["C-N-CA"], 180.0)
+        oxygen = _place(ca, n, c_prev, _BOND_NM["C=O"], _ANGLE_DEG["N-C=O"], 0.0)
+        residues[-1][1].append(("O", "O", oxygen))  # trans peptide: O cis to the next CA
+        if k == n_alanines:
+            residues.append(("NME", [("N", "N", n), ("C", "C", ca)]))
+            break
+        c = _place(c_prev, n, ca, _BOND_NM["CA-C"], _ANGLE_DEG["N-CA-C"], phi)
+        cb = _place(n, c, ca, _BOND_NM["CA-CB"], _ANGLE_DEG["C-CA-CB"], _L_CB_TORSION_DEG)
+        residues.append(("ALA", [("N", "N", n), ("CA", "C", ca), ("C", "C", c), ("CB", "C", cb)]))
+        before, ca_prev, c_prev = n, ca, c
+    return residues
+
+
+def capped_alanine_pdb(n_alanines: int, forcefield_files=("amber99sbildn.xml", "amber96_obc.xml"),
+                       minimise: bool = True) -> str:
+    """PDB text of Ace-(Ala)n-Nme with hydrogens, minimised in ``forcefield_files``
+    (NoCutoff, HBonds constraints) unless ``minimise`` is False."""
+    topology = app.Topology()
+    chain = topology.addChain("A")
+    positions = []
+    for residue_name, atoms in _heavy_atoms(n_alanines):
+        residue = topology.addResidue(residue_name, chain)
+        for atom_name, element, position in atoms:
+            topology.addAtom(atom_name, app.Element.getBySymbol(element), residue)
+            positions.append(position)
+    topology.createStandardBonds()
+    forcefield = app.ForceField(*forcefield_files)
+    modeller = app.Modeller(topology, np.array(positions) * unit.nanometer)
+    modeller.addHydrogens(forcefield)
+    if minimise:
+        system = forcefield.createSystem(modeller.topology, nonbondedMethod=app.NoCutoff,
+                                         constraints=app.HBonds)
+        context = openmm.Context(system, openmm.VerletIntegrator(0.001),
+                                 openmm.Platform.getPlatformByName("Reference"))
+        context.setPositions(modeller.positions)
+        openmm.LocalEnergyMinimizer.minimize(context, 1.0, 0)
+        modeller.positions = context.getState(getPositions=True).getPositions()
+    text = io.StringIO()
+    app.PDBFile.writeFile(modeller.topology, modeller.positions, text)
+    return text.getvalue()
+
+
+if __name__ == "__main__":
+    count, out = int(sys.argv[1]), sys.argv[2]
+    with open(out, "w") as handle:
+        handle.write(capped_alanine_pdb(count))
