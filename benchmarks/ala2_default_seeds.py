@@ -12,6 +12,11 @@ refinement (what refinement adds, in the same run).
         [--reference reference_remd.h5] [--platform CPU --device cpu]
     python benchmarks/ala2_default_seeds.py --out runs/bench-seeds --aggregate   # tables only
     python benchmarks/ala2_default_seeds.py --out runs/long --seeds 0 --steps 4500   # a longer budget
+    python benchmarks/ala2_default_seeds.py --out runs/omt --seeds 0 --system ala2-openmmtools
+
+Target energy evaluations are counted as the published samplers count them: every MD force
+evaluation (steps x replicas, equilibration included) plus the per-frame energy of each saved
+frame, every energy the training computed (model.pt's count), and one per drawn sample.
 
 A seed's stages whose outputs exist are reused (e.g. copy another run's ``seedN/data_600K.h5``
 to train a longer budget on the same MD).
@@ -76,14 +81,28 @@ def run_seed(seed: int, out: Path, platform: str, device: str, reference: Path |
                            device=device, platform=platform, show_progress=progress)
     wall["sample_s"] = time.perf_counter() - start
     print(f"seed {seed}: sample done in {wall['sample_s']:.0f} s", flush=True)
-    result = {"seed": seed, "overrides": overrides or {}, "wall_time": wall, "data": data_check,
-              "samples": summaries,
+    result = {"seed": seed, "system": config.system, "overrides": overrides or {}, "wall_time": wall,
+              "data": data_check, "samples": summaries,
+              "energy_evaluations": _energy_evaluations(settings, model, summaries),
               "training": _training_ess(run_dir / "train" / "metrics.csv"),
               "selection": json.loads((run_dir / "train" / "selection.json").read_text())}
     if reference is not None:
         result["evaluation_300K"] = evaluate_samples(samples, reference, 300.0)
     (run_dir / "result.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def _energy_evaluations(settings, model: Path, summaries: list[dict]) -> dict:
+    """Target energy evaluations of each stage: MD (force evaluations of every step of every
+    replica, equilibration included, and the stored energy of every frame), training (the
+    model's own count) and sampling (one per sample)."""
+    import torch
+
+    steps = settings.equilibration_steps + settings.n_saves * settings.steps_per_save
+    md = steps * settings.replicas + settings.n_saves * settings.replicas
+    training = int(torch.load(model, weights_only=False).get("energy_evaluations", -1))
+    sampling = sum(int(s["n"]) for s in summaries)
+    return {"md": md, "training": training, "sampling": sampling, "total": md + max(training, 0) + sampling}
 
 
 def _data_check(data: Path) -> dict:
@@ -171,6 +190,12 @@ def aggregate(out: Path) -> str:
         if "evaluation_300K" in r:
             e = r["evaluation_300K"]
             lines.append(f"|   | evaluation at 300 K: {json.dumps({k: e[k] for k in e if 'js' in k or 'kl' in k})} | | | | | | | |")
+    counted = [r for r in results if "energy_evaluations" in r]
+    if counted:
+        lines += ["", "| seed | energy evaluations: MD | training | sampling | in all |", "| --- | --- | --- | --- | --- |"]
+        for r in counted:
+            e = r["energy_evaluations"]
+            lines.append(f"| {r['seed']} | {e['md']:.3g} | {e['training']:.3g} | {e['sampling']:.3g} | {e['total']:.3g} |")
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -188,10 +213,11 @@ def main() -> None:
                         help="frame interval of the MD (default: the run default)")
     parser.add_argument("--steps", type=int, default=None,
                         help="training steps (default: the preset's; refinement scales with them)")
+    parser.add_argument("--system", default=None, help="built-in system (default: the run default)")
     parser.add_argument("--aggregate", action="store_true", help="only write the tables")
     args = parser.parse_args()
-    overrides = {k: v for k, v in (("save_every_ps", args.save_every_ps), ("steps", args.steps))
-                 if v is not None}
+    overrides = {k: v for k, v in (("save_every_ps", args.save_every_ps), ("steps", args.steps),
+                                   ("system", args.system)) if v is not None}
     if not args.aggregate:
         for seed in args.seeds:
             run_seed(seed, args.out, args.platform, args.device, args.reference, overrides)

@@ -294,20 +294,35 @@ def sample(
 @reports_errors
 def evaluate(
     samples: Path = typer.Option(..., help="samples file from `trade-md sample`"),
-    reference: Path = typer.Option(..., help="reference trajectory (MD, or replica exchange with --temperature)"),
-    temperature: Optional[float] = typer.Option(None, help="temperature (K); default: the reference's"),
+    reference: Path = typer.Option(
+        ..., help="reference: trade-md trajectory or replica-exchange .h5, openmmtools storage .nc, or a trajectory mdtraj reads (.dcd, .xtc, .pdb, ...)"),
+    temperature: Optional[float] = typer.Option(
+        None, help="temperature (K); default: the reference's; a replica-exchange reference takes any T in its ladder (MBAR)"),
+    topology: Optional[Path] = typer.Option(None, help="PDB of the atoms of a --reference trajectory mdtraj reads (.dcd, .xtc, ...)"),
     model: Optional[Path] = typer.Option(None, help="model.pt, to report the reference frames' NLL"),
     out: Optional[Path] = typer.Option(None, help="metrics JSON (default: SAMPLES_T<T>_metrics.json)"),
+    platform: str = typer.Option("auto", help="OpenMM platform of reference energies recomputed: auto, CPU, CUDA or Reference"),
+    bootstrap: Optional[int] = typer.Option(
+        None, help="block-bootstrap resamples of a replica-exchange reference's MBAR error (default 100)"),
+    seed: int = typer.Option(0, help="random seed of the bootstrap"),
+    json_summary: bool = typer.Option(False, "--json", help="print the metrics as one line of JSON"),
 ) -> None:
-    """Compare samples with a reference ensemble: phi/psi KL and JS, energy W1, ESS, free energies."""
+    """Compare samples with a reference ensemble: phi/psi KL and JS, energy W1, ESS, free energies
+    (with the reference's own error; a replica-exchange reference pooled over its rungs by MBAR)."""
     import json
 
-    from trademd.evaluate import evaluate_samples, metrics_path
+    from trademd.evaluate import evaluate_samples, metrics_path, summary_lines
 
     out_json = metrics_path(samples, temperature, out)
-    metrics = evaluate_samples(samples, reference, temperature, model, out_json,
-                               out_json.with_suffix(".png"))
-    typer.echo(json.dumps(metrics))
+    resamples = {} if bootstrap is None else {"bootstrap_resamples": bootstrap}
+    metrics = evaluate_samples(samples, reference, temperature, model, out_json, out_json.with_suffix(".png"),
+                               topology_path=topology, platform=platform, seed=seed, **resamples)
+    if json_summary:
+        typer.echo(json.dumps(metrics))
+        return
+    for line in summary_lines(metrics):
+        typer.echo(line)
+    typer.echo(f"metrics -> {out_json}, figure -> {out_json.with_suffix('.png')}")
 
 
 @app.command()

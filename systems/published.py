@@ -9,12 +9,11 @@ freedom). Its atom order and positions are those of the shipped ``alanine-dipept
 (tests/test_systems.py checks both against openmmtools).
 """
 
-import logging
-
 import openmm
 from openmm import unit
 
 from trademd.errors import TradeMDError
+from trademd.progress import quiet_loggers
 
 __all__ = ["alanine_dipeptide_openmmtools_system"]
 
@@ -29,9 +28,9 @@ def alanine_dipeptide_openmmtools_system(hydrogen_mass_amu: float | None = None)
 
 def _openmmtools_testsystems():
     """``openmmtools.testsystems``, imported without the banners its pymbar import logs."""
-    logging.getLogger("pymbar").setLevel(logging.ERROR)
     try:
-        from openmmtools import testsystems
+        with quiet_loggers("pymbar", "openmmtools"):
+            from openmmtools import testsystems
     except ImportError:
         raise TradeMDError("this system is built by openmmtools, which is not installed: "
                            "pip install openmmtools") from None

@@ -171,7 +171,7 @@ def test_evaluate_against_a_reference(trained_model, tmp_path):
     assert runner.invoke(app, ["sample", "--model", str(model), "--temperature", "600", "--n", "64",
                                "--out", str(samples), "--platform", "CPU", "--quiet"]).exit_code == 0
     result = runner.invoke(app, ["evaluate", "--samples", str(samples), "--reference", str(data),
-                                 "--model", str(model)])
+                                 "--model", str(model), "--json"])
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)
     for key in ("kl_phi_psi_weighted", "js_phi_psi_unweighted", "energy_w1_weighted_kj_mol",

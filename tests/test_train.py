@@ -1,6 +1,7 @@
 """Training: TRADE transfers the analytic densities, baselines do not; resume is exact; bad
 input and bad batches give clear errors."""
 
+import csv
 import json
 
 import pytest
@@ -91,6 +92,19 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     for a, b in zip(whole.flow.parameters(), resumed.flow.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
     assert torch.equal(whole.cache.expected_u, resumed.cache.expected_u)
+    # energy evaluations of the steps lost to the interruption are not counted twice
+    assert resumed.energy_evaluations() == whole.energy_evaluations() > 0
+
+
+def test_energy_evaluations_are_counted(tmp_path):
+    """NLL training evaluates energies only for its ESS metrics: each metrics row adds
+    metrics_samples per selection temperature; the model file keeps the total."""
+    trainer = _train(tmp_path, "nll", steps=20, metrics_every=5, metrics_samples=300)
+    rows = list(csv.DictReader((tmp_path / "nll" / "metrics.csv").open()))
+    per_row = 300 * len(trainer.selection_temperatures())
+    assert [int(r["energy_evaluations"]) for r in rows] == [per_row * (k + 1) for k in range(len(rows))]
+    model = torch.load(tmp_path / "nll" / "model.pt", weights_only=False)
+    assert model["energy_evaluations"] == trainer.energy_evaluations() == per_row * len(rows)
 
 
 def test_non_finite_batches_are_skipped_then_stop(tmp_path):

@@ -1,10 +1,30 @@
-"""A small progress display on stderr for long runs (frames, rates, ETA)."""
+"""What long runs show on the terminal: a small progress display on stderr (frames, rates,
+ETA), and nothing from the banners of chatty libraries."""
 
+from contextlib import contextmanager
+import logging
 import sys
 import time
-from typing import TextIO
+from typing import Iterator, TextIO
 
-__all__ = ["Progress"]
+__all__ = ["Progress", "quiet_loggers"]
+
+
+@contextmanager
+def quiet_loggers(*names: str) -> Iterator[None]:
+    """Within the block, the loggers ``names`` (and their children) pass only errors; their
+    levels are restored after. For imports and calls of libraries that log banners and
+    warnings meant for their own users (pymbar's "JAX NOT FOUND", openmmtools' "experimental
+    API")."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 class Progress:

@@ -9,9 +9,9 @@ import numpy as np
 from trademd.energy.bridge import EnergyBridge
 from trademd.errors import TradeMDError
 from trademd.io.h5io import read_trajectory, write_energies
-from trademd.systems import system_from_attrs
+from trademd.systems import MolecularSystem, system_from_attrs
 
-__all__ = ["EnergyCheck", "recompute_trajectory_energies"]
+__all__ = ["EnergyCheck", "frame_energies", "recompute_trajectory_energies"]
 
 
 @dataclass
@@ -33,6 +33,29 @@ class EnergyCheck:
     n_overflow: int
     written: bool
     bridge: str
+
+
+def frame_energies(molecule: MolecularSystem, positions_nm: np.ndarray, platform: str = "auto",
+                   batch: int = 4096) -> tuple[np.ndarray, int, str]:
+    """Potential energies of frames of one molecule, computed by OpenMM through the
+    :class:`EnergyBridge`.
+
+    Args:
+        molecule: the system.
+        positions_nm: [frames, atoms, 3] (nm), at least one frame.
+        platform: OpenMM platform (see :class:`EnergyBridge`).
+        batch: frames evaluated per call.
+
+    Returns:
+        (energy_kj_mol float64 [frames], +inf where it overflowed; the number of overflows; a
+        description of how they were computed).
+    """
+    with EnergyBridge(molecule, platform=platform) as bridge:
+        energies = np.concatenate([
+            bridge.evaluate_numpy(positions_nm[start:start + batch])[0]
+            for start in range(0, len(positions_nm), batch)
+        ])
+        return energies, bridge.n_overflow, repr(bridge)
 
 
 def recompute_trajectory_energies(path: str | Path, platform: str = "auto", write: bool = False,
@@ -61,13 +84,7 @@ def recompute_trajectory_energies(path: str | Path, platform: str = "auto", writ
             f"{str(path)!r} holds {trajectory.positions_nm.shape[1]} atoms per frame but its "
             f"system has {molecule.n_atoms}: the file is damaged"
         )
-    with EnergyBridge(molecule, platform=platform) as bridge:
-        energies = np.concatenate([
-            bridge.evaluate_numpy(trajectory.positions_nm[start:start + batch])[0]
-            for start in range(0, trajectory.n_frames, batch)
-        ])
-        description = repr(bridge)
-        n_overflow = bridge.n_overflow
+    energies, n_overflow, description = frame_energies(molecule, trajectory.positions_nm, platform, batch)
     if write:
         if n_overflow:
             raise TradeMDError(

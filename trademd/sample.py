@@ -197,6 +197,7 @@ def sample_run(model_path: str | Path, temperatures: list[float], n: int, out: s
     attrs = {
         "model": str(Path(model_path).resolve()),
         "system": model.target.name,
+        "forcefield_files": list(model.target.molecule.forcefield_files),
         "temperatures_k": [float(t) for t in temperatures],
         "trained_range_k": list(model.temperature_range),
         "reference_temperature_k": model.reference_temperature,

@@ -54,21 +54,32 @@ def ramachandran_png(phi, psi, weights=None, title: str = "", bins: int = 60) ->
 
 
 def comparison_figure(out_png, reference_phi_psi, samples_phi_psi_weights, reference_energy,
-                      samples_energy, temperature_k: float) -> None:
+                      samples_energy, temperature_k: float, reference_weights: np.ndarray | None = None,
+                      reference_label: str = "reference") -> None:
     """The TRADE paper's Figure 3 layout: Ramachandran plots of reference and reweighted
-    samples side by side, phi marginals, energy histograms."""
+    samples side by side, phi marginals, energy histograms.
+
+    Args:
+        reference_phi_psi: (phi, psi) [frames] (rad) of the reference.
+        samples_phi_psi_weights: (phi, psi, normalised weights) [n] of the samples.
+        reference_energy: [frames] (kJ/mol); samples_energy: [n] (kJ/mol).
+        temperature_k: T (K), for the titles.
+        reference_weights: [frames] weights of the reference frames (e.g. MBAR's over the rungs
+            of a ladder); None: equal.
+        reference_label: what the reference is called in titles and legends.
+    """
 
     ref_phi, ref_psi = reference_phi_psi
     phi, psi, weights = samples_phi_psi_weights
     edges = np.linspace(-math.pi, math.pi, 61)
     figure = Figure(figsize=(17, 4))
     axes = figure.subplots(1, 4)
-    for axis, (x, y, w, title) in zip(axes[:2], ((ref_phi, ref_psi, None, "reference"),
+    for axis, (x, y, w, title) in zip(axes[:2], ((ref_phi, ref_psi, reference_weights, reference_label),
                                                  (phi, psi, weights, "samples, reweighted"))):
         _draw_free_energy(axis, x, y, w, len(edges) - 1)
         axis.set_title(f"{title}, {temperature_k:g} K")
     centres = 0.5 * (edges[1:] + edges[:-1])
-    for x, w, label in ((ref_phi, None, "reference"), (phi, None, "samples"),
+    for x, w, label in ((ref_phi, reference_weights, reference_label), (phi, None, "samples"),
                         (phi, weights, "samples, reweighted")):
         density, _ = np.histogram(x, bins=edges, weights=w, density=True)
         with np.errstate(divide="ignore"):
@@ -79,7 +90,7 @@ def comparison_figure(out_png, reference_phi_psi, samples_phi_psi_weights, refer
     finite = np.isfinite(samples_energy) & (weights > 0)
     low, high = np.percentile(reference_energy, [0.1, 99.9])
     bins = np.linspace(low - 20, high + 20, 80)
-    for values, w, label in ((reference_energy, None, "reference"),
+    for values, w, label in ((reference_energy, reference_weights, reference_label),
                              (samples_energy[finite], None, "samples"),
                              (samples_energy[finite], weights[finite], "samples, reweighted")):
         in_range = (values >= bins[0]) & (values <= bins[-1])

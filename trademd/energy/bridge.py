@@ -151,7 +151,8 @@ class EnergyBridge:
         platform_name = "CUDA" if gpu else platform
         if platform_name != "auto":
             openmm_platform(platform_name)  # a one-line error if it is not available
-        has_gb = any(isinstance(f, openmm.GBSAOBCForce) for f in openmm_system.getForces())
+        has_gb = any(isinstance(f, (openmm.GBSAOBCForce, openmm.CustomGBForce))
+                     for f in openmm_system.getForces())
         if gpu and has_gb and kernel == "replicated":
             raise TradeMDError(
                 "per-copy implicit-solvent energies on CUDA do not match a single-molecule "

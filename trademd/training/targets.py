@@ -46,6 +46,8 @@ class Target(Protocol):
         data_features: training data at T0 in feature space [N, D] (None: no data).
         validation_features: held-out data at T0 [M, D] (None: none held out).
         split: how the frames of a data file were split (None: no data file).
+        energy_evaluations: configurations whose energy this target has evaluated so far
+            (in this process): the cost that compares with MD steps and other samplers.
     """
 
     name: str
@@ -57,6 +59,7 @@ class Target(Protocol):
     data_features: Tensor | None
     validation_features: Tensor | None
     split: "DataSplit | None"
+    energy_evaluations: int
 
     def reduced_energy(self, z: Tensor, temperature: Tensor,
                        chirality_restraint_kt: float = 0.0) -> tuple[Tensor, Tensor]:
@@ -86,6 +89,7 @@ class AnalyticTarget:
         self.split = None
         self.boltzmann_k = system.boltzmann_k
         self.reference_temperature = system.reference_temperature
+        self.energy_evaluations = 0
         self.n_bounded = system.dim
         self.bounded_interval = (-system.half_width, system.half_width)
         generator = torch.Generator().manual_seed(seed)
@@ -96,6 +100,7 @@ class AnalyticTarget:
         """(u [B], log|dx/dz| [B]) for features z [B, D] at temperatures [B]; differentiable.
         (No chiral centres: ``chirality_restraint_kt`` changes nothing.)"""
         energy = self.system.energy(z)
+        self.energy_evaluations += len(z)
         return energy / (self.boltzmann_k * temperature), torch.zeros_like(energy)
 
     def record(self) -> dict:
@@ -164,6 +169,7 @@ class MoleculeTarget:
         self.name = molecule.name
         self.boltzmann_k = BOLTZMANN_KJ_MOL_K
         self.reference_temperature = float(reference_temperature)
+        self.energy_evaluations = 0
         self.coordinates = coordinates
         self.n_torsions = coordinates.n_torsions
         self.n_bounded = coordinates.n_bonded_dims
@@ -229,6 +235,7 @@ class MoleculeTarget:
         (:func:`~trademd.analysis.chirality.chirality_restraint`; zero on the physical enantiomer)."""
         x, log_det = self.positions(z)
         energy_kj_mol = potential_energy(x, self.bridge)
+        self.energy_evaluations += len(z)
         u = energy_kj_mol / (self.boltzmann_k * temperature.double())
         centres = self.molecule.chiral_centres
         if chirality_restraint_kt > 0 and len(centres):

@@ -89,7 +89,7 @@ OBJECTIVES = tuple(objective.value for objective in Objective)
 METRICS_COLUMNS = ("step", "phase", "loss", "nll_t0", "val_nll_t0", "trade", "trade_weight",
                    "trade_residual_rms", "trade_points_kept", "reverse_kl", "refine_nll",
                    "buffer_ess", "ess_tmin", "ess_t0", "ess_tmax", "selection_score", "selected",
-                   "bad_batches", "steps_per_s")
+                   "bad_batches", "energy_evaluations", "steps_per_s")
 
 
 @dataclass
@@ -249,6 +249,15 @@ class Trainer:
         self.last_metrics: dict = {}
         self.best: dict | None = None  # {"step", "score", "criterion", "state_dict"} of the EMA
         self.buffer: RefinementBuffer | None = None
+        #: energy evaluations of earlier runs of this training (restored by :meth:`resume`)
+        self.evaluations_before = 0
+
+    def energy_evaluations(self) -> int:
+        """Target energy evaluations of this training so far, over all ranks and resumes
+        (metrics samples, TRADE expectations, refinement buffers: every configuration whose
+        energy was computed). A collective call under torchrun."""
+        mine = torch.tensor(float(self.target.energy_evaluations), dtype=torch.float64, device=self.device)
+        return int(distributed.all_reduce(mine).item()) + self.evaluations_before
 
     def _data_batch(self, size: int) -> Tensor:
         """This rank's ``size`` frames of a global minibatch of ``size x world_size`` frames
@@ -515,6 +524,7 @@ class Trainer:
                                                 temperature, chirality_restraint_kt=c.chirality_restraint_kt)
             ess, n = distributed.pooled_kish_ess(log_w)
             values[f"ess_{name}"] = ess / n
+        values["energy_evaluations"] = self.energy_evaluations()
         return values
 
     def _selection_score(self, values: dict) -> tuple[float | None, str]:
@@ -570,6 +580,7 @@ class Trainer:
         rank's random state."""
         path = self.run_dir / "checkpoint.pt"
         rank_rngs = distributed.gather_objects(self._rng_states())
+        evaluations = self.energy_evaluations()
         if not self.ranks.is_main:
             return path
         state = {
@@ -578,7 +589,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "cache": self.cache.state_dict(),
             "best": self.best, "buffer": None if self.buffer is None else self.buffer.state_dict(),
-            "rank_rngs": rank_rngs,
+            "rank_rngs": rank_rngs, "energy_evaluations": evaluations,
             "data_generator": self.data_generator.get_state(), "config": asdict(self.config),
         }
         torch.save(state, path.with_suffix(".tmp"))
@@ -617,6 +628,8 @@ class Trainer:
             torch.manual_seed(_rank_seed(self.config.seed, self.ranks.rank, self.step))
         if "data_generator" in state:
             self.data_generator.set_state(state["data_generator"])
+        # counted once, on rank 0; every process's own count starts again from zero
+        self.evaluations_before = state.get("energy_evaluations", 0) if self.ranks.is_main else 0
 
     def _rng_states(self) -> dict:
         """This rank's random states (CPU, and its CUDA device's when on one)."""
@@ -625,8 +638,10 @@ class Trainer:
 
     def save_model(self) -> Path:
         """Write ``model.pt`` (the selected EMA parameters: flow, target record, temperature
-        range, T0) and ``selection.json`` (which step was chosen and why); rank 0 writes."""
+        range, T0, the energy evaluations of the whole training) and ``selection.json`` (which
+        step was chosen and why); rank 0 writes."""
         path = self.run_dir / "model.pt"
+        evaluations = self.energy_evaluations()
         if not self.ranks.is_main:
             return path
         flow = build_flow(self.flow.config).to(self.device)
@@ -641,6 +656,7 @@ class Trainer:
             "temperature_range": [self.config.t_min, self.config.t_max],
             "objective": self.config.objective,
             "selection": selection,
+            "energy_evaluations": evaluations,
         }, path)
         (self.run_dir / "selection.json").write_text(json.dumps(selection, indent=2))
         return path
