@@ -48,8 +48,10 @@ def test_new_builtin_systems_run_every_stage(tmp_path, name, timestep_ps, flow_d
     masses, every bond a flow dimension: 60, as in the published benchmarks) and the capped
     tetra- and hexapeptides (bonds to hydrogen rigid): MD, training and sampling run."""
     import h5py
+    import numpy as np
     import torch
 
+    from trademd.evaluate import evaluate_samples
     from trademd.pipeline import RunConfig
     from trademd.sample import sample_run
     from trademd.simulate import simulate
@@ -77,6 +79,24 @@ def test_new_builtin_systems_run_every_stage(tmp_path, name, timestep_ps, flow_d
     finally:
         model.close()
     # 4 training steps: each C-alpha's handedness is still a coin flip (ala6: 1 in 32 right)
-    (summary,) = sample_run(model_path, [400.0], 512, tmp_path / "samples.h5", device="cpu",
+    (summary,) = sample_run(model_path, [600.0], 512, tmp_path / "samples.h5", device="cpu",
                             platform="CPU", show_progress=False)
-    assert summary["n"] == 512 and summary["temperature_k"] == 400.0 and summary["fraction_flagged"] < 1
+    assert summary["n"] == 512 and summary["temperature_k"] == 600.0 and summary["fraction_flagged"] < 1
+    residues = len(get_system(name).backbone_dihedrals)
+    with h5py.File(tmp_path / "samples.h5") as h5:
+        group = h5["T600"]
+        if residues > 1:  # every residue's angles, histograms and Ramachandran panel
+            assert group["phi_residues"].shape == group["psi_residues"].shape == (512, residues)
+            assert np.array_equal(group["phi_residues"][:, 0], group["phi"][()])
+            assert group["histograms/phi_psi_weighted_residues"].shape == (residues, 60, 60)
+            assert np.allclose(group["histograms/phi_psi_weighted_residues"][0], group["histograms/phi_psi_weighted"][()])
+            assert len(summary["delta_f_positive_phi_kt_residues"]) == residues
+        else:
+            assert "phi_residues" not in group
+    metrics = evaluate_samples(tmp_path / "samples.h5", data, 600.0)
+    if residues > 1:  # residue 1's numbers are the first-residue metrics, computed again
+        assert len(metrics["js_phi_psi_weighted_residues"]) == residues
+        assert metrics["js_phi_psi_weighted_residues"][0] == pytest.approx(metrics["js_phi_psi_weighted"])
+        assert metrics["kl_phi_psi_weighted_residues"][0] == pytest.approx(metrics["kl_phi_psi_weighted"])
+        assert metrics["reference_delta_f_positive_phi_kt_residues"][0] == pytest.approx(
+            metrics["reference_delta_f_positive_phi_kt"])

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from trademd.analysis.mbar import BOOTSTRAP_BLOCKS, BOOTSTRAP_RESAMPLES, reweight_ladder
-from trademd.analysis.observables import basin_free_energy, phi_psi, phi_psi_histogram
+from trademd.analysis.observables import backbone_angles, basin_free_energy, phi_psi, phi_psi_histogram
 from trademd.analysis.statistics import effective_sample_size
 from trademd.errors import TradeMDError
 from trademd.io.h5io import SamplesFile, TemperatureSamples, read_samples
@@ -164,6 +164,8 @@ def evaluate_samples(samples_path: str | Path, reference_path: str | Path,
             positions = np.concatenate([e.positions_nm for e in reference.ensembles])
             shown = (all_phi, all_psi, energy, positions, estimate.weights, "reference (MBAR)")
     ref_phi, ref_psi, ref_energy, ref_positions, ref_weights, label = shown
+    if len(molecule.backbone_dihedrals) > 1:
+        metrics.update(_residue_metrics(molecule, samples, ref_positions, ref_weights, label))
     if model_path is not None:
         key = "reference_nll" if ref_weights is None else "reference_mbar_nll"
         metrics[key] = _reference_nll(model_path, ref_positions, temperature_k, ref_weights)
@@ -254,6 +256,28 @@ def _check_stored_energies(reference: ReferenceEnsembles, molecule: MolecularSys
             "another system (force field, solvent); compare samples of the same system")
 
 
+def _residue_metrics(molecule, samples: TemperatureSamples, reference_positions_nm: np.ndarray,
+                     reference_weights: np.ndarray | None, label: str) -> dict:
+    """Every residue's phi/psi agreement (chain order): KL(reference || samples) and JS of the
+    reweighted samples' histograms, and the positive-phi free energy (kT) of samples and
+    reference; against the reference frames [frames, atoms, 3] (nm) with weights (None:
+    equal)."""
+    phi, psi = backbone_angles(molecule, samples.positions_nm)
+    reference_phi, reference_psi = backbone_angles(molecule, reference_positions_nm)
+    kl, js, delta_f, reference_delta_f = [], [], [], []
+    for r in range(phi.shape[1]):
+        reference_hist, _ = phi_psi_histogram(reference_phi[:, r], reference_psi[:, r], reference_weights,
+                                              bins=METRIC_BINS)
+        weighted_hist, _ = phi_psi_histogram(phi[:, r], psi[:, r], samples.weights, bins=METRIC_BINS)
+        kl.append(kl_divergence(reference_hist, weighted_hist))
+        js.append(js_divergence(reference_hist, weighted_hist))
+        delta_f.append(_finite_or_none(basin_free_energy(phi[:, r], samples.weights, samples.ess)[0]))
+        reference_delta_f.append(_finite_or_none(basin_free_energy(reference_phi[:, r], reference_weights)[0]))
+    return {"residue_reference": label, "kl_phi_psi_weighted_residues": kl,
+            "js_phi_psi_weighted_residues": js, "delta_f_positive_phi_kt_residues": delta_f,
+            "reference_delta_f_positive_phi_kt_residues": reference_delta_f}
+
+
 def _divergences(reference_phi: np.ndarray, reference_psi: np.ndarray, reference_energy: np.ndarray,
                  reference_weights: np.ndarray | None, samples: TemperatureSamples, tag: str = "") -> dict:
     """KL and JS of the phi/psi histograms and W1 of the energies, samples weighted and
@@ -305,6 +329,13 @@ def summary_lines(metrics: dict) -> list[str]:
                              f"(block bootstrap, {metrics['reference_mbar_bootstrap_blocks']} blocks x "
                              f"{metrics['reference_mbar_bootstrap_resamples']})")
     lines.append("dF(phi>0 vs phi<0) in kT: " + "; ".join(free_energies))
+    if "js_phi_psi_weighted_residues" in metrics:
+        show = lambda v: "n/a" if v is None else f"{v:.2f}"
+        per_residue = zip(metrics["js_phi_psi_weighted_residues"], metrics["delta_f_positive_phi_kt_residues"],
+                          metrics["reference_delta_f_positive_phi_kt_residues"])
+        lines.append(f"per residue vs {metrics['residue_reference']} (JS reweighted; dF(phi>0) samples / "
+                     "reference, kT): " + "; ".join(f"{r + 1}: {js:.4f}, {show(f)} / {show(ref)}"
+                                                   for r, (js, f, ref) in enumerate(per_residue)))
     for key, label in (("reference_nll", "reference"), ("reference_mbar_nll", "reference (MBAR-weighted)")):
         if key in metrics:
             lines.append(f"NLL of the {label} frames under the model: {metrics[key]:.3f} nats")

@@ -21,8 +21,8 @@ import torch
 from trademd import distributed
 from trademd.analysis.chirality import wrong_chirality_mask
 from trademd.analysis.ess import weight_diagnostics
-from trademd.analysis.observables import basin_free_energy, phi_psi, phi_psi_histogram
-from trademd.analysis.plots import ramachandran_png
+from trademd.analysis.observables import backbone_angles, basin_free_energy, phi_psi_histogram
+from trademd.analysis.plots import ramachandran_grid_png, ramachandran_png
 from trademd.errors import TradeMDError
 from trademd.io.h5io import TemperatureSamples, group_name, write_samples
 from trademd.distributed import Ranks
@@ -81,9 +81,30 @@ def draw_samples(model: TrainedModel, temperature_k: float, n: int, batch_size: 
     log_w = log_importance_weights(energy / (target.boltzmann_k * temperature_k), log_prob)
     log_w[wrong | nonfinite | ~np.isfinite(log_w)] = -np.inf
     weights = _normalised(log_w)
-    phi, psi = phi_psi(target.molecule, positions)
+    phi_residues, psi_residues = backbone_angles(target.molecule, positions)
+    first = (phi_residues[:, 0], psi_residues[:, 0]) if phi_residues.shape[1] else (np.zeros(0), np.zeros(0))
+    several = phi_residues.shape[1] > 1
     return TemperatureSamples(float(temperature_k), positions, log_prob, energy, log_w, weights,
-                              wrong, nonfinite, phi, psi)
+                              wrong, nonfinite, *first,
+                              **({"phi_residues": phi_residues, "psi_residues": psi_residues} if several else {}))
+
+
+def _attribute_value(value):
+    """A summary value as an HDF5 attribute: lists as float arrays, None in them as NaN."""
+    if isinstance(value, list):
+        return np.array([math.nan if v is None else v for v in value], dtype=np.float64)
+    return value
+
+
+def _residue_histograms(samples: TemperatureSamples) -> dict:
+    """Every residue's phi/psi histograms, reweighted and not, [residues, bins, bins] (only
+    for systems with several residues)."""
+    if not samples.phi_residues.size:
+        return {}
+    pairs = list(zip(samples.phi_residues.T, samples.psi_residues.T))
+    return {"phi_psi_weighted_residues": np.stack([phi_psi_histogram(phi, psi, samples.weights)[0]
+                                                   for phi, psi in pairs]),
+            "phi_psi_unweighted_residues": np.stack([phi_psi_histogram(phi, psi)[0] for phi, psi in pairs])}
 
 
 def _batch_seed(seed: int, temperature_k: float, batch: int) -> int:
@@ -147,6 +168,9 @@ def summarise(samples: TemperatureSamples, path: Path) -> dict:
         delta_f, error = basin_free_energy(samples.phi, samples.weights, samples.ess)
         summary["delta_f_positive_phi_kt"] = delta_f if math.isfinite(delta_f) else None
         summary["delta_f_positive_phi_kt_error"] = error if math.isfinite(error) else None
+    if samples.phi_residues.size:
+        per_residue = [basin_free_energy(phi, samples.weights, samples.ess)[0] for phi in samples.phi_residues.T]
+        summary["delta_f_positive_phi_kt_residues"] = [f if math.isfinite(f) else None for f in per_residue]
     return summary
 
 
@@ -175,18 +199,20 @@ def sample_run(model_path: str | Path, temperatures: list[float], n: int, out: s
                 continue
             summary = summarise(samples, out)
             summaries.append(summary)
-            png = ramachandran_png(samples.phi, samples.psi, samples.weights,
-                                   f"{model.target.name} at {temperature_k:g} K, reweighted "
-                                   f"(ESS {100 * samples.relative_ess:.1f} %)")
+            title = (f"{model.target.name} at {temperature_k:g} K, reweighted "
+                     f"(ESS {100 * samples.relative_ess:.1f} %)")
+            png = (ramachandran_grid_png(samples.phi_residues, samples.psi_residues, samples.weights, title)
+                   if samples.phi_residues.size else
+                   ramachandran_png(samples.phi, samples.psi, samples.weights, title))
             suffix = "" if len(temperatures) == 1 else f"_{group_name(temperature_k)}"
             png_path = out.with_name(f"{out.stem}{suffix}_ramachandran.png")
             png_path.parent.mkdir(parents=True, exist_ok=True)
             png_path.write_bytes(png)
             weighted, edges = phi_psi_histogram(samples.phi, samples.psi, samples.weights)
             unweighted, _ = phi_psi_histogram(samples.phi, samples.psi)
-            samples.summary = {k: v for k, v in summary.items() if k != "path" and v is not None}
+            samples.summary = {k: _attribute_value(v) for k, v in summary.items() if k != "path" and v is not None}
             samples.histograms = {"phi_psi_weighted": weighted, "phi_psi_unweighted": unweighted,
-                                  "bin_edges_rad": edges}
+                                  "bin_edges_rad": edges, **_residue_histograms(samples)}
             samples.ramachandran_png = png
             groups.append(samples)
     finally:

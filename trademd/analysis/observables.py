@@ -5,21 +5,38 @@ import math
 
 import numpy as np
 
-__all__ = ["PHI_PSI_BINS", "phi_psi", "phi_psi_histogram", "basin_free_energy"]
+__all__ = ["PHI_PSI_BINS", "phi_psi", "backbone_angles", "phi_psi_histogram", "basin_free_energy"]
 
 #: Bins per axis of the phi/psi histograms stored with samples.
 PHI_PSI_BINS = 60
 
 
 def phi_psi(molecule, positions_nm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Backbone dihedrals (radians) by mdtraj, empty arrays if the system has none."""
+    """phi and psi (radians) of the first residue, float64 [n] each; empty arrays if the
+    system has no backbone."""
+    phi, psi = backbone_angles(molecule, positions_nm)
+    if phi.shape[1] == 0:
+        return np.zeros(0), np.zeros(0)
+    return phi[:, 0], psi[:, 0]
+
+
+def backbone_angles(molecule, positions_nm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """phi and psi (radians, by mdtraj) of every residue of ``molecule.backbone_dihedrals``,
+    in chain order: float64 [n, residues] each ([n, 0] for a system without a backbone).
+
+    Args:
+        molecule: a :class:`~trademd.systems.MolecularSystem`.
+        positions_nm: [n, atoms, 3] (nm).
+    """
     import mdtraj
 
-    if molecule.phi_atoms is None or molecule.psi_atoms is None:
-        return np.zeros(0), np.zeros(0)
+    n = len(positions_nm)
+    rows = [atoms for pair in molecule.backbone_dihedrals for atoms in pair]
+    if not rows:
+        return np.zeros((n, 0)), np.zeros((n, 0))
     trajectory = mdtraj.Trajectory(positions_nm, molecule.mdtraj_topology())
-    angles = mdtraj.compute_dihedrals(trajectory, [molecule.phi_atoms, molecule.psi_atoms])
-    return angles[:, 0].astype(np.float64), angles[:, 1].astype(np.float64)
+    angles = mdtraj.compute_dihedrals(trajectory, rows).astype(np.float64)
+    return angles[:, 0::2], angles[:, 1::2]
 
 
 def phi_psi_histogram(phi: np.ndarray, psi: np.ndarray, weights: np.ndarray | None = None,

@@ -9,7 +9,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 import numpy as np
 
-__all__ = ["plot_losses", "ramachandran_png", "comparison_figure"]
+__all__ = ["plot_losses", "ramachandran_png", "ramachandran_grid_png", "comparison_figure"]
 
 
 def plot_losses(metrics_csv: str | Path, out_png: str | Path) -> Path:
@@ -48,6 +48,32 @@ def ramachandran_png(phi, psi, weights=None, title: str = "", bins: int = 60) ->
     figure.colorbar(image, ax=axis, label="free energy / kT")
     axis.set_title(title, fontsize=9)
     figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def ramachandran_grid_png(phi, psi, weights=None, title: str = "", bins: int = 60) -> bytes:
+    """Ramachandran plots of every residue side by side (free energy -ln p in kT), as PNG
+    bytes.
+
+    Args:
+        phi, psi: [n, residues] radians, residues in chain order.
+        weights: [n] sample weights, or None.
+    """
+    residues = phi.shape[1]
+    columns = min(residues, 3)
+    rows = -(-residues // columns)
+    figure = Figure(figsize=(4.2 * columns, 3.8 * rows), layout="constrained")
+    axes = np.atleast_1d(figure.subplots(rows, columns)).ravel()
+    for r, axis in enumerate(axes):
+        if r >= residues:
+            axis.set_visible(False)
+            continue
+        image = _draw_free_energy(axis, phi[:, r], psi[:, r], weights, bins)
+        axis.set_title(f"residue {r + 1}", fontsize=9)
+    figure.colorbar(image, ax=axes.tolist(), label="free energy / kT")
+    figure.suptitle(title, fontsize=10)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     return buffer.getvalue()

@@ -24,6 +24,8 @@ __all__ = [
     "read_samples",
     "TemperatureSamples",
     "SamplesFile",
+    "SAMPLE_DATASETS",
+    "RESIDUE_DATASETS",
     "TRAJECTORY_FORMAT",
     "REPLICA_EXCHANGE_FORMAT",
     "DynamicsFile",
@@ -469,8 +471,13 @@ SAMPLE_DATASETS = {
     "weights": ("", "self-normalised importance weights, sum 1 [n]"),
     "wrong_chirality": ("", "flag: a chiral centre has the wrong handedness [n]"),
     "nonfinite_energy": ("", "flag: the energy is not finite [n]"),
-    "phi": ("rad", "backbone phi dihedral [n]"),
-    "psi": ("rad", "backbone psi dihedral [n]"),
+    "phi": ("rad", "backbone phi dihedral of the first residue [n]"),
+    "psi": ("rad", "backbone psi dihedral of the first residue [n]"),
+}
+#: Per-sample datasets only systems with several residues have: name -> (unit, description).
+RESIDUE_DATASETS = {
+    "phi_residues": ("rad", "phi of every residue with phi and psi, in chain order [n, residues]"),
+    "psi_residues": ("rad", "psi of every residue with phi and psi, in chain order [n, residues]"),
 }
 
 
@@ -493,7 +500,9 @@ class TemperatureSamples:
         weights: float64 [n], normalised to sum 1.
         wrong_chirality: bool [n].
         nonfinite_energy: bool [n].
-        phi, psi: float64 [n] radians (empty if the system has none).
+        phi, psi: float64 [n] radians, the first residue's (empty if the system has none).
+        phi_residues, psi_residues: float64 [n, residues] radians, every residue's, for
+            systems with more than one (else empty, and not stored).
         summary: the group's attributes (ESS diagnostics, free energies: ``trade-md sample``'s
             summary).
         histograms: named arrays of the ``histograms/`` subgroup.
@@ -510,6 +519,8 @@ class TemperatureSamples:
     nonfinite_energy: np.ndarray
     phi: np.ndarray
     psi: np.ndarray
+    phi_residues: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    psi_residues: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     summary: dict = field(default_factory=dict)
     histograms: dict = field(default_factory=dict)
     ramachandran_png: bytes = b""
@@ -570,14 +581,15 @@ def write_samples(path: str | Path, samples: list[TemperatureSamples], attrs: di
         h5.attrs["format"] = SAMPLES_FORMAT
         h5.attrs["format_version"] = FORMAT_VERSION
         _write_attrs(h5, attrs)
-        h5.attrs["units"] = json.dumps({k: v[0] for k, v in SAMPLE_DATASETS.items() if v[0]})
+        h5.attrs["units"] = json.dumps({k: v[0] for k, v in {**SAMPLE_DATASETS, **RESIDUE_DATASETS}.items() if v[0]})
         h5.create_dataset("topology_pdb", data=topology_pdb)
         for entry in samples:
             group = h5.create_group(group_name(entry.temperature_k))
             for key, value in entry.summary.items():
                 group.attrs[key] = value
             group.attrs["temperature_k"] = entry.temperature_k
-            for name, (unit, description) in SAMPLE_DATASETS.items():
+            stored = {**SAMPLE_DATASETS, **(RESIDUE_DATASETS if entry.phi_residues.size else {})}
+            for name, (unit, description) in stored.items():
                 dataset = group.create_dataset(name, data=getattr(entry, name), compression="gzip"
                                                if name == "positions_nm" else None)
                 dataset.attrs["unit"] = unit
@@ -596,7 +608,7 @@ def read_samples(path: str | Path) -> SamplesFile:
         for group in h5.values():
             if not isinstance(group, h5py.Group):
                 continue
-            arrays = {k: group[k][()] for k in SAMPLE_DATASETS}
+            arrays = {k: group[k][()] for k in (*SAMPLE_DATASETS, *RESIDUE_DATASETS) if k in group}
             summary = dict(group.attrs)
             temperature_k = float(summary["temperature_k"])
             by_temperature[temperature_k] = TemperatureSamples(
