@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from trademd.analysis.observables import basin_free_energy, phi_psi_histogram
 from trademd.cli.app import app
 from trademd.energy.molecule import MoleculeEnergy
-from trademd.evaluate import js_divergence, kl_divergence, wasserstein_1
+from trademd.evaluate import js_divergence, kl_divergence, total_variation, wasserstein_1
 from trademd.io.h5io import read_samples, read_trajectory
 from trademd.simulate import SimulationConfig, simulate
 from trademd.systems import get_system
@@ -71,6 +71,10 @@ def test_divergences_by_hand():
     assert js_divergence(p, q) == pytest.approx(expected_js, rel=1e-12)
     assert js_divergence(p, q) == pytest.approx(js_divergence(q, p))
     assert kl_divergence(q, q) == pytest.approx(0.0, abs=1e-15)
+    # TV: half the L1 distance, unregularised: |0.25| + 0 + 0 + |-0.25| over 2
+    assert total_variation(p, q) == pytest.approx(0.25, abs=1e-15)
+    assert total_variation(2 * p, q) == pytest.approx(0.25, abs=1e-15)  # normalised first
+    assert total_variation(np.array([1.0, 0.0]), np.array([0.0, 1.0])) == 1.0
 
 
 def test_wasserstein_1():

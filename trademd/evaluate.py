@@ -3,6 +3,8 @@
 - KL(reference || samples) and Jensen-Shannon divergence of 2-D phi/psi histograms
   (30 x 30 bins over [-pi, pi)^2, as in the TRADE paper; every bin gets ``EPSILON`` probability
   before renormalising so that empty bins stay finite), for weighted and unweighted samples;
+- total variation 1/2 sum |p - q| of the same histograms (unregularised; the Ramachandran
+  metric of the published Boltzmann-generator benchmarks);
 - Wasserstein-1 distance of the energy distributions (kJ/mol);
 - free-energy difference of the positive-phi region against the negative-phi (alpha/beta)
   region, in kT, with standard errors, for samples (from the Kish ESS) and reference (from
@@ -35,8 +37,8 @@ from trademd.io.references import ReferenceEnsembles, read_reference
 from trademd.recompute import frame_energies
 from trademd.systems import BUILTIN_SYSTEMS, MolecularSystem, system_from_attrs, system_from_record
 
-__all__ = ["metrics_path", "EPSILON", "METRIC_BINS", "kl_divergence", "js_divergence", "wasserstein_1",
-           "evaluate_samples", "load_reference", "samples_system", "summary_lines"]
+__all__ = ["metrics_path", "EPSILON", "METRIC_BINS", "kl_divergence", "js_divergence", "total_variation",
+           "wasserstein_1", "evaluate_samples", "load_reference", "samples_system", "summary_lines"]
 
 #: Probability floor per bin of the histogram divergences, and bins per axis.
 EPSILON = 1e-6
@@ -60,6 +62,14 @@ def js_divergence(p: np.ndarray, q: np.ndarray) -> float:
     p, q = _regularised(p), _regularised(q)
     m = 0.5 * (p + q)
     return float(0.5 * np.sum(p * np.log(p / m)) + 0.5 * np.sum(q * np.log(q / m)))
+
+
+def total_variation(p: np.ndarray, q: np.ndarray) -> float:
+    """Total variation distance 1/2 sum |p - q| (in [0, 1]) of two histograms of any shape,
+    each normalised to sum 1 (no regularisation)."""
+    p = np.asarray(p, dtype=np.float64).ravel()
+    q = np.asarray(q, dtype=np.float64).ravel()
+    return float(0.5 * np.abs(p / p.sum() - q / q.sum()).sum())
 
 
 def wasserstein_1(x: np.ndarray, y: np.ndarray, x_weights: np.ndarray | None = None,
@@ -258,23 +268,25 @@ def _check_stored_energies(reference: ReferenceEnsembles, molecule: MolecularSys
 
 def _residue_metrics(molecule, samples: TemperatureSamples, reference_positions_nm: np.ndarray,
                      reference_weights: np.ndarray | None, label: str) -> dict:
-    """Every residue's phi/psi agreement (chain order): KL(reference || samples) and JS of the
-    reweighted samples' histograms, and the positive-phi free energy (kT) of samples and
+    """Every residue's phi/psi agreement (chain order): KL(reference || samples), JS and total
+    variation of the reweighted samples' histograms, and the positive-phi free energy (kT) of samples and
     reference; against the reference frames [frames, atoms, 3] (nm) with weights (None:
     equal)."""
     phi, psi = backbone_angles(molecule, samples.positions_nm)
     reference_phi, reference_psi = backbone_angles(molecule, reference_positions_nm)
-    kl, js, delta_f, reference_delta_f = [], [], [], []
+    kl, js, tv, delta_f, reference_delta_f = [], [], [], [], []
     for r in range(phi.shape[1]):
         reference_hist, _ = phi_psi_histogram(reference_phi[:, r], reference_psi[:, r], reference_weights,
                                               bins=METRIC_BINS)
         weighted_hist, _ = phi_psi_histogram(phi[:, r], psi[:, r], samples.weights, bins=METRIC_BINS)
         kl.append(kl_divergence(reference_hist, weighted_hist))
         js.append(js_divergence(reference_hist, weighted_hist))
+        tv.append(total_variation(reference_hist, weighted_hist))
         delta_f.append(_finite_or_none(basin_free_energy(phi[:, r], samples.weights, samples.ess)[0]))
         reference_delta_f.append(_finite_or_none(basin_free_energy(reference_phi[:, r], reference_weights)[0]))
     return {"residue_reference": label, "kl_phi_psi_weighted_residues": kl,
-            "js_phi_psi_weighted_residues": js, "delta_f_positive_phi_kt_residues": delta_f,
+            "js_phi_psi_weighted_residues": js, "tv_phi_psi_weighted_residues": tv,
+            "delta_f_positive_phi_kt_residues": delta_f,
             "reference_delta_f_positive_phi_kt_residues": reference_delta_f}
 
 
@@ -293,6 +305,8 @@ def _divergences(reference_phi: np.ndarray, reference_psi: np.ndarray, reference
         f"kl_phi_psi_unweighted{tag}": kl_divergence(reference_hist, unweighted_hist),
         f"js_phi_psi_weighted{tag}": js_divergence(reference_hist, weighted_hist),
         f"js_phi_psi_unweighted{tag}": js_divergence(reference_hist, unweighted_hist),
+        f"tv_phi_psi_weighted{tag}": total_variation(reference_hist, weighted_hist),
+        f"tv_phi_psi_unweighted{tag}": total_variation(reference_hist, unweighted_hist),
         f"energy_w1_weighted{tag}_kj_mol": wasserstein_1(samples.energy_kj_mol, reference_energy,
                                                          samples.weights, reference_weights),
         f"energy_w1_unweighted{tag}_kj_mol": wasserstein_1(samples.energy_kj_mol[~flagged], reference_energy,
@@ -317,7 +331,8 @@ def summary_lines(metrics: dict) -> list[str]:
             lines.append(
                 f"vs {label}: KL phi/psi {metrics[f'kl_phi_psi_weighted{tag}']:.4f} reweighted, "
                 f"{metrics[f'kl_phi_psi_unweighted{tag}']:.4f} unweighted; JS "
-                f"{metrics[f'js_phi_psi_weighted{tag}']:.4f}, {metrics[f'js_phi_psi_unweighted{tag}']:.4f}; "
+                f"{metrics[f'js_phi_psi_weighted{tag}']:.4f}, {metrics[f'js_phi_psi_unweighted{tag}']:.4f}; TV "
+                f"{metrics[f'tv_phi_psi_weighted{tag}']:.4f}, {metrics[f'tv_phi_psi_unweighted{tag}']:.4f}; "
                 f"energy W1 {metrics[f'energy_w1_weighted{tag}_kj_mol']:.3f}, "
                 f"{metrics[f'energy_w1_unweighted{tag}_kj_mol']:.3f} kJ/mol")
     free_energies = [f"samples {_with_error(metrics, 'delta_f_positive_phi_kt')}"]
