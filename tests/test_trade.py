@@ -119,6 +119,31 @@ def test_analytic_samplers_are_exact():
     assert float(well.log_prob(outside, 1.0)) == -math.inf
 
 
+def test_mixture_against_its_closed_forms():
+    """Separated modes: (w_i N_i)^(1/T) integrates to w_i^(1/T) (2 pi s^2)^(1 - 1/T) T, so
+    mode weights are w_i^(1/T) / sum_j w_j^(1/T) and log Z(T) = log sum_i w_i^(1/T) +
+    (1 - 1/T) log(2 pi s^2) + log T, up to the overlap of the tempered modes (4e-7 at T = 2.5,
+    where the density between two modes is e^-12.8 of the peak); the sampler draws the modes
+    in those proportions with each mode's variance s^2 T."""
+    mixture = get_analytic_system("mixture-2d")
+    w = torch.tensor(mixture.mode_weights_t0, dtype=torch.float64)
+    variance = mixture.sd ** 2
+    for temperature in (0.5, 1.0, 2.5):
+        expected = w ** (1 / temperature) / (w ** (1 / temperature)).sum()
+        assert torch.allclose(mixture.mode_weights(temperature), expected, atol=1e-9)
+        log_z = (math.log(float((w ** (1 / temperature)).sum())) + (1 - 1 / temperature)
+                 * math.log(2 * math.pi * variance) + math.log(temperature))
+        assert mixture.log_normaliser(temperature) == pytest.approx(log_z, abs=1e-6)
+    x = mixture.sample(200_000, 2.5, torch.Generator().manual_seed(4))
+    counts = torch.bincount(mixture.nearest_mode(x), minlength=4).double() / len(x)
+    assert torch.allclose(counts, mixture.mode_weights(2.5), atol=0.005)
+    top_right = x[mixture.nearest_mode(x) == 3]
+    assert top_right.mean(0).tolist() == pytest.approx([4.0, 4.0], abs=0.01)
+    assert top_right.var(0).tolist() == pytest.approx([variance * 2.5] * 2, rel=0.02)
+    assert abs(mixture.forward_kl(mixture.log_prob, 1.0)) < 1e-6
+    assert float(mixture.log_prob(torch.full((1, 2), 9.5), 1.0)) == -math.inf
+
+
 def test_durations():
     from trademd.errors import TradeMDError
     from trademd.units import parse_time_ps
