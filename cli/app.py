@@ -228,10 +228,11 @@ def train(
     data: Optional[Path] = typer.Option(None, help="trajectory file from `trade-md simulate` (its T is T0)"),
     temperature: Optional[float] = typer.Option(
         None, help="replica-exchange --data: train on the ensemble at this temperature (K)"),
-    system: Optional[str] = typer.Option(None, help="analytic system instead of data: gaussian-2d, double-well-5d"),
+    system: Optional[str] = typer.Option(None, help="analytic system instead of data: gaussian-2d, double-well-5d, mixture-2d"),
     tmin: float = typer.Option(..., help="lowest temperature of the trained range (K)"),
     tmax: float = typer.Option(..., help="highest temperature of the trained range (K)"),
-    objective: Optional[str] = typer.Option(None, help="trade (default), nll, reverse-kl, nll+reverse-kl"),
+    objective: Optional[str] = typer.Option(None, help="trade (default), nll, reverse-kl, nll+reverse-kl, data-free"),
+    data_free: bool = typer.Option(False, "--data-free", help="no data: a boundary by reverse KL at T0, TRADE over the range (--objective data-free)"),
     preset: str = typer.Option("quick", help="quick (laptop CPU, minutes) or paper (GPU scale)"),
     steps: Optional[int] = typer.Option(None, help="training steps (overrides the preset)"),
     batch_size: Optional[int] = typer.Option(None, help="NLL batch size, per rank under torchrun (overrides the preset)"),
@@ -245,7 +246,10 @@ def train(
     """Fit a temperature-conditional flow at T0 and transfer it over [tmin, tmax] with TRADE."""
     from trademd.train import train_run
 
-    overrides = {"objective": objective, "steps": steps, "batch_size": batch_size, "seed": seed}
+    if data_free and objective not in (None, "data-free"):
+        raise TradeMDError(f"--data-free is the objective data-free, not {objective!r}: give one of them")
+    overrides = {"objective": "data-free" if data_free else objective, "steps": steps,
+                 "batch_size": batch_size, "seed": seed}
     model = train_run(out, tmin, tmax, data=data, temperature_k=temperature, system=system,
                       preset=preset, config_file=config, overrides=overrides, device=device,
                       platform=platform, resume=resume, show_progress=not quiet)

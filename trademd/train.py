@@ -63,10 +63,14 @@ def load_config_file(path: str | Path) -> dict:
 
 
 def _target(data: str | Path | None, system: str | None, platform: str,
-            temperature_k: float | None = None) -> Target:
+            temperature_k: float | None = None, objective: str = "trade") -> Target:
     from trademd.systems.analytic import ANALYTIC_SYSTEMS, get_analytic_system
 
     if data is None:
+        if system is not None and system not in ANALYTIC_SYSTEMS and objective == "data-free":
+            raise TradeMDError(
+                f"data-free training of molecular systems ({system!r}) is not available yet: give "
+                f"--data FILE.h5, or train data-free on an analytic system {sorted(ANALYTIC_SYSTEMS)}")
         if system is None or system not in ANALYTIC_SYSTEMS:
             raise TradeMDError(
                 "give --data FILE.h5 (from `trade-md simulate`) or --system with an analytic "
@@ -98,7 +102,11 @@ def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | No
     if "steps" in chosen and "refine_steps" not in chosen:
         # the preset's refinement keeps its share of the training when only --steps changes
         settings["refine_steps"] = max(1, round(base["refine_steps"] * settings["steps"] / base["steps"]))
+    if settings.get("objective") == "data-free" and "evaluation_points" not in chosen:
+        settings["evaluation_points"] = "samples"  # no data to evaluate TRADE at
     config = TrainConfig(t_min=t_min, t_max=t_max, **settings)
+    if config.objective == "data-free" and data is not None:
+        raise TradeMDError("data-free training uses no data: drop --data (or --data-free)")
     out = Path(out)
     if resume and not (out / "checkpoint.pt").is_file():
         raise TradeMDError(f"nothing to resume: {str(out / 'checkpoint.pt')!r} does not exist")
@@ -110,7 +118,7 @@ def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | No
         # small per-step tensors: one thread is fastest, and leaves the other cores to the
         # OpenMM energy workers (docs/performance.md; ranks side by side share the cores)
         torch.set_num_threads(1)
-    target = _target(data, system, platform, temperature_k)
+    target = _target(data, system, platform, temperature_k, config.objective)
     try:
         trainer = Trainer(target, config, out, device=device,
                           validation_features=target.validation_features, ranks=ranks)

@@ -63,7 +63,7 @@ from trademd.training.trade import (
     trade_residual,
 )
 
-__all__ = ["OBJECTIVES", "Objective", "TrainConfig", "Trainer", "importance_weights"]
+__all__ = ["OBJECTIVES", "Objective", "TrainConfig", "Trainer", "importance_weights", "linear_log_cut"]
 
 class Objective(str, Enum):
     """What a run trains on; the value is the name in settings files and on the CLI."""
@@ -72,15 +72,22 @@ class Objective(str, Enum):
     NLL = "nll"
     REVERSE_KL = "reverse-kl"
     NLL_REVERSE_KL = "nll+reverse-kl"
+    DATA_FREE = "data-free"
 
     @property
     def fits_data(self) -> bool:
         """Has the NLL of the data at T0."""
-        return self is not Objective.REVERSE_KL
+        return self not in (Objective.REVERSE_KL, Objective.DATA_FREE)
 
     @property
     def uses_reverse_kl(self) -> bool:
-        return self in (Objective.REVERSE_KL, Objective.NLL_REVERSE_KL)
+        return self in (Objective.REVERSE_KL, Objective.NLL_REVERSE_KL, Objective.DATA_FREE)
+
+    @property
+    def uses_trade(self) -> bool:
+        """Transfers with the TRADE loss: from data at T0, or (data-free) from a boundary
+        fitted at T0 by reverse KL on the energy alone."""
+        return self in (Objective.TRADE, Objective.DATA_FREE)
 
 
 OBJECTIVES = tuple(objective.value for objective in Objective)
@@ -121,6 +128,7 @@ class TrainConfig:
     cache_every: int = 100
     cache_momentum: float = 0.5
     reverse_kl_samples: int = 256
+    reverse_kl_energy_cut: float = 1000.0
     chirality_restraint_kt: float = 100.0
     max_bad_batches: int = 50
     metrics_every: int = 150
@@ -156,6 +164,9 @@ class TrainConfig:
             raise TradeMDError("trade mode must be grid or continuous")
         if self.evaluation_points not in ("samples", "data", "both"):
             raise TradeMDError("evaluation points must be samples, data or both")
+        if self.kind is Objective.DATA_FREE and self.evaluation_points != "samples":
+            raise TradeMDError("data-free training has no data to evaluate TRADE at: set "
+                               "evaluation_points to samples")
         if self.steps < 4 or self.batch_size < 2:
             # the one-cycle schedule needs a few steps to rise and fall
             raise TradeMDError("--steps must be at least 4 and --batch-size at least 2")
@@ -178,6 +189,14 @@ class TrainConfig:
     def kind(self) -> Objective:
         """The objective as an :class:`Objective` (``objective`` stays the plain name)."""
         return Objective(self.objective)
+
+
+def linear_log_cut(u: Tensor, cut: float) -> Tensor:
+    """u below ``cut``, cut + log(1 + u - cut) above: continuous, with derivative 1 below and
+    1 / (1 + u - cut) above, so very high energies weigh little in a gradient (bgflow's
+    linear-log energy regularisation). +inf stays +inf."""
+    excess = (u - cut).clamp_min(0.0)
+    return torch.where(u > cut, cut + torch.log1p(excess), u)
 
 
 def importance_weights(flow: TemperatureFlow, target, n: int, temperature,
@@ -280,10 +299,11 @@ class Trainer:
     def _flow_config(self) -> dict:
         """Flow settings: the user's, completed from the target (dims, interval, T range)."""
         scaled = self.config.kind is Objective.NLL
-        data = self.target.data_features
         low, high = self.target.bounded_interval
-        bounded = data[:, self.target.n_torsions:]
-        sigma = float((bounded.std(dim=0) / (0.5 * (high - low))).mean()) if bounded.numel() else 0.5
+        sigma = 0.5  # of the base, relative to the interval's half width; from the data if any
+        if self.config.kind.fits_data and self.target.data_features is not None:
+            bounded = self.target.data_features[:, self.target.n_torsions:]
+            sigma = float((bounded.std(dim=0) / (0.5 * (high - low))).mean()) if bounded.numel() else 0.5
         config = {
             "layers": ["bounded|bounded"] * 3 if self.target.n_torsions == 0 else
             ["torsions|torsions", "bounded|torsions", "bounded|bounded"] * 2,
@@ -377,11 +397,19 @@ class Trainer:
                       "trade_points_kept": float(keep.float().mean())}
 
     def _reverse_kl(self) -> Tensor:
-        n = self.config.reverse_kl_samples
-        temperature = self._temperatures(n)
+        """KL(flow || target) up to log Z, E[log p + u' - log|dx/dz|] over reparameterised
+        flow samples: at T0 for the data-free boundary, over the range otherwise. u' is the
+        reduced energy cut linearly-logarithmically above ``reverse_kl_energy_cut``, so that
+        clashes of an early flow (u up to 1e9) cannot dominate the gradients."""
+        c = self.config
+        n = c.reverse_kl_samples
+        if c.kind is Objective.DATA_FREE:
+            temperature = torch.full((n,), float(self.target.reference_temperature), device=self.device)
+        else:
+            temperature = self._temperatures(n)
         z, log_p = self.flow.rsample(n, temperature)
-        u, log_det = self.target.reduced_energy(z, temperature, self.config.chirality_restraint_kt)
-        return (log_p + u - log_det).mean()
+        u, log_det = self.target.reduced_energy(z, temperature, c.chirality_restraint_kt)
+        return (log_p + linear_log_cut(u, c.reverse_kl_energy_cut) - log_det).mean()
 
     def loss(self) -> tuple[Tensor, dict]:
         """The objective of this step and its parts (floats)."""
@@ -393,7 +421,7 @@ class Trainer:
             nll = -self.flow.log_prob(batch, self.target.reference_temperature).mean()
             loss = loss + nll
             parts["nll_t0"] = float(nll.detach())
-        if c.kind is Objective.TRADE:
+        if c.kind.uses_trade:
             weight = self._trade_weight()
             if weight > 0:
                 if c.trade_mode == "grid" and (not self.cache.ready or self.step % c.cache_every == 0):
@@ -434,11 +462,12 @@ class Trainer:
             self._start_refinement_round(round_index)
         z, t = self.buffer.batch(c.batch_size)
         refine_nll = -self.flow.log_prob(z, t).mean()
+        parts = {"refine_nll": float(refine_nll.detach()), "buffer_ess": self.buffer.relative_ess}
+        if not c.kind.fits_data:
+            return refine_nll, parts
         batch = self._data_batch(c.batch_size)
         nll = -self.flow.log_prob(batch, self.target.reference_temperature).mean()
-        return refine_nll + nll, {"refine_nll": float(refine_nll.detach()),
-                                  "nll_t0": float(nll.detach()),
-                                  "buffer_ess": self.buffer.relative_ess}
+        return refine_nll + nll, {**parts, "nll_t0": float(nll.detach())}
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -534,7 +563,7 @@ class Trainer:
             if "val_nll_t0" not in values:
                 return None, "last step (no validation data)"
             return -values["val_nll_t0"], "validation NLL at T0"
-        if c.kind is Objective.TRADE and self.step < (c.warmup_fraction + c.ramp_fraction) * c.steps:
+        if c.kind.uses_trade and self.step < (c.warmup_fraction + c.ramp_fraction) * c.steps:
             return None, "TRADE weight still ramping up"
         floor = 1.0 / c.metrics_samples
         logs = [math.log(max(values[f"ess_{name}"], floor)) for name, _ in self.selection_temperatures()]
