@@ -7,9 +7,9 @@ is rewritten so that copies never interact:
 - bonds, angles and torsions are replicated term by term;
 - ``NonbondedForce`` (NoCutoff) becomes a ``CustomBondForce`` over all intramolecular pairs
   (exceptions for 1-2/1-3/1-4 pairs, Lorentz-Berthelot combination otherwise);
-- ``GBSAOBCForce`` becomes a ``CustomGBForce`` with the same OBC2 expressions, and a
-  ``CustomGBForce`` (e.g. OBC1 from an Amber prmtop, as in openmmtools' test systems) is
-  replicated particle by particle with its own expressions. Their cutoff is used only as a
+- ``GBSAOBCForce`` becomes a ``CustomGBForce`` with the same OBC2 expressions; that, or a
+  system's own ``CustomGBForce`` (e.g. OBC1 from an Amber prmtop, as in openmmtools' test
+  systems), is replicated particle by particle with its expressions. Its cutoff is used only as a
   neighbour list: the copies sit on a lattice with spacing larger than the cutoff plus twice
   the molecule's extent, so no pair of atoms from different copies is ever within the cutoff
   and each copy's GB energy is that of the isolated molecule.
@@ -167,11 +167,9 @@ def replicate_system(
     for force in system.getForces():
         if isinstance(force, openmm.CMMotionRemover):  # meaningless for copies on a lattice
             continue
-        if isinstance(force, openmm.GBSAOBCForce):
-            replicated.addForce(_gb_force(force, layout, per_copy_energies))
-            continue
-        if isinstance(force, openmm.CustomGBForce):
-            replicated.addForce(_custom_gb_force(force, layout, per_copy_energies))
+        if isinstance(force, (openmm.GBSAOBCForce, openmm.CustomGBForce)):
+            gb = _obc2_as_custom_gb(force) if isinstance(force, openmm.GBSAOBCForce) else force
+            replicated.addForce(_custom_gb_force(gb, layout, per_copy_energies))
             continue
         builder = _BUILDERS[type(force).__name__]
         for copies in groups:
@@ -270,18 +268,16 @@ def _nonbonded_force(force: openmm.NonbondedForce, copies, n_atoms, prefix):
     return new
 
 
-def _gb_force(force: openmm.GBSAOBCForce, layout: CopyLayout, per_copy: bool):
-    """OBC2 generalised Born (OpenMM's ``GBSAOBCForce``) as a ``CustomGBForce``.
-
-    With ``per_copy``, a computed value ``lam`` = lam_c of the particle's copy (a sum of
-    delta functions over a per-particle copy index) multiplies every energy term."""
+def _obc2_as_custom_gb(force: openmm.GBSAOBCForce) -> openmm.CustomGBForce:
+    """OBC2 generalised Born (OpenMM's ``GBSAOBCForce``) of one molecule as a NoCutoff
+    ``CustomGBForce`` with the same energy, for :func:`_custom_gb_force` to replicate."""
     solute = force.getSoluteDielectric()
     solvent = force.getSolventDielectric()
     sa_energy = force.getSurfaceAreaEnergy().value_in_unit(
         unit.kilojoule_per_mole / unit.nanometer**2)
     pre = f"({-0.5 * COULOMB_KJ_NM_MOL * (1.0 / solute - 1.0 / solvent)!r})"
     gb = openmm.CustomGBForce()
-    for name in ("charge", "or", "sr", "copy"):
+    for name in ("charge", "or", "sr"):
         gb.addPerParticleParameter(name)
     gb.addComputedValue(
         "I",
@@ -294,37 +290,21 @@ def _gb_force(force: openmm.GBSAOBCForce, layout: CopyLayout, per_copy: bool):
         f"1/(1/or-tanh(psi-0.8*psi^2+4.85*psi^3)/radius); psi=I*or; radius=or+{_OBC_OFFSET_NM}",
         openmm.CustomGBForce.SingleParticle,
     )
-    if per_copy:
-        selector = "+".join(
-            f"{copy_energy_parameter(c)}*delta(copy-{c})" for c in range(layout.n_copies)
-        )
-        gb.addComputedValue("lam", selector, openmm.CustomGBForce.SingleParticle)
-        for c in range(layout.n_copies):
-            gb.addGlobalParameter(copy_energy_parameter(c), 1.0)
-            gb.addEnergyParameterDerivative(copy_energy_parameter(c))
-    scale, scale1 = ("lam*", "lam1*") if per_copy else ("", "")
-    gb.addEnergyTerm(f"{scale}{pre}*charge^2/B", openmm.CustomGBForce.SingleParticle)
+    gb.addEnergyTerm(f"{pre}*charge^2/B", openmm.CustomGBForce.SingleParticle)
     if sa_energy != 0.0:
         gb.addEnergyTerm(
-            f"{scale}{4.0 * math.pi * sa_energy!r}*(radius+{_PROBE_RADIUS_NM})^2*(radius/B)^6;"
+            f"{4.0 * math.pi * sa_energy!r}*(radius+{_PROBE_RADIUS_NM})^2*(radius/B)^6;"
             f" radius=or+{_OBC_OFFSET_NM}",
             openmm.CustomGBForce.SingleParticle,
         )
     gb.addEnergyTerm(
-        f"{scale1}2*{pre}*charge1*charge2/f; f=sqrt(r^2+B1*B2*exp(-r^2/(4*B1*B2)))",
+        f"2*{pre}*charge1*charge2/f; f=sqrt(r^2+B1*B2*exp(-r^2/(4*B1*B2)))",
         openmm.CustomGBForce.ParticlePairNoExclusions,
     )
-    params = []  # (charge e, offset radius nm, scaling factor) of each atom
-    for i in range(force.getNumParticles()):
+    for i in range(force.getNumParticles()):  # charge (e), offset radius (nm), scaled radius
         charge, radius, scaling = force.getParticleParameters(i)
-        params.append((charge.value_in_unit(unit.elementary_charge),
-                       radius.value_in_unit(unit.nanometer) - _OBC_OFFSET_NM, scaling))
-    for c in range(layout.n_copies):
-        for charge, offset_radius, scaling in params:
-            gb.addParticle([charge, offset_radius, scaling * offset_radius, float(c)])
-    if layout.n_copies > 1:
-        gb.setNonbondedMethod(openmm.CustomGBForce.CutoffNonPeriodic)
-        gb.setCutoffDistance(layout.gb_cutoff_nm)
+        offset_radius = radius.value_in_unit(unit.nanometer) - _OBC_OFFSET_NM
+        gb.addParticle([charge.value_in_unit(unit.elementary_charge), offset_radius, scaling * offset_radius])
     return gb
 
 
@@ -332,9 +312,9 @@ def _custom_gb_force(force: openmm.CustomGBForce, layout: CopyLayout, per_copy: 
     """A ``CustomGBForce`` of one molecule (NoCutoff) replicated over the copies: the same
     computed values, energy terms, global parameters and tabulated functions; particles and
     exclusions repeated per copy. With ``per_copy``, a per-particle copy index selects the
-    computed value ``lam`` = lam_c of the particle's copy, which multiplies every energy term
-    (single-particle terms by ``lam``, pair terms by ``lam1``: both particles of a pair within
-    the cutoff belong to the same copy)."""
+    computed value ``trademd_lam`` = lam_c of the particle's copy, which multiplies every
+    energy term (pair terms by its value at particle 1: both particles of a pair within the
+    cutoff belong to the same copy)."""
     if force.getNonbondedMethod() != openmm.CustomGBForce.NoCutoff:
         raise TradeMDError("replication needs a CustomGBForce with NoCutoff: build the system "
                            "with nonbondedMethod=NoCutoff (nonbondedCutoff=None for a prmtop)")
