@@ -272,7 +272,8 @@ def _residue_metrics(molecule, samples: TemperatureSamples, reference_positions_
     variation of the reweighted samples' histograms, and the positive-phi free energy (kT) of samples and
     reference; against the reference frames [frames, atoms, 3] (nm) with weights (None:
     equal)."""
-    phi, psi = backbone_angles(molecule, samples.positions_nm)
+    phi, psi = ((samples.phi_residues, samples.psi_residues) if samples.phi_residues.size
+                else backbone_angles(molecule, samples.positions_nm))  # files from before they were stored
     reference_phi, reference_psi = backbone_angles(molecule, reference_positions_nm)
     kl, js, tv, delta_f, reference_delta_f = [], [], [], [], []
     for r in range(phi.shape[1]):

@@ -301,9 +301,10 @@ class Trainer:
         scaled = self.config.kind is Objective.NLL
         low, high = self.target.bounded_interval
         sigma = 0.5  # of the base, relative to the interval's half width; from the data if any
-        if self.config.kind.fits_data and self.target.data_features is not None:
-            bounded = self.target.data_features[:, self.target.n_torsions:]
-            sigma = float((bounded.std(dim=0) / (0.5 * (high - low))).mean()) if bounded.numel() else 0.5
+        data = self.target.data_features if self.config.kind.fits_data else None
+        bounded = data[:, self.target.n_torsions:] if data is not None else torch.empty(0)
+        if bounded.numel():
+            sigma = float((bounded.std(dim=0) / (0.5 * (high - low))).mean())
         config = {
             "layers": ["bounded|bounded"] * 3 if self.target.n_torsions == 0 else
             ["torsions|torsions", "bounded|torsions", "bounded|bounded"] * 2,
