@@ -231,7 +231,7 @@ def train(
     system: Optional[str] = typer.Option(None, help="analytic system instead of data: gaussian-2d, double-well-5d, mixture-2d"),
     tmin: float = typer.Option(..., help="lowest temperature of the trained range (K)"),
     tmax: float = typer.Option(..., help="highest temperature of the trained range (K)"),
-    objective: Optional[str] = typer.Option(None, help="trade (default), nll, reverse-kl, nll+reverse-kl, data-free"),
+    objective: Optional[str] = typer.Option(None, help="trade (default), nll, reverse-kl, nll+reverse-kl, data-free, interpolation (analytic systems: a CNF on the continuity residual)"),
     data_free: bool = typer.Option(False, "--data-free", help="no data: a boundary by reverse KL at T0, TRADE over the range (--objective data-free)"),
     preset: str = typer.Option("quick", help="quick (laptop CPU, minutes) or paper (GPU scale)"),
     steps: Optional[int] = typer.Option(None, help="training steps (overrides the preset)"),

@@ -66,6 +66,10 @@ def _target(data: str | Path | None, system: str | None, platform: str,
             temperature_k: float | None = None, objective: str = "trade") -> Target:
     from trademd.systems.analytic import ANALYTIC_SYSTEMS, get_analytic_system
 
+    if objective == "interpolation" and (data is not None or system not in ANALYTIC_SYSTEMS):
+        raise TradeMDError(
+            "the interpolation objective trains a continuous flow on an analytic system, without "
+            f"data: give --system with one of {sorted(ANALYTIC_SYSTEMS)} and no --data")
     if data is None:
         if system is not None and system not in ANALYTIC_SYSTEMS and objective == "data-free":
             raise TradeMDError(
@@ -104,6 +108,8 @@ def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | No
         settings["refine_steps"] = max(1, round(base["refine_steps"] * settings["steps"] / base["steps"]))
     if settings.get("objective") == "data-free" and "evaluation_points" not in chosen:
         settings["evaluation_points"] = "samples"  # no data to evaluate TRADE at
+    if settings.get("objective") == "interpolation" and "refine_rounds" not in chosen:
+        settings["refine_rounds"] = 0  # the CNF is trained by its continuity residual only
     config = TrainConfig(t_min=t_min, t_max=t_max, **settings)
     if config.objective == "data-free" and data is not None:
         raise TradeMDError("data-free training uses no data: drop --data (or --data-free)")

@@ -18,7 +18,7 @@ def plot_losses(metrics_csv: str | Path, out_png: str | Path) -> Path:
         rows = list(csv.DictReader(handle))
     steps = [float(r["step"]) for r in rows]
     columns = [c for c in ("nll_t0", "val_nll_t0", "refine_nll", "trade", "reverse_kl",
-                                "trade_residual_rms")
+                           "trade_residual_rms", "continuity", "continuity_residual_rms")
                if any(r.get(c) not in (None, "") for r in rows)]
     figure = Figure(figsize=(10, 4))
     axes = figure.subplots(1, 2)

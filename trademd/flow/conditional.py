@@ -522,9 +522,14 @@ class TemperatureFlow(nn.Module):
         return {"config": dict(self.config), "state_dict": self.state_dict()}
 
 
-def build_flow(config: dict) -> TemperatureFlow:
-    """A new flow from ``flow.config`` (a plain dict)."""
+def build_flow(config: dict) -> "TemperatureFlow | TemperatureCNF":
+    """A new flow from ``flow.config`` (a plain dict): a coupling flow, or with ``kind: cnf``
+    the continuous flow of the interpolation objective (:mod:`trademd.flow.cnf`)."""
+    from trademd.flow.cnf import TemperatureCNF
+
     try:
+        if config.get("kind") == "cnf":
+            return TemperatureCNF(**{k: v for k, v in config.items() if k != "kind"})
         return TemperatureFlow(**config)
     except TypeError as error:
         raise TradeMDError(f"cannot build a flow from this config ({error}): "
@@ -534,7 +539,8 @@ def build_flow(config: dict) -> TemperatureFlow:
 def load_flow(checkpoint: dict, map_location=None) -> TemperatureFlow:
     """Rebuild a flow from ``{"config", "state_dict"}`` (e.g. ``torch.load`` of a model file)."""
     # files written before seam shifts existed have every seam at +-pi
-    flow = build_flow({"torsion_shifts": "none", **checkpoint["config"]})
+    config = checkpoint["config"]
+    flow = build_flow(config if config.get("kind") == "cnf" else {"torsion_shifts": "none", **config})
     state = checkpoint["state_dict"]
     dtypes = [v.dtype for v in state.values() if v.is_floating_point()]
     if dtypes:

@@ -7,6 +7,10 @@ Objectives (same flow, same loop, selected by ``TrainConfig.objective``):
 - ``nll``: NLL at T0 only; the flow's base is temperature-scaled, the only way T enters.
 - ``reverse-kl``: reverse KL divergence to exp(-u) at temperatures drawn over the range.
 - ``nll+reverse-kl``: both.
+- ``data-free``: reverse KL at T0 as the boundary, TRADE from flow samples over the range.
+- ``interpolation``: a continuous flow (:mod:`trademd.flow.cnf`) whose vector field is
+  trained on the continuity residual along the temperature path
+  (:mod:`trademd.training.interpolation`); no data, analytic systems.
 
 Weight averaging and model selection: an exponential moving average (EMA) of the parameters
 is kept beside the trained ones; at every metrics step the EMA flow is scored on held-out
@@ -52,6 +56,7 @@ from trademd.errors import TradeMDError
 from trademd.flow.conditional import TemperatureFlow, build_flow
 from trademd.progress import Progress
 from trademd.training.model_file import MODEL_FORMAT, MODEL_FORMAT_VERSION
+from trademd.training.interpolation import continuity_residual, residual_points
 from trademd.training.refine import RefinementBuffer
 from trademd.training.trade import (
     ExpectationCache,
@@ -73,11 +78,12 @@ class Objective(str, Enum):
     REVERSE_KL = "reverse-kl"
     NLL_REVERSE_KL = "nll+reverse-kl"
     DATA_FREE = "data-free"
+    INTERPOLATION = "interpolation"
 
     @property
     def fits_data(self) -> bool:
         """Has the NLL of the data at T0."""
-        return self not in (Objective.REVERSE_KL, Objective.DATA_FREE)
+        return self not in (Objective.REVERSE_KL, Objective.DATA_FREE, Objective.INTERPOLATION)
 
     @property
     def uses_reverse_kl(self) -> bool:
@@ -94,7 +100,8 @@ OBJECTIVES = tuple(objective.value for objective in Objective)
 
 #: Columns of metrics.csv (a term that an objective lacks stays empty).
 METRICS_COLUMNS = ("step", "phase", "loss", "nll_t0", "val_nll_t0", "trade", "trade_weight",
-                   "trade_residual_rms", "trade_points_kept", "reverse_kl", "refine_nll",
+                   "trade_residual_rms", "trade_points_kept", "reverse_kl", "continuity",
+                   "continuity_residual_rms", "refine_nll",
                    "buffer_ess", "ess_tmin", "ess_t0", "ess_tmax", "selection_score", "selected",
                    "bad_batches", "energy_evaluations", "steps_per_s")
 
@@ -167,6 +174,8 @@ class TrainConfig:
         if self.kind is Objective.DATA_FREE and self.evaluation_points != "samples":
             raise TradeMDError("data-free training has no data to evaluate TRADE at: set "
                                "evaluation_points to samples")
+        if self.kind is Objective.INTERPOLATION and self.refine_rounds:
+            raise TradeMDError("the interpolation objective has no refinement rounds: set refine_rounds to 0")
         if self.steps < 4 or self.batch_size < 2:
             # the one-cycle schedule needs a few steps to rise and fall
             raise TradeMDError("--steps must be at least 4 and --batch-size at least 2")
@@ -300,6 +309,8 @@ class Trainer:
         """Flow settings: the user's, completed from the target (dims, interval, T range)."""
         scaled = self.config.kind is Objective.NLL
         low, high = self.target.bounded_interval
+        if self.config.kind is Objective.INTERPOLATION:
+            return self._cnf_config()
         sigma = 0.5  # of the base, relative to the interval's half width; from the data if any
         data = self.target.data_features if self.config.kind.fits_data else None
         bounded = data[:, self.target.n_torsions:] if data is not None else torch.empty(0)
@@ -319,6 +330,18 @@ class Trainer:
             "bounded_interval": list(self.target.bounded_interval),
             "reference_temperature_k": self.target.reference_temperature,
         })
+        return config
+
+    def _cnf_config(self) -> dict:
+        """Settings of the interpolation CNF: a base a third of the box wide (it covers every
+        mode of the analytic systems), the user's width/depth."""
+        low, high = self.target.bounded_interval
+        config = {"kind": "cnf", "n_bounded": self.target.n_bounded,
+                  "temperature_range_k": [self.config.t_min, self.config.t_max],
+                  "base_sigma": (high - low) / 6, "bounded_interval": [low, high],
+                  "reference_temperature_k": self.target.reference_temperature}
+        config.update({k: v for k, v in self.config.flow.items() if k in ("width", "depth", "base_sigma",
+                                                                           "atol", "rtol")})
         return config
 
     def _grid(self) -> Tensor:
@@ -430,6 +453,14 @@ class Trainer:
                 trade, extra = self._trade_loss()
                 loss = loss + weight * trade
                 parts.update(trade=float(trade.detach()), trade_weight=weight, **extra)
+        if c.kind is Objective.INTERPOLATION:
+            x, lam = residual_points(self.flow, c.batch_size)
+            energy = lambda z, t: self.target.reduced_energy(z, t)[0]
+            residual = continuity_residual(self.flow, energy, x, lam)
+            continuity = residual_loss(residual, c.residual_loss, c.huber_delta)
+            loss = loss + continuity
+            parts.update(continuity=float(continuity.detach()),
+                         continuity_residual_rms=float(residual.detach().pow(2).mean().sqrt()))
         if c.kind.uses_reverse_kl:
             kl = self._reverse_kl()
             loss = loss + kl
@@ -508,7 +539,7 @@ class Trainer:
                 rate = (self.step - start_step) / (time.perf_counter() - started)
                 self._write_metrics({"phase": "refine" if refining else "main",
                                      "loss": float(loss.detach()), **parts, "steps_per_s": rate})
-                terms = {k: f"{parts[k]:.3f}" for k in ("nll_t0", "trade", "reverse_kl", "refine_nll")
+                terms = {k: f"{parts[k]:.3f}" for k in ("nll_t0", "trade", "reverse_kl", "continuity", "refine_nll")
                          if k in parts}
                 progress.update(self.step, loss=f"{float(loss.detach()):.3f}", **terms,
                                 ess_tmin=f"{self.last_metrics['ess_tmin']:.3f}")

@@ -1,0 +1,219 @@
+"""A temperature-conditional continuous normalizing flow along a prescribed energy path: the
+model of the energy-interpolation objective (Máté and Fleuret, "Learning Interpolations between
+Boltzmann Densities", TMLR 2023), with the temperature family itself as the interpolation.
+
+The path has a time lam in [0, 2] and an energy f_lam(x) (reduced units, p_lam ~ exp(-f_lam)):
+
+- lam in [0, 1]: from the base N(0, sigma^2 I) to the Boltzmann density at T_max,
+  f_lam(x) = (1 - lam) |x|^2 / (2 sigma^2) + lam u(x, T_max);
+- lam in [1, 2]: the temperature family, log T falling linearly from log T_max to log T_min,
+  f_lam(x) = u(x, T(lam)),  so  d f / d lam = u log(T_max / T_min), TRADE's d/dlogT identity.
+
+p(x | T) is the base pushed by the learnt vector field V(x, lam) from lam = 0 to lam(T). The
+ODE is solved by zuko (:class:`zuko.transforms.FreeFormJacobianTransform`, adaptive
+Dormand-Prince, exact trace); every sample carries its own end time through the substitution
+lam = s lam_end, dx/ds = lam_end V(x, s lam_end), s in [0, 1].
+"""
+
+from dataclasses import dataclass
+import math
+
+import torch
+from torch import Tensor, nn
+from zuko.transforms import FreeFormJacobianTransform
+from zuko.utils import odeint
+
+from trademd.errors import TradeMDError
+
+__all__ = ["TemperaturePath", "VelocityField", "NormaliserRate", "TemperatureCNF", "PATH_END"]
+
+#: lam at T_min: the end of the path.
+PATH_END = 2.0
+
+
+@dataclass(frozen=True)
+class TemperaturePath:
+    """The prescribed interpolation: base -> Boltzmann at T_max -> down the temperatures.
+
+    Attributes:
+        t_min, t_max: temperature range (reduced units or K).
+        base_sigma: standard deviation of the Gaussian base (units of x).
+    """
+
+    t_min: float
+    t_max: float
+    base_sigma: float
+
+    @property
+    def log_ratio(self) -> float:
+        """log(T_max / T_min): d f / d lam = u times this on the temperature part."""
+        return math.log(self.t_max / self.t_min)
+
+    def time(self, temperature: Tensor) -> Tensor:
+        """lam(T) [B] of temperatures [B]: 1 at T_max, 2 at T_min."""
+        return 1.0 + torch.log(self.t_max / temperature) / self.log_ratio
+
+    def temperature(self, lam: Tensor) -> Tensor:
+        """The temperature whose energy the path uses at lam [B]: T_max on [0, 1], then
+        T_max (T_min / T_max)^(lam - 1)."""
+        return self.t_max * torch.exp(-(lam - 1.0).clamp_min(0.0) * self.log_ratio)
+
+    def base_energy(self, x: Tensor) -> Tensor:
+        """|x|^2 / (2 sigma^2) [B] of x [B, D]."""
+        return 0.5 * (x / self.base_sigma).pow(2).sum(dim=-1)
+
+    def base_log_prob(self, x: Tensor) -> Tensor:
+        """log N(x; 0, sigma^2 I) [B]."""
+        d = x.shape[-1]
+        return -self.base_energy(x) - 0.5 * d * math.log(2 * math.pi * self.base_sigma**2)
+
+    def energy(self, x: Tensor, reduced_energy: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
+        """(f_lam(x) [B], d f_lam(x) / d lam [B]) given u(x, temperature(lam)) [B]."""
+        on_base_part = lam < 1.0
+        base = self.base_energy(x)
+        f = torch.where(on_base_part, (1.0 - lam) * base + lam * reduced_energy, reduced_energy)
+        df = torch.where(on_base_part, reduced_energy - base, reduced_energy * self.log_ratio)
+        return f, df
+
+
+def _time_features(lam: Tensor) -> Tensor:
+    """[B] -> [B, 3]: lam centred on the path's middle, and one period of sin/cos over it."""
+    phase = math.pi * lam
+    return torch.stack([lam - 1.0, torch.sin(phase), torch.cos(phase)], dim=-1)
+
+
+class VelocityField(nn.Module):
+    """V(x, lam) [B, D]: an MLP of (x / sigma, time features) with smooth activations (the
+    loss differentiates it by x); the last layer starts at zero, so training starts from the
+    base at every lam.
+
+    Args:
+        dim: D.
+        scale: sigma, the natural length of x.
+        width, depth: hidden width and number of hidden layers.
+    """
+
+    def __init__(self, dim: int, scale: float, width: int = 64, depth: int = 3):
+        super().__init__()
+        layers: list[nn.Module] = []
+        n_in = dim + 3
+        for _ in range(depth):
+            layers += [nn.Linear(n_in, width), nn.SiLU()]
+            n_in = width
+        last = nn.Linear(n_in, dim)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.net = nn.Sequential(*layers, last)
+        self.scale = float(scale)
+
+    def forward(self, x: Tensor, lam: Tensor) -> Tensor:
+        return self.scale * self.net(torch.cat([x / self.scale, _time_features(lam)], dim=-1))
+
+
+class NormaliserRate(nn.Module):
+    """c(lam) = -d log Z_lam / d lam = E_{p_lam}[d f / d lam] [B], learnt with the field.
+
+    Args:
+        width: hidden width of the MLP of the time features.
+    """
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+                                 nn.Linear(width, 1))
+
+    def forward(self, lam: Tensor) -> Tensor:
+        return self.net(_time_features(lam)).squeeze(-1)
+
+
+class TemperatureCNF(nn.Module):
+    """p(x | T) for T in [T_min, T_max]: the base transported along :class:`TemperaturePath`.
+
+    The interface of :class:`trademd.flow.conditional.TemperatureFlow` that training and
+    metrics use: ``log_prob``, ``sample``, ``config``, ``checkpoint``.
+
+    Args:
+        n_bounded: D, the number of (unbounded, real) features; analytic systems only.
+        temperature_range_k: (T_min, T_max).
+        base_sigma: standard deviation of the Gaussian base.
+        width, depth: of the velocity MLP.
+        atol, rtol: ODE tolerances.
+        n_torsions, bounded_interval, reference_temperature_k: recorded for the trainer's
+            flow settings (must be 0 torsions; the box is not enforced).
+    """
+
+    def __init__(self, n_bounded: int, temperature_range_k, base_sigma: float = 1.0,
+                 width: int = 64, depth: int = 3, atol: float = 1e-5, rtol: float = 1e-5,
+                 n_torsions: int = 0, bounded_interval=(-1.0, 1.0),
+                 reference_temperature_k: float | None = None):
+        super().__init__()
+        if n_torsions:
+            raise TradeMDError("the interpolation CNF models real features only (analytic systems), "
+                               f"not {n_torsions} torsions")
+        t_min, t_max = (float(t) for t in temperature_range_k)
+        if not 0 < t_min < t_max:
+            raise TradeMDError(f"temperature range {temperature_range_k} must be 0 < T_min < T_max")
+        self.config = {"kind": "cnf", "n_bounded": int(n_bounded), "temperature_range_k": [t_min, t_max],
+                       "base_sigma": float(base_sigma), "width": int(width), "depth": int(depth),
+                       "atol": float(atol), "rtol": float(rtol), "n_torsions": 0,
+                       "bounded_interval": [float(b) for b in bounded_interval],
+                       "reference_temperature_k": reference_temperature_k}
+        self.path = TemperaturePath(t_min, t_max, float(base_sigma))
+        self.velocity = VelocityField(n_bounded, base_sigma, width, depth)
+        self.normaliser_rate = NormaliserRate()
+        self.atol, self.rtol = float(atol), float(rtol)
+        self.register_buffer("_anchor", torch.zeros(0), persistent=False)
+
+    @property
+    def n_features(self) -> int:
+        return self.config["n_bounded"]
+
+    def _times(self, temperature, n: int) -> Tensor:
+        """lam(T) [n] of a float or tensor (scalar or [n]) of temperatures."""
+        t = torch.as_tensor(temperature, dtype=self._anchor.dtype, device=self._anchor.device)
+        t = t.expand(n) if t.dim() == 0 else t.reshape(-1)
+        if t.shape[0] != n:
+            raise TradeMDError(f"got {t.shape[0]} temperatures for {n} samples")
+        return self.path.time(t)
+
+    def _field(self, lam_end: Tensor):
+        """dx/ds = lam_end V(x, s lam_end): the ODE in the per-sample time s in [0, 1]."""
+        return lambda s, x: lam_end[:, None] * self.velocity(x, s * lam_end)
+
+    def transport(self, x: Tensor, lam_end: Tensor, reverse: bool = False) -> tuple[Tensor, Tensor]:
+        """Move x [B, D] from lam = 0 to lam_end [B] (``reverse``: from lam_end back to 0).
+
+        Returns:
+            (the moved points [B, D], log|det d out / d in| [B]).
+        """
+        transform = FreeFormJacobianTransform(self._field(lam_end), 0.0, 1.0, atol=self.atol,
+                                              rtol=self.rtol, exact=True)
+        return (transform.inv if reverse else transform).call_and_ladj(x)
+
+    def sample_path(self, n: int, lam: Tensor) -> Tensor:
+        """n points [n, D] of the model's p_lam at path times lam [n] (no log-det, no gradient)."""
+        with torch.no_grad():
+            x0 = self.path.base_sigma * torch.randn(n, self.n_features, dtype=self._anchor.dtype,
+                                                    device=self._anchor.device)
+            return odeint(self._field(lam), x0, 0.0, 1.0, (), self.atol, self.rtol)
+
+    def log_prob(self, x: Tensor, temperature) -> Tensor:
+        """log p(x | T) [B] for x [B, D]; T a float or a tensor [B]."""
+        x0, ladj = self.transport(x, self._times(temperature, len(x)), reverse=True)
+        return self.path.base_log_prob(x0) + ladj
+
+    def sample(self, n: int, temperature) -> tuple[Tensor, Tensor]:
+        """n samples x [n, D] at T and their log p(x | T) [n], without gradients."""
+        with torch.no_grad():
+            x0 = self.path.base_sigma * torch.randn(n, self.n_features, dtype=self._anchor.dtype,
+                                                    device=self._anchor.device)
+            x, ladj = self.transport(x0, self._times(temperature, n))
+            return x, self.path.base_log_prob(x0) - ladj
+
+    def rsample(self, n: int, temperature) -> tuple[Tensor, Tensor]:
+        raise TradeMDError("the interpolation CNF is trained by its continuity residual, not by "
+                           "reparameterised samples: use the objective interpolation")
+
+    def checkpoint(self) -> dict:
+        """{"config": ..., "state_dict": ...}: what :func:`trademd.flow.conditional.load_flow` reads."""
+        return {"config": dict(self.config), "state_dict": self.state_dict()}
