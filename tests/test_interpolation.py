@@ -15,7 +15,7 @@ from trademd.errors import TradeMDError
 from trademd.flow.cnf import TemperatureCNF, TemperaturePath
 from trademd.flow.conditional import build_flow, load_flow
 from trademd.systems.analytic import get_analytic_system
-from trademd.training.interpolation import continuity_residual, divergence
+from trademd.training.interpolation import continuity_residual, divergence, initialise_normaliser_rate
 from trademd.training.targets import AnalyticTarget
 from trademd.training.trainer import TrainConfig, Trainer
 
@@ -99,9 +99,9 @@ def test_continuity_residual_vanishes_for_the_exact_pair_and_not_otherwise():
     generator = torch.Generator().manual_seed(0)
     lam = 2.0 * torch.rand(512, generator=generator, dtype=torch.float64)
     x = 4.0 * torch.randn(512, DIM, generator=generator, dtype=torch.float64)
-    residual = continuity_residual(model, harmonic, x, lam, create_graph=False)
+    residual, _ = continuity_residual(model, harmonic, x, lam, create_graph=False)
     assert residual.abs().max() < 1e-10
-    wrong = continuity_residual(exact_cnf(factor=1.1), harmonic, x, lam, create_graph=False)
+    wrong, _ = continuity_residual(exact_cnf(factor=1.1), harmonic, x, lam, create_graph=False)
     assert wrong.abs().mean() > 1e-2
 
 
@@ -121,15 +121,17 @@ def test_exact_field_gives_the_exact_density_at_every_temperature():
 
 def test_cnf_log_prob_inverts_sample_and_round_trips_through_its_config():
     torch.manual_seed(2)
-    model = TemperatureCNF(3, (T_MIN, T_MAX), base_sigma=2.0, width=16, depth=2)
+    model = TemperatureCNF(3, (T_MIN, T_MAX), base_sigma=2.0, width=16, depth=2, atol=1e-9,
+                           rtol=1e-9).double()
     for parameter in model.velocity.parameters():  # a field that is not zero
         nn.init.normal_(parameter, std=0.3)
-    temperatures = torch.tensor([0.5, 1.0, 2.0, 1.3])
+    temperatures = torch.tensor([0.5, 1.0, 2.0, 1.3], dtype=torch.float64)
     x, log_p = model.sample(4, temperatures)
-    assert torch.allclose(model.log_prob(x, temperatures), log_p, atol=1e-3)
+    assert torch.allclose(model.log_prob(x, temperatures), log_p, atol=1e-6)
     copy = load_flow(model.checkpoint())
     assert isinstance(copy, TemperatureCNF) and copy.config == model.config
-    assert torch.allclose(copy.log_prob(x, temperatures), log_p, atol=1e-3)
+    assert copy.velocity.net[0].weight.dtype == torch.float64
+    assert torch.allclose(copy.log_prob(x, temperatures), log_p, atol=1e-6)
     assert isinstance(build_flow(model.config), TemperatureCNF)
     with pytest.raises(TradeMDError, match="reparameterised"):
         model.rsample(2, 1.0)
@@ -170,3 +172,21 @@ def test_interpolation_cli_runs_on_analytic_systems_and_refuses_molecules(tmp_pa
     config = json.loads((tmp_path / "r" / "config.json").read_text())
     assert config["objective"] == "interpolation" and config["refine_rounds"] == 0
     assert (tmp_path / "r" / "model.pt").exists() and (tmp_path / "r" / "loss.png").exists()
+
+
+def test_normaliser_rate_starts_from_the_importance_sampled_exact_values():
+    """The first estimate of c(lam) = E_{p_lam}[d f / d lam] at the table's nodes, by
+    importance sampling of base samples, matches the exact Gaussian values; between nodes the
+    table interpolates linearly, with the jump at lam = 1 kept."""
+    torch.manual_seed(3)
+    model = TemperatureCNF(DIM, (T_MIN, T_MAX), base_sigma=SIGMA).double()
+    initialise_normaliser_rate(model, harmonic, n_per_node=20000)
+    exact = ExactRate(model.path)
+    nodes = model.normaliser_rate.node_times.reshape(-1)
+    learnt = model.normaliser_rate(nodes).detach()
+    assert torch.allclose(learnt, exact(nodes), atol=0.05, rtol=0.05)
+    below, above = torch.tensor([1 - 1e-9], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64)
+    assert abs(float(model.normaliser_rate(below).detach() - exact(below))) < 0.05 * abs(float(exact(below))) + 0.05
+    assert abs(float(model.normaliser_rate(above).detach() - exact(above))) < 0.05 * abs(float(exact(above))) + 0.05
+    middle = 0.5 * (nodes[3] + nodes[4])
+    assert torch.allclose(model.normaliser_rate(middle[None]), 0.5 * (learnt[3] + learnt[4]))

@@ -32,7 +32,8 @@ def plot_losses(metrics_csv: str | Path, out_png: str | Path) -> Path:
     axes[1].set_yscale("symlog", linthresh=1.0)
     for axis in axes:
         axis.set_xlabel("step")
-        axis.legend(fontsize=8)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(out_png, dpi=100)
     return Path(out_png)

@@ -76,10 +76,17 @@ class TemperaturePath:
         return f, df
 
 
+#: Number of time features of the velocity field and the normaliser rate.
+_TIME_FEATURES = 4
+
+
 def _time_features(lam: Tensor) -> Tensor:
-    """[B] -> [B, 3]: lam centred on the path's middle, and one period of sin/cos over it."""
+    """[B] -> [B, 4]: lam centred on the path's middle, one period of sin/cos over it, and a
+    step at lam = 1, where d f / d lam jumps (base part -> temperature part), so the field can
+    jump there too."""
     phase = math.pi * lam
-    return torch.stack([lam - 1.0, torch.sin(phase), torch.cos(phase)], dim=-1)
+    step = (lam >= 1.0).to(lam.dtype)
+    return torch.stack([lam - 1.0, torch.sin(phase), torch.cos(phase), step], dim=-1)
 
 
 class VelocityField(nn.Module):
@@ -96,7 +103,7 @@ class VelocityField(nn.Module):
     def __init__(self, dim: int, scale: float, width: int = 64, depth: int = 3):
         super().__init__()
         layers: list[nn.Module] = []
-        n_in = dim + 3
+        n_in = dim + _TIME_FEATURES
         for _ in range(depth):
             layers += [nn.Linear(n_in, width), nn.SiLU()]
             n_in = width
@@ -113,17 +120,43 @@ class VelocityField(nn.Module):
 class NormaliserRate(nn.Module):
     """c(lam) = -d log Z_lam / d lam = E_{p_lam}[d f / d lam] [B], learnt with the field.
 
+    Piecewise linear in lam on ``nodes`` points over the base part [0, 1) and ``nodes`` over the
+    temperature part [1, 2] (c jumps at lam = 1 with d f / d lam). Values are ``scale`` times
+    the parameters, so that Adam moves them ``scale`` times faster than the field's weights: c
+    is of the order of the energies (tens of kT), which a network's output reaches only slowly;
+    :meth:`initialise` sets a first estimate.
+
     Args:
-        width: hidden width of the MLP of the time features.
+        nodes: table points per part.
+        scale: value per unit of parameter.
     """
 
-    def __init__(self, width: int = 32):
+    def __init__(self, nodes: int = 21, scale: float = 10.0):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(3, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
-                                 nn.Linear(width, 1))
+        self.table = nn.Parameter(torch.zeros(2, nodes))
+        self.scale = float(scale)
+
+    @property
+    def node_times(self) -> Tensor:
+        """lam of every table value [2, nodes]: [0, 1) and [1, 2] (the base part's last node
+        just below 1: the left limit of the jump)."""
+        nodes = self.table.shape[1]
+        grid = torch.linspace(0.0, 1.0, nodes, dtype=self.table.dtype, device=self.table.device)
+        return torch.stack([grid.clamp(max=1.0 - 1e-6), 1.0 + grid])
+
+    def initialise(self, values: Tensor) -> None:
+        """Set c at :attr:`node_times` to ``values`` [2, nodes]."""
+        with torch.no_grad():
+            self.table.copy_(values.to(self.table) / self.scale)
 
     def forward(self, lam: Tensor) -> Tensor:
-        return self.net(_time_features(lam)).squeeze(-1)
+        nodes = self.table.shape[1]
+        part = (lam >= 1.0).long()
+        position = (lam - part.to(lam.dtype)).clamp(0.0, 1.0) * (nodes - 1)
+        left = position.floor().long().clamp(max=nodes - 2)
+        fraction = position - left.to(lam.dtype)
+        values = self.scale * self.table
+        return (1 - fraction) * values[part, left] + fraction * values[part, left + 1]
 
 
 class TemperatureCNF(nn.Module):

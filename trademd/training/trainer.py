@@ -56,7 +56,11 @@ from trademd.errors import TradeMDError
 from trademd.flow.conditional import TemperatureFlow, build_flow
 from trademd.progress import Progress
 from trademd.training.model_file import MODEL_FORMAT, MODEL_FORMAT_VERSION
-from trademd.training.interpolation import continuity_residual, residual_points
+from trademd.training.interpolation import (
+    continuity_residual,
+    initialise_normaliser_rate,
+    residual_points,
+)
 from trademd.training.refine import RefinementBuffer
 from trademd.training.trade import (
     ExpectationCache,
@@ -456,7 +460,10 @@ class Trainer:
         if c.kind is Objective.INTERPOLATION:
             x, lam = residual_points(self.flow, c.batch_size)
             energy = lambda z, t: self.target.reduced_energy(z, t)[0]
-            residual = continuity_residual(self.flow, energy, x, lam)
+            residual, excess = continuity_residual(self.flow, energy, x, lam)
+            # as for TRADE: points whose energy change is far from its mean (high-energy
+            # points of the broad base) carry no weight, only noise
+            residual = residual[torch.isfinite(residual) & (excess <= c.residual_cutoff)]
             continuity = residual_loss(residual, c.residual_loss, c.huber_delta)
             loss = loss + continuity
             parts.update(continuity=float(continuity.detach()),
@@ -515,6 +522,8 @@ class Trainer:
             (self.run_dir / "config.json").write_text(json.dumps(asdict(c), indent=2))
             if self.step == 0:  # a fresh run: no metrics of an earlier one
                 (self.run_dir / "metrics.csv").unlink(missing_ok=True)
+        if c.kind is Objective.INTERPOLATION and self.step == 0:
+            initialise_normaliser_rate(self.flow, lambda z, t: self.target.reduced_energy(z, t)[0])
         progress = Progress(c.total_steps, "steps", enabled=show_progress and self.ranks.is_main)
         started, start_step = time.perf_counter(), self.step
         while self.step < c.total_steps:
