@@ -233,6 +233,7 @@ def train(
     tmax: float = typer.Option(..., help="highest temperature of the trained range (K)"),
     objective: Optional[str] = typer.Option(None, help="trade (default), nll, reverse-kl, nll+reverse-kl, data-free, interpolation (analytic systems: a CNF on the continuity residual)"),
     data_free: bool = typer.Option(False, "--data-free", help="no data: a boundary by reverse KL at T0, TRADE over the range (--objective data-free)"),
+    t0: Optional[float] = typer.Option(None, "--t0", help="data-free training of a molecule: the boundary temperature in K (default --tmax)"),
     preset: str = typer.Option("quick", help="quick (laptop CPU, minutes) or paper (GPU scale)"),
     steps: Optional[int] = typer.Option(None, help="training steps (overrides the preset)"),
     batch_size: Optional[int] = typer.Option(None, help="NLL batch size, per rank under torchrun (overrides the preset)"),
@@ -250,7 +251,7 @@ def train(
         raise TradeMDError(f"--data-free is the objective data-free, not {objective!r}: give one of them")
     overrides = {"objective": "data-free" if data_free else objective, "steps": steps,
                  "batch_size": batch_size, "seed": seed}
-    model = train_run(out, tmin, tmax, data=data, temperature_k=temperature, system=system,
+    model = train_run(out, tmin, tmax, data=data, temperature_k=temperature, boundary_temperature_k=t0, system=system,
                       preset=preset, config_file=config, overrides=overrides, device=device,
                       platform=platform, resume=resume, show_progress=not quiet)
     typer.echo(str(model))

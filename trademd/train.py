@@ -63,7 +63,8 @@ def load_config_file(path: str | Path) -> dict:
 
 
 def _target(data: str | Path | None, system: str | None, platform: str,
-            temperature_k: float | None = None, objective: str = "trade") -> Target:
+            temperature_k: float | None = None, objective: str = "trade",
+            boundary_temperature_k: float | None = None) -> Target:
     from trademd.systems.analytic import ANALYTIC_SYSTEMS, get_analytic_system
 
     if objective == "interpolation" and (data is not None or system not in ANALYTIC_SYSTEMS):
@@ -72,9 +73,9 @@ def _target(data: str | Path | None, system: str | None, platform: str,
             f"data: give --system with one of {sorted(ANALYTIC_SYSTEMS)} and no --data")
     if data is None:
         if system is not None and system not in ANALYTIC_SYSTEMS and objective == "data-free":
-            raise TradeMDError(
-                f"data-free training of molecular systems ({system!r}) is not available yet: give "
-                f"--data FILE.h5, or train data-free on an analytic system {sorted(ANALYTIC_SYSTEMS)}")
+            from trademd.systems import get_system
+
+            return MoleculeTarget.from_structure(get_system(system), boundary_temperature_k, platform)
         if system is None or system not in ANALYTIC_SYSTEMS:
             raise TradeMDError(
                 "give --data FILE.h5 (from `trade-md simulate`) or --system with an analytic "
@@ -85,11 +86,16 @@ def _target(data: str | Path | None, system: str | None, platform: str,
 
 
 def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | None = None,
-              temperature_k: float | None = None,
+              temperature_k: float | None = None, boundary_temperature_k: float | None = None,
               system: str | None = None, preset: str = "quick", config_file: str | Path | None = None,
               overrides: dict | None = None, device: str = "auto", platform: str = "auto",
               resume: bool = False, show_progress: bool = True) -> Path:
     """Train a flow as ``trade-md train`` does; returns the path of ``model.pt``.
+
+    Data-free runs (``objective`` data-free) of a molecular ``system`` fit their boundary by
+    reverse KL at ``boundary_temperature_k`` (default ``t_max``), with features normalised by
+    the minimised structure and the force field's thermal widths there
+    (:meth:`MoleculeTarget.from_structure`); analytic systems keep their own T0.
 
     Settings: the preset, then the config file, then ``overrides`` (CLI options), each
     overriding the one before; where only the steps change, the preset's refinement steps
@@ -124,7 +130,13 @@ def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | No
         # small per-step tensors: one thread is fastest, and leaves the other cores to the
         # OpenMM energy workers (docs/performance.md; ranks side by side share the cores)
         torch.set_num_threads(1)
-    target = _target(data, system, platform, temperature_k, config.objective)
+    from trademd.systems.analytic import ANALYTIC_SYSTEMS
+
+    if boundary_temperature_k is not None and (config.objective != "data-free" or system in ANALYTIC_SYSTEMS):
+        raise TradeMDError("--t0 sets the boundary temperature of data-free training of molecules: "
+                           "drop it (data fix T0; analytic systems have their own)")
+    boundary = t_max if boundary_temperature_k is None else float(boundary_temperature_k)
+    target = _target(data, system, platform, temperature_k, config.objective, boundary)
     try:
         trainer = Trainer(target, config, out, device=device,
                           validation_features=target.validation_features, ranks=ranks)

@@ -449,6 +449,28 @@ class InternalCoordinates(nn.Module):
         self.fitted = True
         return self
 
+    @torch.no_grad()
+    def fit_structure(self, x_reference, std: Tensor) -> "InternalCoordinates":
+        """Set the normalisation without data: the mean is one structure's free bonds and
+        angles (e.g. a minimised one), the std is given (e.g. the force field's thermal widths,
+        :func:`trademd.energy.structure.harmonic_widths`).
+
+        Args:
+            x_reference: [n_atoms, 3] nm (tensor or array).
+            std: [n_bonded_dims] in nm (bonds) and rad (angles), positive.
+        """
+        x = torch.as_tensor(np.asarray(x_reference) if not isinstance(x_reference, Tensor) else x_reference)
+        if x.shape != (self.n_atoms, 3):
+            raise TradeMDError(f"the reference structure must have shape ({self.n_atoms}, 3), got {tuple(x.shape)}")
+        std = torch.as_tensor(std, dtype=torch.float64, device=self.mean.device)
+        if std.shape != self.std.shape or not bool((std > 0).all()):
+            raise TradeMDError(f"the widths must be {tuple(self.std.shape)} positive values")
+        bonds, angles, _ = cartesian_to_internal(x.to(self.mean.device, torch.float64)[None], self.zmatrix)
+        self.mean.copy_(torch.cat([bonds[0, self._free_rows], angles[0]]))
+        self.std.copy_(std)
+        self.fitted = True
+        return self
+
     def get_extra_state(self) -> dict:
         """Saved in the state dict (plain floats, loads with ``weights_only=True``)."""
         return {"bound": self.bound, "n_std": self.n_std, "fitted": self.fitted}
@@ -466,6 +488,11 @@ class InternalCoordinates(nn.Module):
     @property
     def n_atoms(self) -> int:
         return int(self.zmatrix.shape[0])
+
+    @property
+    def free_bond_rows(self) -> np.ndarray:
+        """Z-matrix rows whose bond is a flow feature (not constrained), in feature order."""
+        return self._free_rows.cpu().numpy() + 1
 
     @property
     def n_torsions(self) -> int:

@@ -204,6 +204,23 @@ class MoleculeTarget:
         return target
 
     @classmethod
+    def from_structure(cls, molecule, temperature_k: float, platform: str = "auto",
+                       workers: int | None = None) -> "MoleculeTarget":
+        """A target without data (data-free training at T0 = ``temperature_k``): the features
+        are centred on the minimised structure of the system's PDB and scaled by the force
+        field's thermal widths at T0 (:mod:`trademd.energy.structure`), so that the flow's
+        interval holds +-5 widths of every bond and angle; torsions are free."""
+        from trademd.energy.structure import harmonic_widths, minimised_positions
+
+        system = molecule.create_openmm_system()
+        constraints = constrained_bonds_from_openmm(system)
+        coordinates = InternalCoordinates(molecule.zmatrix, constraints)
+        reference = minimised_positions(system, molecule.positions_nm())
+        widths = harmonic_widths(system, molecule.zmatrix, coordinates.free_bond_rows, temperature_k)
+        coordinates.fit_structure(reference, widths)
+        return cls(molecule, coordinates, temperature_k, platform, workers)
+
+    @classmethod
     def from_record(cls, record: dict, reference_temperature: float, platform: str = "auto",
                     workers: int | None = None) -> "MoleculeTarget":
         """Rebuild the target a model file describes (see :meth:`record`)."""

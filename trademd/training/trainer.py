@@ -262,7 +262,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.seed)
-        self.data = target.data_features.to(self.device)
+        self.data = None if target.data_features is None else target.data_features.to(self.device)
         self.data_generator = torch.Generator().manual_seed(config.seed)
         self.validation = None if validation_features is None else validation_features.to(self.device)
         self.flow = build_flow(self._flow_config()).to(self.device)
