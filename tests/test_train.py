@@ -139,10 +139,10 @@ def test_data_free_trade_transfers_the_double_well(tmp_path):
     assert int(rows[-1]["energy_evaluations"]) > 0
 
 
-def test_data_free_cli_refuses_data_and_molecules(tmp_path):
+def test_data_free_cli_refuses_data_and_other_objectives(tmp_path):
     base = ["train", "--tmin", "0.5", "--tmax", "2", "--out", str(tmp_path / "r"), "--quiet", "--data-free"]
-    result = runner.invoke(app, [*base, "--system", "ala2-implicit"])
-    assert result.exit_code == 1 and "data-free training of molecular systems" in result.output
+    result = runner.invoke(app, [*base, "--data", str(tmp_path / "data.h5")])
+    assert result.exit_code == 1 and "data-free training uses no data" in result.output
     result = runner.invoke(app, [*base, "--system", "gaussian-2d", "--objective", "nll"])
     assert result.exit_code == 1 and "--data-free is the objective data-free" in result.output
     result = runner.invoke(app, [*base, "--system", "gaussian-2d", "--steps", "4"])

@@ -1,0 +1,110 @@
+"""Data-free training of molecules: the feature normalisation from a minimised structure and
+the force field's thermal widths, and `train --data-free --t0` end to end."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from trademd.energy.molecule import MoleculeEnergy
+from trademd.energy.structure import harmonic_widths, minimised_positions
+from trademd.errors import TradeMDError
+from trademd.sample import sample_run
+from trademd.systems import get_system
+from trademd.train import train_run
+from trademd.training.targets import MoleculeTarget
+from trademd.units import BOLTZMANN_KJ_MOL_K
+
+T0_K = 1200.0
+#: Training settings small enough for seconds (no refinement; few metrics samples).
+SMALL = {"steps": 4, "batch_size": 16, "trade_points": 16, "cache_samples": 100, "reverse_kl_samples": 32,
+         "metrics_every": 2, "metrics_samples": 100, "refine_rounds": 0}
+
+
+@pytest.fixture(scope="module")
+def target():
+    made = MoleculeTarget.from_structure(get_system("ala2-implicit"), T0_K, platform="CPU", workers=0)
+    yield made
+    made.close()
+
+
+def test_minimisation_lowers_the_energy_to_a_stationary_point():
+    molecule = get_system("ala2-implicit")
+    system = molecule.create_openmm_system()
+    energy = MoleculeEnergy(system)
+    before, _ = energy(molecule.positions_nm()[None])
+    minimised = minimised_positions(system, molecule.positions_nm())
+    after, _ = energy(minimised[None])
+    again, _ = energy(minimised_positions(system, minimised)[None])
+    assert after[0] < before[0] - 1.0
+    # a local minimum: minimising again gains almost nothing (forces along the rigid X-H bonds
+    # are constraint forces, so the forces themselves need not vanish)
+    assert abs(again[0] - after[0]) < 0.5
+
+
+def test_features_are_centred_on_the_minimised_structure(target):
+    molecule = get_system("ala2-implicit")
+    reference = minimised_positions(molecule.create_openmm_system(), molecule.positions_nm())
+    features, _ = target.coordinates(torch.as_tensor(reference[None]))
+    assert features.bounded.abs().max() < 1e-6
+    assert target.data_features is None and target.reference_temperature == T0_K
+    assert target.n_bounded == 29 and target.n_torsions == 19  # bonds to H rigid (HBonds)
+
+
+def test_bond_widths_are_the_thermal_widths_of_the_energy_curvature(target):
+    """Independent of the force-field parameters: the curvature d2U/db2 of the OpenMM energy
+    along each free bond (by finite differences through the internal coordinates, everything
+    else fixed) gives k_B T0 / width^2 within 10 % (the bond term dominates the curvature)."""
+    molecule = get_system("ala2-implicit")
+    energy = MoleculeEnergy(molecule.create_openmm_system())
+    coordinates = target.coordinates
+    reference = minimised_positions(molecule.create_openmm_system(), molecule.positions_nm())
+    features, _ = coordinates(torch.as_tensor(reference[None]))
+    n_free = len(coordinates.free_bond_rows)
+    step = 0.05  # in feature units: 0.05 x 5 widths / bound 1 = a quarter width
+    for j in range(n_free):
+        values = []
+        for h in (-step, 0.0, step):
+            bounded = features.bounded.clone()
+            bounded[0, j] += h
+            x, _ = coordinates.inverse(features.torsions, bounded)
+            values.append(energy(x.numpy())[0][0])
+        width_nm = float(coordinates.std[j])
+        feature_to_nm = coordinates.n_std * width_nm / coordinates.bound
+        curvature = (values[0] - 2 * values[1] + values[2]) / (step * feature_to_nm) ** 2
+        assert BOLTZMANN_KJ_MOL_K * T0_K / width_nm**2 == pytest.approx(curvature, rel=0.1)
+
+
+def test_harmonic_widths_scale_with_the_square_root_of_temperature(target):
+    molecule = get_system("ala2-implicit")
+    system = molecule.create_openmm_system()
+    rows = target.coordinates.free_bond_rows
+    hot = harmonic_widths(system, molecule.zmatrix, rows, 1200.0)
+    cold = harmonic_widths(system, molecule.zmatrix, rows, 300.0)
+    assert torch.allclose(hot / cold, torch.full_like(hot, 2.0))
+    assert torch.allclose(hot, target.coordinates.std)
+    angles = hot[len(rows):]
+    # amber angle constants 290-670 kJ/mol/rad^2: widths at 1200 K 0.12-0.19 rad
+    assert float(angles.min()) > 0.1 and float(angles.max()) < 0.2
+
+
+def test_data_free_training_of_a_molecule_runs_and_samples(tmp_path):
+    model_path = train_run(tmp_path / "train", 300.0, T0_K, system="ala2-implicit",
+                           overrides={"objective": "data-free", **SMALL}, device="cpu",
+                           platform="CPU", show_progress=False)
+    saved = torch.load(model_path, weights_only=False)
+    assert saved["reference_temperature"] == T0_K and saved["objective"] == "data-free"
+    assert saved["energy_evaluations"] > 0
+    (summary,) = sample_run(model_path, [300.0], 256, tmp_path / "samples.h5", device="cpu",
+                            platform="CPU", show_progress=False)
+    assert summary["n"] == 256 and math.isfinite(summary["relative_ess"])
+
+
+def test_boundary_temperature_only_for_data_free_molecules(tmp_path):
+    with pytest.raises(TradeMDError, match="--t0 sets the boundary temperature"):
+        train_run(tmp_path / "a", 0.5, 2.0, system="double-well-5d", boundary_temperature_k=1.5,
+                  overrides={"objective": "data-free", **SMALL}, device="cpu", show_progress=False)
+    with pytest.raises(TradeMDError, match="--t0 sets the boundary temperature"):
+        train_run(tmp_path / "b", 300.0, 1200.0, system="ala2-implicit", boundary_temperature_k=900.0,
+                  overrides={"objective": "reverse-kl", **SMALL}, device="cpu", show_progress=False)
