@@ -233,7 +233,7 @@ def train(
     tmax: float = typer.Option(..., help="highest temperature of the trained range (K)"),
     objective: Optional[str] = typer.Option(None, help="trade (default), nll, reverse-kl, nll+reverse-kl, data-free, interpolation (analytic systems: a CNF on the continuity residual)"),
     data_free: bool = typer.Option(False, "--data-free", help="no data: a boundary by reverse KL at T0, TRADE over the range (--objective data-free)"),
-    t0: Optional[float] = typer.Option(None, "--t0", help="data-free training of a molecule: the boundary temperature in K (default --tmax)"),
+    t0: Optional[float] = typer.Option(None, "--t0", help="training a molecule without data (--data-free, --objective reverse-kl): the temperature in K of its boundary and feature widths (default --tmax)"),
     preset: str = typer.Option("quick", help="quick (laptop CPU, minutes) or paper (GPU scale)"),
     steps: Optional[int] = typer.Option(None, help="training steps (overrides the preset)"),
     batch_size: Optional[int] = typer.Option(None, help="NLL batch size, per rank under torchrun (overrides the preset)"),

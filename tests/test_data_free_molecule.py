@@ -107,4 +107,14 @@ def test_boundary_temperature_only_for_data_free_molecules(tmp_path):
                   overrides={"objective": "data-free", **SMALL}, device="cpu", show_progress=False)
     with pytest.raises(TradeMDError, match="--t0 sets the boundary temperature"):
         train_run(tmp_path / "b", 300.0, 1200.0, system="ala2-implicit", boundary_temperature_k=900.0,
-                  overrides={"objective": "reverse-kl", **SMALL}, device="cpu", show_progress=False)
+                  overrides={"objective": "trade", **SMALL}, device="cpu", show_progress=False)
+
+
+def test_reverse_kl_baseline_of_a_molecule_needs_no_data(tmp_path):
+    """Reverse KL over the range uses the energy alone: with --t0 the features are those of
+    the minimised structure at that temperature, as for data-free TRADE."""
+    model_path = train_run(tmp_path / "rkl", 300.0, T0_K, system="ala2-implicit", boundary_temperature_k=900.0,
+                           overrides={"objective": "reverse-kl", **SMALL}, device="cpu", platform="CPU",
+                           show_progress=False)
+    saved = torch.load(model_path, weights_only=False)
+    assert saved["objective"] == "reverse-kl" and saved["reference_temperature"] == 900.0

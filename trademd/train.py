@@ -13,7 +13,10 @@ from trademd.platforms import torch_device
 from trademd.training.targets import AnalyticTarget, MoleculeTarget, Target
 from trademd.training.trainer import TrainConfig, Trainer
 
-__all__ = ["PRESETS", "preset_settings", "train_run", "load_config_file"]
+__all__ = ["PRESETS", "ENERGY_ONLY_OBJECTIVES", "preset_settings", "train_run", "load_config_file"]
+
+#: Objectives that use the energy alone: molecules train on them without a data file.
+ENERGY_ONLY_OBJECTIVES = ("data-free", "reverse-kl")
 
 #: Training presets: what each changes from the :class:`TrainConfig` defaults, which are the
 #: ``quick`` preset (minutes on a laptop CPU); ``paper`` is the TRADE paper's alanine-dipeptide
@@ -72,7 +75,7 @@ def _target(data: str | Path | None, system: str | None, platform: str,
             "the interpolation objective trains a continuous flow on an analytic system, without "
             f"data: give --system with one of {sorted(ANALYTIC_SYSTEMS)} and no --data")
     if data is None:
-        if system is not None and system not in ANALYTIC_SYSTEMS and objective == "data-free":
+        if system is not None and system not in ANALYTIC_SYSTEMS and objective in ENERGY_ONLY_OBJECTIVES:
             from trademd.systems import get_system
 
             return MoleculeTarget.from_structure(get_system(system), boundary_temperature_k, platform)
@@ -92,10 +95,10 @@ def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | No
               resume: bool = False, show_progress: bool = True) -> Path:
     """Train a flow as ``trade-md train`` does; returns the path of ``model.pt``.
 
-    Data-free runs (``objective`` data-free) of a molecular ``system`` fit their boundary by
-    reverse KL at ``boundary_temperature_k`` (default ``t_max``), with features normalised by
-    the minimised structure and the force field's thermal widths there
-    (:meth:`MoleculeTarget.from_structure`); analytic systems keep their own T0.
+    Runs without data of a molecular ``system`` (objective data-free, or reverse-kl) take
+    their features from the minimised structure and the force field's thermal widths at
+    ``boundary_temperature_k`` (default ``t_max``; :meth:`MoleculeTarget.from_structure`); the
+    data-free objective fits its boundary by reverse KL there. Analytic systems keep their own T0.
 
     Settings: the preset, then the config file, then ``overrides`` (CLI options), each
     overriding the one before; where only the steps change, the preset's refinement steps
@@ -132,7 +135,8 @@ def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | No
         torch.set_num_threads(1)
     from trademd.systems.analytic import ANALYTIC_SYSTEMS
 
-    if boundary_temperature_k is not None and (config.objective != "data-free" or system in ANALYTIC_SYSTEMS):
+    if boundary_temperature_k is not None and (config.objective not in ENERGY_ONLY_OBJECTIVES
+                                               or system in ANALYTIC_SYSTEMS or data is not None):
         raise TradeMDError("--t0 sets the boundary temperature of data-free training of molecules: "
                            "drop it (data fix T0; analytic systems have their own)")
     boundary = t_max if boundary_temperature_k is None else float(boundary_temperature_k)
