@@ -242,3 +242,25 @@ def test_merge_of_replica_exchange_shards(tmp_path):
         walkers = h5["exchange/walker_at_rung"][()]
         assert walkers.shape[1:] == (2, 2) and set(np.unique(walkers[:, 1])) <= {2, 3}
         assert h5["exchange"].attrs["round_trips"] == a["exchange"].attrs["round_trips"] + b["exchange"].attrs["round_trips"]
+
+
+def test_a_file_interrupted_while_created_never_appears_half_made(tmp_path, monkeypatch):
+    """The layout is written to <out>.partial and renamed into place when complete: a failure
+    (or a kill) while creating it leaves nothing at the output path, so --resume or a new run
+    never meets a half-made HDF5 file."""
+    import trademd.io.h5io as h5io
+
+    out = tmp_path / "data.h5"
+    made = h5io.DynamicsFile.create(out, {"system": "x"}, "PDB", 3, [300.0])
+    made.close()
+    assert out.is_file() and not (tmp_path / "data.h5.partial").exists()
+    assert h5io.file_format(out) == h5io.TRAJECTORY_FORMAT
+
+    def broken(group, n_atoms):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(h5io, "create_frame_datasets", broken)
+    other = tmp_path / "other.h5"
+    with pytest.raises(OSError):
+        h5io.DynamicsFile.create(other, {"system": "x"}, "PDB", 3, [300.0, 400.0])
+    assert not other.exists()

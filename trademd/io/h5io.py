@@ -9,6 +9,7 @@ with a physical unit.
 from dataclasses import dataclass, field
 import json
 import math
+import os
 from pathlib import Path
 
 import h5py
@@ -244,14 +245,19 @@ def create_frame_datasets(group: h5py.Group, n_atoms: int) -> None:
     kinetic.attrs["description"] = "instantaneous kinetic temperature of the replicas [saves]"
 
 
-def new_file(path: Path, file_format: str, attrs: dict, topology_pdb: str,
-              overwrite: bool) -> h5py.File:
-    """A new trade-md file with format, version, attributes, units and topology."""
+def _check_new_path(path: Path, overwrite: bool) -> None:
+    """Refuse to replace an existing file unless ``overwrite``; make its folder."""
     if path.exists() and not overwrite:
         raise TradeMDError(
             f"{str(path)!r} exists: pass --overwrite to replace it or --resume to continue it"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def new_file(path: Path, file_format: str, attrs: dict, topology_pdb: str,
+              overwrite: bool) -> h5py.File:
+    """A new trade-md file with format, version, attributes, units and topology."""
+    _check_new_path(path, overwrite)
     h5 = h5py.File(path, "w")
     h5.attrs["format"] = file_format
     h5.attrs["format_version"] = FORMAT_VERSION
@@ -324,20 +330,28 @@ class DynamicsFile:
                temperatures_k: list[float], overwrite: bool = False) -> "DynamicsFile":
         """A new file at ``path``: a trajectory file for one temperature (K), a
         replica-exchange file (attribute ``temperatures_k``, an ensemble group per
-        temperature, an empty ``exchange/`` group) for several."""
+        temperature, an empty ``exchange/`` group) for several.
+
+        The layout is written to ``<path>.partial`` and renamed into place when complete, so a
+        run killed while creating the file leaves no half-made file at ``path``."""
+        path = Path(path)
+        _check_new_path(path, overwrite)
+        partial = path.with_name(path.name + ".partial")
         if len(temperatures_k) == 1:
-            h5 = new_file(Path(path), TRAJECTORY_FORMAT, attrs, topology_pdb, overwrite)
+            h5 = new_file(partial, TRAJECTORY_FORMAT, attrs, topology_pdb, overwrite=True)
             create_frame_datasets(h5, n_atoms)
-            return cls(h5)
-        h5 = new_file(Path(path), REPLICA_EXCHANGE_FORMAT,
-                       {**attrs, "temperatures_k": [float(t) for t in temperatures_k]},
-                       topology_pdb, overwrite)
-        for temperature_k in temperatures_k:
-            group = h5.create_group(group_name(temperature_k))
-            group.attrs["temperature_k"] = float(temperature_k)
-            create_frame_datasets(group, n_atoms)
-        h5.create_group("exchange")
-        return cls(h5)
+        else:
+            h5 = new_file(partial, REPLICA_EXCHANGE_FORMAT,
+                          {**attrs, "temperatures_k": [float(t) for t in temperatures_k]},
+                          topology_pdb, overwrite=True)
+            for temperature_k in temperatures_k:
+                group = h5.create_group(group_name(temperature_k))
+                group.attrs["temperature_k"] = float(temperature_k)
+                create_frame_datasets(group, n_atoms)
+            h5.create_group("exchange")
+        h5.close()
+        os.replace(partial, path)
+        return cls(h5py.File(path, "a"))
 
     @classmethod
     def reopen(cls, path: str | Path) -> "DynamicsFile":
