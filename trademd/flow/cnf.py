@@ -223,12 +223,15 @@ class TemperatureCNF(nn.Module):
                                               rtol=self.rtol, exact=True)
         return (transform.inv if reverse else transform).call_and_ladj(x)
 
+    def sample_base(self, n: int) -> Tensor:
+        """n points [n, D] of the Gaussian base (the model's dtype and device)."""
+        return self.path.base_sigma * torch.randn(n, self.n_features, dtype=self._anchor.dtype,
+                                                  device=self._anchor.device)
+
     def sample_path(self, n: int, lam: Tensor) -> Tensor:
         """n points [n, D] of the model's p_lam at path times lam [n] (no log-det, no gradient)."""
         with torch.no_grad():
-            x0 = self.path.base_sigma * torch.randn(n, self.n_features, dtype=self._anchor.dtype,
-                                                    device=self._anchor.device)
-            return odeint(self._field(lam), x0, 0.0, 1.0, (), self.atol, self.rtol)
+            return odeint(self._field(lam), self.sample_base(n), 0.0, 1.0, (), self.atol, self.rtol)
 
     def log_prob(self, x: Tensor, temperature) -> Tensor:
         """log p(x | T) [B] for x [B, D]; T a float or a tensor [B]."""
@@ -238,8 +241,7 @@ class TemperatureCNF(nn.Module):
     def sample(self, n: int, temperature) -> tuple[Tensor, Tensor]:
         """n samples x [n, D] at T and their log p(x | T) [n], without gradients."""
         with torch.no_grad():
-            x0 = self.path.base_sigma * torch.randn(n, self.n_features, dtype=self._anchor.dtype,
-                                                    device=self._anchor.device)
+            x0 = self.sample_base(n)
             x, ladj = self.transport(x0, self._times(temperature, n))
             return x, self.path.base_log_prob(x0) - ladj
 

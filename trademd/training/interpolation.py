@@ -65,10 +65,9 @@ def residual_points(model: TemperatureCNF, n: int, base_fraction: float = 0.5) -
     a ``base_fraction`` of points drawn from the (broad) base, so that the field is also
     trained where the model has no mass yet (else modes it misses stay missed, and the density
     of points there is arbitrary)."""
-    lam = PATH_END * torch.rand(n, dtype=model._anchor.dtype, device=model._anchor.device)
     n_base = int(round(base_fraction * n))
-    from_base = model.path.base_sigma * torch.randn(n_base, model.n_features, dtype=lam.dtype,
-                                                    device=lam.device)
+    from_base = model.sample_base(n_base)
+    lam = PATH_END * torch.rand(n, dtype=from_base.dtype, device=from_base.device)
     return torch.cat([from_base, model.sample_path(n - n_base, lam[n_base:])]), lam
 
 
@@ -82,7 +81,7 @@ def initialise_normaliser_rate(model: TemperatureCNF, reduced_energy: Callable[[
     lam_nodes = model.normaliser_rate.node_times
     lam = lam_nodes.reshape(-1).repeat_interleave(n_per_node)
     with torch.no_grad():
-        x = path.base_sigma * torch.randn(len(lam), model.n_features, dtype=lam.dtype, device=lam.device)
+        x = model.sample_base(len(lam)).to(lam.dtype)
         f, df_dlam = path.energy(x, reduced_energy(x, path.temperature(lam)), lam)
         log_w = (-f - path.base_log_prob(x)).reshape(-1, n_per_node)
         log_w = torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf))
