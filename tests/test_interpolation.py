@@ -27,12 +27,14 @@ def harmonic(x, temperature):
     return 0.5 * x.pow(2).sum(-1) / temperature
 
 
-def log_scale_rate(path: TemperaturePath, lam):
-    """d log s / d lam of the exact path of the harmonic system, whose p_lam is N(0, s^2 I)."""
+def log_scale_rate(path: TemperaturePath, lam, on_temperature_part=None):
+    """d log s / d lam of the exact path of the harmonic system, whose p_lam is N(0, s^2 I)
+    (at lam = 1 the temperature part's, unless ``on_temperature_part`` says otherwise)."""
     inverse_variance_rate = 1.0 / path.t_max - 1.0 / path.base_sigma**2
     variance_on_base_part = 1.0 / ((1 - lam) / path.base_sigma**2 + lam / path.t_max)
-    return torch.where(lam < 1, -0.5 * variance_on_base_part * inverse_variance_rate,
-                       torch.full_like(lam, -0.5 * path.log_ratio))
+    temperature_part = lam >= 1 if on_temperature_part is None else on_temperature_part
+    return torch.where(temperature_part, torch.full_like(lam, -0.5 * path.log_ratio),
+                       -0.5 * variance_on_base_part * inverse_variance_rate)
 
 
 class ExactVelocity(nn.Module):
@@ -42,8 +44,8 @@ class ExactVelocity(nn.Module):
         super().__init__()
         self.path, self.factor = path, factor
 
-    def forward(self, x, lam):
-        return self.factor * log_scale_rate(self.path, lam)[:, None] * x
+    def forward(self, x, lam, on_temperature_part=None):
+        return self.factor * log_scale_rate(self.path, lam, on_temperature_part)[:, None] * x
 
 
 class ExactRate(nn.Module):

@@ -11,8 +11,9 @@ The path has a time lam in [0, 2] and an energy f_lam(x) (reduced units, p_lam ~
 
 p(x | T) is the base pushed by the learnt vector field V(x, lam) from lam = 0 to lam(T). The
 ODE is solved by zuko (:class:`zuko.transforms.FreeFormJacobianTransform`, adaptive
-Dormand-Prince, exact trace); every sample carries its own end time through the substitution
-lam = s lam_end, dx/ds = lam_end V(x, s lam_end), s in [0, 1].
+Dormand-Prince, exact trace) in two smooth segments split at lam = 1, where the field may jump;
+every sample carries its own end time through the substitution lam = s a (base part) and
+lam = 1 + s b (temperature part), s in [0, 1].
 """
 
 from dataclasses import dataclass
@@ -80,13 +81,14 @@ class TemperaturePath:
 _TIME_FEATURES = 4
 
 
-def _time_features(lam: Tensor) -> Tensor:
+def _time_features(lam: Tensor, on_temperature_part: Tensor | None = None) -> Tensor:
     """[B] -> [B, 4]: lam centred on the path's middle, one period of sin/cos over it, and a
     step at lam = 1, where d f / d lam jumps (base part -> temperature part), so the field can
-    jump there too."""
+    jump there too. ``on_temperature_part`` (bool [B]) overrides lam >= 1: the ODE's base-part
+    segment ends at lam = 1 on the base part's side of the jump."""
     phase = math.pi * lam
-    step = (lam >= 1.0).to(lam.dtype)
-    return torch.stack([lam - 1.0, torch.sin(phase), torch.cos(phase), step], dim=-1)
+    step = (lam >= 1.0) if on_temperature_part is None else on_temperature_part
+    return torch.stack([lam - 1.0, torch.sin(phase), torch.cos(phase), step.to(lam.dtype)], dim=-1)
 
 
 class VelocityField(nn.Module):
@@ -113,8 +115,9 @@ class VelocityField(nn.Module):
         self.net = nn.Sequential(*layers, last)
         self.scale = float(scale)
 
-    def forward(self, x: Tensor, lam: Tensor) -> Tensor:
-        return self.scale * self.net(torch.cat([x / self.scale, _time_features(lam)], dim=-1))
+    def forward(self, x: Tensor, lam: Tensor, on_temperature_part: Tensor | None = None) -> Tensor:
+        features = _time_features(lam, on_temperature_part)
+        return self.scale * self.net(torch.cat([x / self.scale, features], dim=-1))
 
 
 class NormaliserRate(nn.Module):
@@ -209,9 +212,14 @@ class TemperatureCNF(nn.Module):
             raise TradeMDError(f"got {t.shape[0]} temperatures for {n} samples")
         return self.path.time(t)
 
-    def _field(self, lam_end: Tensor):
-        """dx/ds = lam_end V(x, s lam_end): the ODE in the per-sample time s in [0, 1]."""
-        return lambda s, x: lam_end[:, None] * self.velocity(x, s * lam_end)
+    def _segments(self, lam_end: Tensor) -> list:
+        """The ODE in two smooth segments, split at the field's jump at lam = 1: per sample
+        lam = s a on the base part (a = min(lam_end, 1)) and lam = 1 + s b on the temperature
+        part (b = max(lam_end - 1, 0)), s in [0, 1] for both; dx/ds = a V or b V."""
+        a, b = lam_end.clamp(max=1.0), (lam_end - 1.0).clamp(min=0.0)
+        base_part = torch.zeros_like(lam_end, dtype=torch.bool)
+        return [lambda s, x: a[:, None] * self.velocity(x, s * a, base_part),
+                lambda s, x: b[:, None] * self.velocity(x, 1.0 + s * b, ~base_part)]
 
     def transport(self, x: Tensor, lam_end: Tensor, reverse: bool = False) -> tuple[Tensor, Tensor]:
         """Move x [B, D] from lam = 0 to lam_end [B] (``reverse``: from lam_end back to 0).
@@ -219,9 +227,15 @@ class TemperatureCNF(nn.Module):
         Returns:
             (the moved points [B, D], log|det d out / d in| [B]).
         """
-        transform = FreeFormJacobianTransform(self._field(lam_end), 0.0, 1.0, atol=self.atol,
-                                              rtol=self.rtol, exact=True)
-        return (transform.inv if reverse else transform).call_and_ladj(x)
+        steps = [FreeFormJacobianTransform(field, 0.0, 1.0, atol=self.atol, rtol=self.rtol, exact=True)
+                 for field in self._segments(lam_end)]
+        if reverse:
+            steps = [step.inv for step in reversed(steps)]
+        total = torch.zeros_like(lam_end)
+        for step in steps:
+            x, ladj = step.call_and_ladj(x)
+            total = total + ladj
+        return x, total
 
     def sample_base(self, n: int) -> Tensor:
         """n points [n, D] of the Gaussian base (the model's dtype and device)."""
@@ -231,7 +245,10 @@ class TemperatureCNF(nn.Module):
     def sample_path(self, n: int, lam: Tensor) -> Tensor:
         """n points [n, D] of the model's p_lam at path times lam [n] (no log-det, no gradient)."""
         with torch.no_grad():
-            return odeint(self._field(lam), self.sample_base(n), 0.0, 1.0, (), self.atol, self.rtol)
+            x = self.sample_base(n)
+            for field in self._segments(lam):
+                x = odeint(field, x, 0.0, 1.0, (), self.atol, self.rtol)
+            return x
 
     def log_prob(self, x: Tensor, temperature) -> Tensor:
         """log p(x | T) [B] for x [B, D]; T a float or a tensor [B]."""
