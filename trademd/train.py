@@ -10,6 +10,7 @@ from trademd import distributed
 from trademd.analysis.plots import plot_losses
 from trademd.errors import TradeMDError
 from trademd.platforms import torch_device
+from trademd.systems.analytic import ANALYTIC_SYSTEMS, get_analytic_system
 from trademd.training.targets import AnalyticTarget, MoleculeTarget, Target
 from trademd.training.trainer import TrainConfig, Trainer
 
@@ -68,8 +69,6 @@ def load_config_file(path: str | Path) -> dict:
 def _target(data: str | Path | None, system: str | None, platform: str,
             temperature_k: float | None = None, objective: str = "trade",
             boundary_temperature_k: float | None = None) -> Target:
-    from trademd.systems.analytic import ANALYTIC_SYSTEMS, get_analytic_system
-
     if objective == "interpolation" and (data is not None or system not in ANALYTIC_SYSTEMS):
         raise TradeMDError(
             "the interpolation objective trains a continuous flow on an analytic system, without "
@@ -133,8 +132,6 @@ def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | No
         # small per-step tensors: one thread is fastest, and leaves the other cores to the
         # OpenMM energy workers (docs/performance.md; ranks side by side share the cores)
         torch.set_num_threads(1)
-    from trademd.systems.analytic import ANALYTIC_SYSTEMS
-
     if boundary_temperature_k is not None and (config.objective not in ENERGY_ONLY_OBJECTIVES
                                                or system in ANALYTIC_SYSTEMS or data is not None):
         raise TradeMDError("--t0 sets the boundary temperature of data-free training of molecules: "

@@ -25,6 +25,7 @@ from zuko.transforms import FreeFormJacobianTransform
 from zuko.utils import odeint
 
 from trademd.errors import TradeMDError
+from trademd.flow.conditional import per_sample_temperatures
 
 __all__ = ["TemperaturePath", "VelocityField", "NormaliserRate", "TemperatureCNF", "PATH_END"]
 
@@ -206,11 +207,7 @@ class TemperatureCNF(nn.Module):
 
     def _times(self, temperature, n: int) -> Tensor:
         """lam(T) [n] of a float or tensor (scalar or [n]) of temperatures."""
-        t = torch.as_tensor(temperature, dtype=self._anchor.dtype, device=self._anchor.device)
-        t = t.expand(n) if t.dim() == 0 else t.reshape(-1)
-        if t.shape[0] != n:
-            raise TradeMDError(f"got {t.shape[0]} temperatures for {n} samples")
-        return self.path.time(t)
+        return self.path.time(per_sample_temperatures(temperature, n, self._anchor))
 
     def _segments(self, lam_end: Tensor) -> list:
         """The ODE in two smooth segments, split at the field's jump at lam = 1: per sample

@@ -306,6 +306,18 @@ class SplineCoupling(nn.Module):
 # the flow
 
 
+def per_sample_temperatures(temperature, n: int, like: Tensor) -> Tensor:
+    """A float or tensor (scalar or [n]) of temperatures -> tensor [n] with the dtype and device
+    of ``like`` (gradients kept)."""
+    t = torch.as_tensor(temperature, dtype=like.dtype, device=like.device)
+    if t.dim() == 0:
+        return t.expand(n)
+    t = t.reshape(-1)
+    if t.shape[0] != n:
+        raise TradeMDError(f"got {t.shape[0]} temperatures for {n} samples")
+    return t
+
+
 class TemperatureFlow(nn.Module):
     """Temperature-conditional coupling flow p(z | T) (TRADE, Wahl et al. 2025).
 
@@ -411,13 +423,7 @@ class TemperatureFlow(nn.Module):
 
     def _temperatures(self, temperature_k, n: int) -> Tensor:
         """A float or tensor (scalar or [n]) of kelvin -> tensor [n] (gradients kept)."""
-        t = torch.as_tensor(temperature_k, dtype=self._anchor.dtype, device=self._anchor.device)
-        if t.dim() == 0:
-            return t.expand(n)
-        t = t.reshape(-1)
-        if t.shape[0] != n:
-            raise TradeMDError(f"got {t.shape[0]} temperatures for {n} samples")
-        return t
+        return per_sample_temperatures(temperature_k, n, self._anchor)
 
     def _wrap(self, w: Tensor) -> Tensor:
         """Normalised torsions onto [-1, 1); bounded columns untouched."""

@@ -421,7 +421,7 @@ class InternalCoordinates(nn.Module):
         for start in range(0, x.shape[0], chunk):
             part = x[start : start + chunk].to(device=device, dtype=torch.float64)
             bonds, angles, _ = cartesian_to_internal(part, self.zmatrix)
-            v = torch.cat([bonds[:, self._free_rows], angles], dim=-1)
+            v = self._bounded_values(bonds, angles)
             if shift is None:
                 shift = v[0]
             total += (v - shift).sum(0)
@@ -466,7 +466,7 @@ class InternalCoordinates(nn.Module):
         if std.shape != self.std.shape or not bool((std > 0).all()):
             raise TradeMDError(f"the widths must be {tuple(self.std.shape)} positive values")
         bonds, angles, _ = cartesian_to_internal(x.to(self.mean.device, torch.float64)[None], self.zmatrix)
-        self.mean.copy_(torch.cat([bonds[0, self._free_rows], angles[0]]))
+        self.mean.copy_(self._bounded_values(bonds, angles)[0])
         self.std.copy_(std)
         self.fitted = True
         return self
@@ -488,6 +488,11 @@ class InternalCoordinates(nn.Module):
     @property
     def n_atoms(self) -> int:
         return int(self.zmatrix.shape[0])
+
+    def _bounded_values(self, bonds: Tensor, angles: Tensor) -> Tensor:
+        """The bounded features before normalisation, [..., n_bonded_dims]: the free bonds
+        (nm), then every angle (rad)."""
+        return torch.cat([bonds[..., self._free_rows], angles], dim=-1)
 
     @property
     def free_bond_rows(self) -> np.ndarray:
@@ -555,7 +560,7 @@ class InternalCoordinates(nn.Module):
         bonds, angles, torsions = cartesian_to_internal(x, self.zmatrix)
         fixed_lengths = self.fixed_lengths.to(x)
         bonds_model = torch.where(self.bond_fixed, fixed_lengths, bonds)
-        v = torch.cat([bonds[..., self._free_rows], angles], dim=-1)
+        v = self._bounded_values(bonds, angles)
         bounded = (v - self.mean.to(x)) / scale
         log_det = -internal_log_det(bonds_model, angles) - torch.log(scale).sum()
         bound = self.bound
