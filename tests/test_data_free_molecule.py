@@ -1,18 +1,21 @@
 """Data-free training of molecules: the feature normalisation from a minimised structure and
 the force field's thermal widths, and `train --data-free --t0` end to end."""
 
+import csv
 import math
 
 import numpy as np
 import pytest
 import torch
 
+from trademd.analysis.chirality import chirality_restraint
 from trademd.energy.molecule import MoleculeEnergy
 from trademd.energy.structure import harmonic_widths, minimised_positions
 from trademd.errors import TradeMDError
 from trademd.sample import sample_run
 from trademd.systems import get_system
 from trademd.train import train_run
+from trademd.training.structure_prior import StructurePrior
 from trademd.training.targets import MoleculeTarget
 from trademd.units import BOLTZMANN_KJ_MOL_K
 
@@ -118,3 +121,74 @@ def test_reverse_kl_baseline_of_a_molecule_needs_no_data(tmp_path):
                            show_progress=False)
     saved = torch.load(model_path, weights_only=False)
     assert saved["objective"] == "reverse-kl" and saved["reference_temperature"] == 900.0
+
+
+# -- the structure prior -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def prior(target):
+    return StructurePrior.from_target(target, target.structure_features, T0_K, n_grid=180,
+                                      chirality_restraint_kt=100.0)
+
+
+def test_structure_prior_torsions_are_the_conditional_boltzmann_densities(target, prior):
+    """Exact identity: between any two bins of a torsion the log-density differs by the
+    reduced-energy difference of the minimised structure with that torsion set to the bins'
+    centres (computed here afresh), and every row integrates to one."""
+    assert torch.allclose((prior.torsion_log_prob.exp() * prior.bin_width).sum(1),
+                          torch.ones(target.n_torsions, dtype=torch.float64))
+    centres = -math.pi + (torch.tensor([10, 95]) + 0.5) * prior.bin_width
+    for k in (0, 3, 5):  # phi, psi, the C-beta branch
+        z = target.structure_features.double().expand(2, -1).clone()
+        z[:, k] = centres
+        u, _ = target.reduced_energy(z, torch.full((2,), T0_K), 100.0)
+        expected = -(float(u[1]) - float(u[0]))
+        got = float(prior.torsion_log_prob[k, 95] - prior.torsion_log_prob[k, 10])
+        assert got == pytest.approx(expected, abs=1e-3 * max(1.0, abs(expected)))
+
+
+def test_structure_prior_samples_follow_its_density_and_keep_the_chirality(target, prior):
+    z = prior.sample(20000, torch.Generator().manual_seed(0))
+    assert z.shape == (20000, target.n_torsions + target.n_bounded)
+    # torsion marginals: histogram against the tabulated density (psi: broad, many bins)
+    counts = torch.bincount(((z[:, 3].double() + math.pi) / prior.bin_width).long().clamp(0, 179), minlength=180)
+    expected = prior.torsion_log_prob[3].exp() * prior.bin_width * 20000
+    busy = expected > 50
+    assert float(((counts[busy] - expected[busy]) / expected[busy].sqrt()).abs().max()) < 5.0
+    # bounded features: the thermal widths, bound / n_std in feature units
+    assert float(z[:, target.n_torsions:].std()) == pytest.approx(1.0 / 5.0, rel=0.05)
+    # log_prob is the density sampled from: its mean is minus the entropy, finite everywhere
+    assert bool(torch.isfinite(prior.log_prob(z)).all())
+    # no sample is a D-alanine, while a uniform torsion start gives about half of them
+    x, _ = target.positions(z[:2000])
+    molecule = get_system("ala2-implicit")
+    mirrored = chirality_restraint(x, molecule.chiral_centres, molecule.positions_nm())
+    assert float((mirrored > 0).float().mean()) == 0.0
+    uniform = z[:2000].clone()
+    uniform[:, :target.n_torsions] = (torch.rand(2000, target.n_torsions, generator=torch.Generator().manual_seed(1))
+                                      * 2 - 1) * math.pi
+    x_uniform, _ = target.positions(uniform)
+    assert float((chirality_restraint(x_uniform, molecule.chiral_centres, molecule.positions_nm()) > 0)
+                 .float().mean()) > 0.3
+
+
+def test_data_free_training_fits_the_prior_first_and_counts_its_energies(tmp_path):
+    overrides = {**SMALL, "objective": "data-free", "steps": 10, "warmup_fraction": 0.6, "prior_fraction": 0.4,
+                 "metrics_every": 1, "prior_samples": 1000}
+    model_path = train_run(tmp_path / "train", 300.0, T0_K, system="ala2-implicit", overrides=overrides,
+                           device="cpu", platform="CPU", show_progress=False)
+    with (tmp_path / "train" / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    prior_steps = [int(r["step"]) for r in rows if r["prior_nll"]]
+    reverse_steps = [int(r["step"]) for r in rows if r["reverse_kl"]]
+    assert prior_steps == [1, 2, 3, 4] and reverse_steps == list(range(5, 11))
+    # the profiles (19 torsions x 360 bins) are in the count besides the metrics samples
+    metrics_only = sum(3 * SMALL["metrics_samples"] for _ in rows)
+    assert torch.load(model_path, weights_only=False)["energy_evaluations"] >= 19 * 360 + metrics_only
+
+
+def test_prior_must_come_before_the_boundary(tmp_path):
+    with pytest.raises(TradeMDError, match="prior_fraction must lie in"):
+        train_run(tmp_path / "a", 300.0, T0_K, system="ala2-implicit",
+                  overrides={**SMALL, "objective": "data-free", "warmup_fraction": 0.1, "prior_fraction": 0.2},
+                  device="cpu", platform="CPU", show_progress=False)

@@ -164,7 +164,7 @@ class MoleculeTarget:
     """
 
     def __init__(self, molecule, coordinates: InternalCoordinates, reference_temperature: float,
-                 platform: str = "auto", workers: int | None = None):
+                 platform: str = "auto", workers: int | None = None, openmm_system=None):
         self.molecule = molecule
         self.name = molecule.name
         self.boltzmann_k = BOLTZMANN_KJ_MOL_K
@@ -178,7 +178,10 @@ class MoleculeTarget:
         self.data_features: Tensor | None = None
         self.validation_features: Tensor | None = None
         self.split: DataSplit | None = None
-        self.bridge = EnergyBridge(molecule.create_openmm_system(), platform=platform, workers=workers)
+        #: features [D] of the minimised structure a data-free target is centred on (else None)
+        self.structure_features: Tensor | None = None
+        system = openmm_system if openmm_system is not None else molecule.create_openmm_system()
+        self.bridge = EnergyBridge(system, platform=platform, workers=workers)
 
     @classmethod
     def from_trajectory(cls, data_path: str | Path, platform: str = "auto",
@@ -209,7 +212,8 @@ class MoleculeTarget:
         """A target without data (data-free training at T0 = ``temperature_k``): the features
         are centred on the minimised structure of the system's PDB and scaled by the force
         field's thermal widths at T0 (:mod:`trademd.energy.structure`), so that the flow's
-        interval holds +-5 widths of every bond and angle; torsions are free."""
+        interval holds +-5 widths of every bond and angle; torsions are free. Sets
+        ``structure_features``, the start of :mod:`trademd.training.structure_prior`."""
         from trademd.energy.structure import harmonic_widths, minimised_positions
 
         system = molecule.create_openmm_system()
@@ -218,7 +222,9 @@ class MoleculeTarget:
         reference = minimised_positions(system, molecule.positions_nm())
         widths = harmonic_widths(system, molecule.zmatrix, coordinates.free_bond_rows, temperature_k)
         coordinates.fit_structure(reference, widths)
-        return cls(molecule, coordinates, temperature_k, platform, workers)
+        target = cls(molecule, coordinates, temperature_k, platform, workers, openmm_system=system)
+        target.structure_features = target.features(torch.as_tensor(reference)[None])[0]
+        return target
 
     @classmethod
     def from_record(cls, record: dict, reference_temperature: float, platform: str = "auto",

@@ -8,6 +8,9 @@ Objectives (same flow, same loop, selected by ``TrainConfig.objective``):
 - ``reverse-kl``: reverse KL divergence to exp(-u) at temperatures drawn over the range.
 - ``nll+reverse-kl``: both.
 - ``data-free``: reverse KL at T0 as the boundary, TRADE from flow samples over the range.
+  A molecule (here and with ``reverse-kl`` without data) first fits its structure prior
+  (:mod:`trademd.training.structure_prior`, no energies in the loss) for ``prior_fraction``
+  of the steps, then reverse KL takes over.
 - ``interpolation``: a continuous flow (:mod:`trademd.flow.cnf`) whose vector field is
   trained on the continuity residual along the temperature path
   (:mod:`trademd.training.interpolation`); no data, analytic systems.
@@ -62,6 +65,7 @@ from trademd.training.interpolation import (
     residual_points,
 )
 from trademd.training.refine import RefinementBuffer
+from trademd.training.structure_prior import StructurePrior
 from trademd.training.trade import (
     ExpectationCache,
     dlogp_dlogt,
@@ -105,7 +109,7 @@ OBJECTIVES = tuple(objective.value for objective in Objective)
 #: Columns of metrics.csv (a term that an objective lacks stays empty).
 METRICS_COLUMNS = ("step", "phase", "loss", "nll_t0", "val_nll_t0", "trade", "trade_weight",
                    "trade_residual_rms", "trade_points_kept", "reverse_kl", "continuity",
-                   "continuity_residual_rms", "refine_nll",
+                   "continuity_residual_rms", "prior_nll", "refine_nll",
                    "buffer_ess", "ess_tmin", "ess_t0", "ess_tmax", "selection_score", "selected",
                    "bad_batches", "energy_evaluations", "steps_per_s")
 
@@ -138,6 +142,8 @@ class TrainConfig:
     cache_samples: int = 500
     cache_every: int = 100
     cache_momentum: float = 0.5
+    prior_fraction: float = 0.2
+    prior_samples: int = 50000
     reverse_kl_samples: int = 256
     reverse_kl_energy_cut: float = 1000.0
     chirality_restraint_kt: float = 100.0
@@ -178,6 +184,10 @@ class TrainConfig:
         if self.kind is Objective.DATA_FREE and self.evaluation_points != "samples":
             raise TradeMDError("data-free training has no data to evaluate TRADE at: set "
                                "evaluation_points to samples")
+        if not 0.0 <= self.prior_fraction < 1.0 or (
+                self.kind is Objective.DATA_FREE and self.prior_fraction > self.warmup_fraction):
+            raise TradeMDError(f"prior_fraction must lie in [0, warmup_fraction]: the structure prior "
+                               f"is fitted before the reverse-KL boundary, got {self.prior_fraction}")
         if self.kind is Objective.INTERPOLATION and self.refine_rounds:
             raise TradeMDError("the interpolation objective has no refinement rounds: set refine_rounds to 0")
         if self.steps < 4 or self.batch_size < 2:
@@ -265,6 +275,7 @@ class Trainer:
         self.data = None if target.data_features is None else target.data_features.to(self.device)
         self.data_generator = torch.Generator().manual_seed(config.seed)
         self.validation = None if validation_features is None else validation_features.to(self.device)
+        self.prior = self._structure_prior()
         self.flow = build_flow(self._flow_config()).to(self.device)
         distributed.broadcast_parameters(self.flow)
         if ranks.rank > 0:  # every rank draws its own flow samples
@@ -291,12 +302,31 @@ class Trainer:
         mine = torch.tensor(float(self.target.energy_evaluations), dtype=torch.float64, device=self.device)
         return int(distributed.all_reduce(mine).item()) + self.evaluations_before
 
-    def _data_batch(self, size: int) -> Tensor:
+    def _data_batch(self, size: int, source: Tensor | None = None) -> Tensor:
         """This rank's ``size`` frames of a global minibatch of ``size x world_size`` frames
-        drawn (with replacement) by the generator all ranks share."""
+        drawn (with replacement) by the generator all ranks share, from the data (or
+        ``source``, e.g. the structure prior's samples)."""
+        source = self.data if source is None else source
         r, w = self.ranks.rank, self.ranks.world_size
-        index = torch.randint(len(self.data), (size * w,), generator=self.data_generator)
-        return self.data[index[r * size:(r + 1) * size].to(self.device)]
+        index = torch.randint(len(source), (size * w,), generator=self.data_generator)
+        return source[index[r * size:(r + 1) * size].to(self.device)]
+
+    def _structure_prior(self) -> Tensor | None:
+        """Samples [prior_samples, D] of the structure prior (:mod:`trademd.training.structure_prior`)
+        that data-free and reverse-KL training of a molecule without data fit first; None for
+        other runs."""
+        c = self.config
+        structure = getattr(self.target, "structure_features", None)
+        if c.kind not in (Objective.DATA_FREE, Objective.REVERSE_KL) or structure is None \
+                or c.prior_fraction == 0:
+            return None
+        prior = StructurePrior.from_target(self.target, structure, self.target.reference_temperature,
+                                           chirality_restraint_kt=c.chirality_restraint_kt)
+        samples = prior.sample(c.prior_samples, torch.Generator().manual_seed(c.seed))
+        return samples.to(self.device)
+
+    def _in_prior_phase(self) -> bool:
+        return self.prior is not None and self.step < self.config.prior_fraction * self.config.steps
 
     def _share(self, n: int) -> int:
         """This rank's part of ``n`` samples drawn over all ranks."""
@@ -316,7 +346,7 @@ class Trainer:
         if self.config.kind is Objective.INTERPOLATION:
             return self._cnf_config()
         sigma = 0.5  # of the base, relative to the interval's half width; from the data if any
-        data = self.target.data_features if self.config.kind.fits_data else None
+        data = self.target.data_features if self.config.kind.fits_data else self.prior
         bounded = data[:, self.target.n_torsions:] if data is not None else torch.empty(0)
         if bounded.numel():
             sigma = float((bounded.std(dim=0) / (0.5 * (high - low))).mean())
@@ -444,6 +474,10 @@ class Trainer:
         c = self.config
         parts: dict = {}
         loss = torch.zeros((), device=self.device)
+        if self._in_prior_phase():  # no energies: maximum likelihood on the structure prior
+            nll = -self.flow.log_prob(self._data_batch(c.batch_size, self.prior),
+                                      self.target.reference_temperature).mean()
+            return nll, {"prior_nll": float(nll.detach())}
         if c.kind.fits_data:
             batch = self._data_batch(c.batch_size)
             nll = -self.flow.log_prob(batch, self.target.reference_temperature).mean()
@@ -548,7 +582,8 @@ class Trainer:
                 rate = (self.step - start_step) / (time.perf_counter() - started)
                 self._write_metrics({"phase": "refine" if refining else "main",
                                      "loss": float(loss.detach()), **parts, "steps_per_s": rate})
-                terms = {k: f"{parts[k]:.3f}" for k in ("nll_t0", "trade", "reverse_kl", "continuity", "refine_nll")
+                terms = {k: f"{parts[k]:.3f}" for k in ("nll_t0", "prior_nll", "trade", "reverse_kl", "continuity",
+                                                      "refine_nll")
                          if k in parts}
                 progress.update(self.step, loss=f"{float(loss.detach()):.3f}", **terms,
                                 ess_tmin=f"{self.last_metrics['ess_tmin']:.3f}")
