@@ -127,7 +127,7 @@ def test_reverse_kl_baseline_of_a_molecule_needs_no_data(tmp_path):
 
 @pytest.fixture(scope="module")
 def prior(target):
-    return StructurePrior.from_target(target, target.structure_features, T0_K, n_grid=180,
+    return StructurePrior.from_target(target, target.structure_features(), T0_K, n_grid=180,
                                       chirality_restraint_kt=100.0)
 
 
@@ -139,7 +139,7 @@ def test_structure_prior_torsions_are_the_conditional_boltzmann_densities(target
                           torch.ones(target.n_torsions, dtype=torch.float64))
     centres = -math.pi + (torch.tensor([10, 95]) + 0.5) * prior.bin_width
     for k in (0, 3, 5):  # phi, psi, the C-beta branch
-        z = target.structure_features.double().expand(2, -1).clone()
+        z = target.structure_features().double().expand(2, -1).clone()
         z[:, k] = centres
         u, _ = target.reduced_energy(z, torch.full((2,), T0_K), 100.0)
         expected = -(float(u[1]) - float(u[0]))
@@ -192,3 +192,52 @@ def test_prior_must_come_before_the_boundary(tmp_path):
         train_run(tmp_path / "a", 300.0, T0_K, system="ala2-implicit",
                   overrides={**SMALL, "objective": "data-free", "warmup_fraction": 0.1, "prior_fraction": 0.2},
                   device="cpu", platform="CPU", show_progress=False)
+
+
+def test_structure_prior_density_integrates_to_one_with_an_off_centre_structure():
+    """Quadrature over one torsion x one bounded feature whose structure value is off the
+    interval's centre (as for a target normalised on MD data); samples match its moments."""
+    n_grid = 90
+    angle = -math.pi + (torch.arange(n_grid, dtype=torch.float64) + 0.5) * (2 * math.pi / n_grid)
+    log_weight = 2.0 * torch.cos(angle - 1.0)
+    table = (log_weight - torch.logsumexp(log_weight, 0) - math.log(2 * math.pi / n_grid))[None]
+    prior = StructurePrior(table, torch.tensor([0.6]), bounded_std=0.3, bound=1.0)
+    t = torch.linspace(-math.pi, math.pi, 721, dtype=torch.float64)[:-1] + math.pi / 720
+    b = torch.linspace(-1.0, 1.0, 2001, dtype=torch.float64)
+    grid_t, grid_b = torch.meshgrid(t, b, indexing="ij")
+    density = prior.log_prob(torch.stack([grid_t.flatten(), grid_b.flatten()], 1)).exp().reshape(grid_t.shape)
+    total = torch.trapezoid(density.sum(0) * (2 * math.pi / 720), b)
+    assert float(total) == pytest.approx(1.0, abs=2e-3)
+    assert float(prior.log_prob(torch.tensor([[0.0, 1.01]]))) == -math.inf
+    z = prior.sample(200000, torch.Generator().manual_seed(3)).double()
+    mean_b = float(torch.trapezoid((density.sum(0) * (2 * math.pi / 720)) * b, b))
+    assert float(z[:, 1].mean()) == pytest.approx(mean_b, abs=3e-3)
+    assert float(z[:, 1].abs().max()) <= 1.0
+    circular_mean = torch.atan2(torch.sin(z[:, 0]).mean(), torch.cos(z[:, 0]).mean())
+    assert float(circular_mean) == pytest.approx(1.0, abs=0.02)
+
+
+def test_reverse_kl_baseline_on_md_data_starts_from_the_structure_prior(tmp_path):
+    """With an MD file the features are normalised on the frames; the reverse-KL baseline fits
+    the structure prior (centred on the minimised PDB structure in that normalisation) first."""
+    from trademd.pipeline import RunConfig
+    from trademd.simulate import simulate
+
+    settings = RunConfig(system="ala2-implicit", temperatures_k=(400.0,), simulation_ps=4.0,
+                         replicas=4).simulation("CPU")
+    data = simulate(settings, tmp_path / "data.h5", show_progress=False)
+    overrides = {**SMALL, "objective": "reverse-kl", "steps": 6, "prior_fraction": 0.5, "metrics_every": 1,
+                 "prior_samples": 1000}
+    train_run(tmp_path / "rkl", 300.0, 660.0, data=data, overrides=overrides, device="cpu", platform="CPU",
+              show_progress=False)
+    with (tmp_path / "rkl" / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["step"] for r in rows if r["prior_nll"]] == ["1", "2", "3"]
+    assert [r["step"] for r in rows if r["reverse_kl"]] == ["4", "5", "6"]
+    target = MoleculeTarget.from_trajectory(data, platform="CPU", workers=0)
+    try:
+        structure = target.structure_features()
+        assert structure.shape == (target.n_torsions + target.n_bounded,)
+        assert float(structure[target.n_torsions:].abs().max()) < 1.0  # inside the data's range
+    finally:
+        target.close()

@@ -136,6 +136,8 @@ def test_data_free_trade_transfers_the_double_well(tmp_path):
         assert system.forward_kl(trainer.model.log_prob, temperature) < bound
     rows = list(csv.DictReader((tmp_path / "data-free" / "metrics.csv").open()))
     assert all(r["nll_t0"] == "" for r in rows) and rows[-1]["reverse_kl"] != ""
+    # the boundary's stand-in for data: weighted flow samples at T0, redrawn every 150 steps
+    assert rows[-1]["boundary_nll"] != "" and 0.0 < float(rows[-1]["buffer_ess"]) <= 1.0
     assert int(rows[-1]["energy_evaluations"]) > 0
 
 

@@ -14,9 +14,10 @@ steps: the data-free boundary phase first fits the flow to it by maximum likelih
   piecewise constant within a bin. Stiff torsions come out narrow around their minimised
   value (and a mirrored chiral centre, many kT up, gets no weight); rotors and the backbone
   come out broad with all their minima.
-- **Bonds and angles**: the normalised features are centred on the minimised structure and
-  scaled by their harmonic thermal widths (:meth:`MoleculeTarget.from_structure`), so each is
-  ``N(0, (bound / n_std)^2)`` in feature units, truncated to the interval.
+- **Bonds and angles**: normal around the structure's values with the normalisation's width,
+  ``bound / n_std`` in feature units, truncated to the interval: the harmonic thermal widths
+  for a data-free target (:meth:`MoleculeTarget.from_structure`), the data's spread for one
+  fitted on MD frames.
 
 Densities are with respect to the flow features z (radians for torsions, feature units for
 bonded values), as :meth:`TemperatureFlow.log_prob` is.
@@ -36,15 +37,16 @@ class StructurePrior:
     Args:
         torsion_log_prob: [n_torsions, n_grid] log-density (per radian) of each torsion on the
             bins of width 2 pi / n_grid starting at -pi; each row integrates to one.
-        n_bounded: number of bounded features.
+        bounded_centre: [n_bounded] the structure's bounded features (feature units).
         bounded_std: standard deviation of every bounded feature (feature units).
         bound: bounded features live in ``[-bound, bound]``.
     """
 
-    def __init__(self, torsion_log_prob: Tensor, n_bounded: int, bounded_std: float, bound: float):
+    def __init__(self, torsion_log_prob: Tensor, bounded_centre: Tensor, bounded_std: float, bound: float):
         self.torsion_log_prob = torsion_log_prob.double()
         self.n_torsions, self.n_grid = torsion_log_prob.shape
-        self.n_bounded = int(n_bounded)
+        self.bounded_centre = bounded_centre.double()
+        self.n_bounded = len(bounded_centre)
         self.bounded_std = float(bounded_std)
         self.bound = float(bound)
         self.bin_width = 2 * math.pi / self.n_grid
@@ -76,7 +78,8 @@ class StructurePrior:
             log_weight = torch.where(torch.isfinite(u), -u.double(), torch.full_like(centres, -math.inf))
             rows.append(log_weight - torch.logsumexp(log_weight, 0) - math.log(2 * math.pi / n_grid))
         bound = float(target.coordinates.bound)
-        return cls(torch.stack(rows), target.n_bounded, bound / float(target.coordinates.n_std), bound)
+        return cls(torch.stack(rows), structure_features[n_torsions:].cpu(), bound / float(target.coordinates.n_std),
+                   bound)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n features [n, n_torsions + n_bounded] (float32)."""
@@ -88,10 +91,15 @@ class StructurePrior:
         return torch.cat([torsions, bounded], dim=1).float()
 
     def _truncated_normal(self, n: int, generator: torch.Generator | None) -> Tensor:
-        """N(0, std^2) truncated to [-bound, bound] by the inverse CDF, [n, n_bounded]."""
-        mass = math.erf(self.bound / (self.bounded_std * math.sqrt(2.0)))
-        u = torch.rand(n, self.n_bounded, dtype=torch.float64, generator=generator)
-        return self.bounded_std * math.sqrt(2.0) * torch.erfinv((2.0 * u - 1.0) * mass)
+        """N(centre, std^2) truncated to [-bound, bound] by the inverse CDF, [n, n_bounded]."""
+        low, high = self._cdf(-self.bound), self._cdf(self.bound)
+        u = low + (high - low) * torch.rand(n, self.n_bounded, dtype=torch.float64, generator=generator)
+        values = self.bounded_centre + self.bounded_std * math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)
+        return values.clamp(-self.bound, self.bound)
+
+    def _cdf(self, value: float) -> Tensor:
+        """Normal CDF of every bounded feature at ``value``, [n_bounded]."""
+        return 0.5 * (1.0 + torch.erf((value - self.bounded_centre) / (self.bounded_std * math.sqrt(2.0))))
 
     def log_prob(self, z: Tensor) -> Tensor:
         """log density [B] of features z [B, D] (-inf outside the bounded interval)."""
@@ -100,9 +108,9 @@ class StructurePrior:
         bins = (torsions / self.bin_width).long().clamp(0, self.n_grid - 1)
         logp = self.torsion_log_prob.gather(1, bins.T).T.sum(1)
         bounded = z[:, self.n_torsions:]
-        mass = math.erf(self.bound / (self.bounded_std * math.sqrt(2.0)))
-        per_dim = (-0.5 * (bounded / self.bounded_std) ** 2 - math.log(self.bounded_std)
-                   - 0.5 * math.log(2 * math.pi) - math.log(mass))
+        mass = self._cdf(self.bound) - self._cdf(-self.bound)
+        per_dim = (-0.5 * ((bounded - self.bounded_centre) / self.bounded_std) ** 2 - math.log(self.bounded_std)
+                   - 0.5 * math.log(2 * math.pi) - torch.log(mass))
         logp = logp + per_dim.sum(1)
         inside = (bounded.abs() <= self.bound).all(1)
         return torch.where(inside, logp, torch.full_like(logp, -math.inf))

@@ -178,10 +178,9 @@ class MoleculeTarget:
         self.data_features: Tensor | None = None
         self.validation_features: Tensor | None = None
         self.split: DataSplit | None = None
-        #: features [D] of the minimised structure a data-free target is centred on (else None)
-        self.structure_features: Tensor | None = None
-        system = openmm_system if openmm_system is not None else molecule.create_openmm_system()
-        self.bridge = EnergyBridge(system, platform=platform, workers=workers)
+        self._structure_features: Tensor | None = None
+        self.openmm_system = openmm_system if openmm_system is not None else molecule.create_openmm_system()
+        self.bridge = EnergyBridge(self.openmm_system, platform=platform, workers=workers)
 
     @classmethod
     def from_trajectory(cls, data_path: str | Path, platform: str = "auto",
@@ -196,11 +195,10 @@ class MoleculeTarget:
         n_replicas = int(trajectory.attrs.get("n_replicas", 1))
         split = split_frames(np.arange(trajectory.n_frames) // n_replicas)
         positions = torch.as_tensor(trajectory.positions_nm, dtype=torch.float64)
+        system = molecule.create_openmm_system()
         coordinates = InternalCoordinates.from_data(
-            molecule.zmatrix, positions[split.train],
-            constrained_bonds_from_openmm(molecule.create_openmm_system()),
-        )
-        target = cls(molecule, coordinates, trajectory.temperature_k, platform, workers)
+            molecule.zmatrix, positions[split.train], constrained_bonds_from_openmm(system))
+        target = cls(molecule, coordinates, trajectory.temperature_k, platform, workers, openmm_system=system)
         target.split = split
         target.data_features = target.features(positions[split.train])
         target.validation_features = target.features(positions[split.validation])
@@ -212,8 +210,7 @@ class MoleculeTarget:
         """A target without data (data-free training at T0 = ``temperature_k``): the features
         are centred on the minimised structure of the system's PDB and scaled by the force
         field's thermal widths at T0 (:mod:`trademd.energy.structure`), so that the flow's
-        interval holds +-5 widths of every bond and angle; torsions are free. Sets
-        ``structure_features``, the start of :mod:`trademd.training.structure_prior`."""
+        interval holds +-5 widths of every bond and angle; torsions are free."""
         from trademd.energy.structure import harmonic_widths, minimised_positions
 
         system = molecule.create_openmm_system()
@@ -223,7 +220,7 @@ class MoleculeTarget:
         widths = harmonic_widths(system, molecule.zmatrix, coordinates.free_bond_rows, temperature_k)
         coordinates.fit_structure(reference, widths)
         target = cls(molecule, coordinates, temperature_k, platform, workers, openmm_system=system)
-        target.structure_features = target.features(torch.as_tensor(reference)[None])[0]
+        target._structure_features = target.features(torch.as_tensor(reference)[None])[0]
         return target
 
     @classmethod
@@ -235,6 +232,18 @@ class MoleculeTarget:
         molecule = system_from_record(record["system"], record["pdb_text"], record["forcefield_files"])
         coordinates = InternalCoordinates.from_state_dict(record["coordinates"])
         return cls(molecule, coordinates, reference_temperature, platform, workers)
+
+    def structure_features(self) -> Tensor | None:
+        """Features [D] of the system's PDB structure after OpenMM energy minimisation, the
+        centre of :mod:`trademd.training.structure_prior` (computed once; None if the
+        structure lies outside the normalisation range)."""
+        if self._structure_features is None:
+            from trademd.energy.structure import minimised_positions
+
+            reference = minimised_positions(self.openmm_system, self.molecule.positions_nm())
+            features = self.features(torch.as_tensor(reference)[None])
+            self._structure_features = features[0] if len(features) else None
+        return self._structure_features
 
     @torch.no_grad()
     def features(self, positions_nm: Tensor) -> Tensor:

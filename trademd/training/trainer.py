@@ -10,7 +10,8 @@ Objectives (same flow, same loop, selected by ``TrainConfig.objective``):
 - ``data-free``: reverse KL at T0 as the boundary, TRADE from flow samples over the range.
   A molecule (here and with ``reverse-kl`` without data) first fits its structure prior
   (:mod:`trademd.training.structure_prior`, no energies in the loss) for ``prior_fraction``
-  of the steps, then reverse KL takes over.
+  of the steps, then reverse KL takes over; an importance-weighted NLL at T0 on the flow's own
+  samples (a buffer redrawn every ``boundary_buffer_every`` steps) stands in for data.
 - ``interpolation``: a continuous flow (:mod:`trademd.flow.cnf`) whose vector field is
   trained on the continuity residual along the temperature path
   (:mod:`trademd.training.interpolation`); no data, analytic systems.
@@ -109,7 +110,7 @@ OBJECTIVES = tuple(objective.value for objective in Objective)
 #: Columns of metrics.csv (a term that an objective lacks stays empty).
 METRICS_COLUMNS = ("step", "phase", "loss", "nll_t0", "val_nll_t0", "trade", "trade_weight",
                    "trade_residual_rms", "trade_points_kept", "reverse_kl", "continuity",
-                   "continuity_residual_rms", "prior_nll", "refine_nll",
+                   "continuity_residual_rms", "prior_nll", "boundary_nll", "refine_nll",
                    "buffer_ess", "ess_tmin", "ess_t0", "ess_tmax", "selection_score", "selected",
                    "bad_batches", "energy_evaluations", "steps_per_s")
 
@@ -144,6 +145,8 @@ class TrainConfig:
     cache_momentum: float = 0.5
     prior_fraction: float = 0.2
     prior_samples: int = 50000
+    boundary_buffer_samples: int = 20000
+    boundary_buffer_every: int = 150
     reverse_kl_samples: int = 256
     reverse_kl_energy_cut: float = 1000.0
     chirality_restraint_kt: float = 100.0
@@ -292,6 +295,8 @@ class Trainer:
         self.last_metrics: dict = {}
         self.best: dict | None = None  # {"step", "score", "criterion", "state_dict"} of the EMA
         self.buffer: RefinementBuffer | None = None
+        #: data-free runs: weighted flow samples at T0 that stand in for data (redrawn regularly)
+        self.boundary_buffer: RefinementBuffer | None = None
         #: energy evaluations of earlier runs of this training (restored by :meth:`resume`)
         self.evaluations_before = 0
 
@@ -316,9 +321,11 @@ class Trainer:
         that data-free and reverse-KL training of a molecule without data fit first; None for
         other runs."""
         c = self.config
-        structure = getattr(self.target, "structure_features", None)
-        if c.kind not in (Objective.DATA_FREE, Objective.REVERSE_KL) or structure is None \
-                or c.prior_fraction == 0:
+        if c.kind not in (Objective.DATA_FREE, Objective.REVERSE_KL) or c.prior_fraction == 0 \
+                or not hasattr(self.target, "structure_features"):
+            return None
+        structure = self.target.structure_features()
+        if structure is None:
             return None
         prior = StructurePrior.from_target(self.target, structure, self.target.reference_temperature,
                                            chirality_restraint_kt=c.chirality_restraint_kt)
@@ -506,7 +513,27 @@ class Trainer:
             kl = self._reverse_kl()
             loss = loss + kl
             parts["reverse_kl"] = float(kl.detach())
+        if c.kind is Objective.DATA_FREE and c.boundary_buffer_samples:
+            nll = self._boundary_buffer_nll()
+            loss = loss + nll
+            parts.update(boundary_nll=float(nll.detach()), buffer_ess=self.boundary_buffer.relative_ess)
         return loss, parts
+
+    def _boundary_buffer_nll(self) -> Tensor:
+        """Importance-weighted NLL at T0 on a buffer of the flow's own samples, redrawn every
+        ``boundary_buffer_every`` steps (:mod:`trademd.training.refine`): the data-free stand-in
+        for the data that anchors the boundary while TRADE reshapes the other temperatures."""
+        c = self.config
+        draw = self.step // c.boundary_buffer_every
+        if self.boundary_buffer is None or self.boundary_buffer.round_index != draw:
+            t0 = float(self.target.reference_temperature)
+            temperatures = torch.full((self._share(c.boundary_buffer_samples),), t0, device=self.device)
+            z, _, _, log_w = importance_weights(self.model, self.target, len(temperatures), temperatures,
+                                                chirality_restraint_kt=c.chirality_restraint_kt)
+            self.boundary_buffer = RefinementBuffer.from_samples(draw, z, temperatures, log_w,
+                                                                 c.refine_clip_fraction)
+        z, t = self.boundary_buffer.batch(c.batch_size)
+        return -self.flow.log_prob(z, t).mean()
 
     # -- refinement ----------------------------------------------------------------------
 
@@ -582,8 +609,8 @@ class Trainer:
                 rate = (self.step - start_step) / (time.perf_counter() - started)
                 self._write_metrics({"phase": "refine" if refining else "main",
                                      "loss": float(loss.detach()), **parts, "steps_per_s": rate})
-                terms = {k: f"{parts[k]:.3f}" for k in ("nll_t0", "prior_nll", "trade", "reverse_kl", "continuity",
-                                                      "refine_nll")
+                terms = {k: f"{parts[k]:.3f}" for k in ("nll_t0", "prior_nll", "boundary_nll", "trade", "reverse_kl",
+                                                      "continuity", "refine_nll")
                          if k in parts}
                 progress.update(self.step, loss=f"{float(loss.detach()):.3f}", **terms,
                                 ess_tmin=f"{self.last_metrics['ess_tmin']:.3f}")
@@ -694,6 +721,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "cache": self.cache.state_dict(),
             "best": self.best, "buffer": None if self.buffer is None else self.buffer.state_dict(),
+            "boundary_buffer": None if self.boundary_buffer is None else self.boundary_buffer.state_dict(),
             "rank_rngs": rank_rngs, "energy_evaluations": evaluations,
             "data_generator": self.data_generator.get_state(), "config": asdict(self.config),
         }
@@ -723,6 +751,8 @@ class Trainer:
         self.best = state["best"]
         if state["buffer"] is not None:
             self.buffer = RefinementBuffer.from_state_dict(state["buffer"])
+        if state.get("boundary_buffer") is not None:
+            self.boundary_buffer = RefinementBuffer.from_state_dict(state["boundary_buffer"])
         rank_rngs = state.get("rank_rngs") or [{"cpu": state["torch_rng"], "cuda": state.get("cuda_rng")}]
         if self.ranks.rank < len(rank_rngs):
             torch.set_rng_state(rank_rngs[self.ranks.rank]["cpu"].cpu())
