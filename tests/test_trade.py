@@ -102,6 +102,23 @@ def test_expectation_cache_ema_and_grid():
     assert torch.equal(restored.expected_u, cache.expected_u)
 
 
+def test_expectation_cache_trusts_only_estimates_with_effective_samples():
+    """The data-free gate: TRADE uses a grid temperature only once its E[u] came from samples
+    with a relative ESS above the floor; the latest estimate's ESS counts, NaN never passes."""
+    cache = ExpectationCache(log_spaced_grid(0.5, 2.0, 5))
+    assert cache.trusted(0.0).tolist() == [0, 1, 2, 3, 4]
+    assert cache.trusted(0.01).tolist() == []
+    for k, ess in enumerate([0.0, 0.005, 0.02, 0.3, 0.9]):
+        cache.update(k, 1.0, ess)
+    assert cache.trusted(0.01).tolist() == [2, 3, 4]
+    cache.update(2, 1.0, 0.001)  # the flow got worse there
+    cache.update(0, float("nan"), 0.5)  # no finite estimate: ESS kept, E[u] not changed
+    assert cache.trusted(0.01).tolist() == [0, 3, 4]
+    restored = ExpectationCache(cache.temperatures)
+    restored.load_state_dict(cache.state_dict())
+    assert torch.equal(restored.relative_ess, cache.relative_ess)
+
+
 def test_analytic_samplers_are_exact():
     """Sample means of U and of x^2 match quadrature and closed forms."""
     generator = torch.Generator().manual_seed(3)

@@ -246,3 +246,31 @@ def test_resume_on_another_ensemble_of_the_same_file_is_refused(tmp_path):
     _check_same_target(tmp_path, "ala2-implicit", 600.0)
     with pytest.raises(TradeMDError, match="at 600, not 'ala2-implicit' at 400"):
         _check_same_target(tmp_path, "ala2-implicit", 400.0)
+
+
+def test_trade_points_come_only_from_trusted_temperatures(tmp_path):
+    """A data-free double well with a floor: every TRADE temperature of a step is one whose
+    cached estimate had at least that ESS."""
+    target = AnalyticTarget(get_analytic_system("double-well-5d"), n_data=1000)
+    config = TrainConfig(t_min=0.5, t_max=2.0, objective="data-free", steps=8, batch_size=64,
+                         warmup_fraction=0.0, ramp_fraction=0.1, cache_samples=200, trade_points=32,
+                         evaluation_points="samples", refine_rounds=0, metrics_every=100,
+                         trade_ess_floor=0.5, boundary_buffer_samples=0, flow={"width": 8})
+    trainer = Trainer(target, config, tmp_path / "gate")
+    trainer.refresh_cache()
+    # a floor between the grid's ESS values, so that some temperatures pass and some do not
+    trainer.config.trade_ess_floor = float(trainer.cache.relative_ess.median()) + 1e-9
+    trusted = set(trainer.cache.trusted(trainer.config.trade_ess_floor).tolist())
+    seen = []
+    original = trainer.target.reduced_energy
+
+    def spy(z, temperature, *args):
+        seen.append(temperature.detach().clone())
+        return original(z, temperature, *args)
+
+    trainer.target.reduced_energy = spy
+    trainer._trade_loss()
+    allowed = trainer.cache.temperatures[sorted(trusted)].float()
+    assert len(seen) == 1 and bool(torch.isin(seen[0], allowed).all())
+    assert 0 < len(trusted) < len(trainer.cache.temperatures)  # the gate is doing something
+

@@ -127,15 +127,26 @@ class ExpectationCache(nn.Module):
         super().__init__()
         self.register_buffer("temperatures", temperatures.to(torch.float64))
         self.register_buffer("expected_u", torch.full_like(self.temperatures, math.nan))
+        #: relative Kish ESS of the samples of each grid point's latest estimate (NaN: none yet)
+        self.register_buffer("relative_ess", torch.full_like(self.temperatures, math.nan))
         self.momentum = float(momentum)
 
-    def update(self, index: int, estimate: float) -> None:
-        """Blend a new estimate into grid point ``index`` (the first estimate is taken as is)."""
+    def update(self, index: int, estimate: float, relative_ess: float = math.nan) -> None:
+        """Blend a new estimate into grid point ``index`` (the first estimate is taken as is);
+        ``relative_ess`` is that of the samples it came from."""
+        self.relative_ess[index] = relative_ess
         if not math.isfinite(estimate):
             return
         old = float(self.expected_u[index])
         new = estimate if math.isnan(old) else self.momentum * old + (1 - self.momentum) * estimate
         self.expected_u[index] = new
+
+    def trusted(self, ess_floor: float) -> Tensor:
+        """Indices [G'] of the grid points whose latest estimate came from samples with a
+        relative ESS of at least ``ess_floor`` (every point for a floor of 0)."""
+        if ess_floor <= 0:
+            return torch.arange(len(self.temperatures), device=self.temperatures.device)
+        return torch.nonzero(self.relative_ess >= ess_floor).flatten()
 
     def lookup(self, index: Tensor) -> Tensor:
         """Cached E[u] at grid indices [B] -> [B]."""

@@ -140,6 +140,7 @@ class TrainConfig:
     huber_delta: float = 1.0
     residual_cutoff: float = 50.0
     grid_size: int = 9
+    trade_ess_floor: float = 0.0
     cache_samples: int = 500
     cache_every: int = 100
     cache_momentum: float = 0.5
@@ -182,15 +183,16 @@ class TrainConfig:
             )
         if self.trade_mode not in ("grid", "continuous"):
             raise TradeMDError("trade mode must be grid or continuous")
+        if not 0.0 <= self.trade_ess_floor < 1.0 or (self.trade_ess_floor and self.trade_mode != "grid"):
+            raise TradeMDError(f"trade_ess_floor must lie in [0, 1) and needs trade_mode grid, got "
+                               f"{self.trade_ess_floor} with {self.trade_mode}")
         if self.evaluation_points not in ("samples", "data", "both"):
             raise TradeMDError("evaluation points must be samples, data or both")
         if self.kind is Objective.DATA_FREE and self.evaluation_points != "samples":
             raise TradeMDError("data-free training has no data to evaluate TRADE at: set "
                                "evaluation_points to samples")
-        if not 0.0 <= self.prior_fraction < 1.0 or (
-                self.kind is Objective.DATA_FREE and self.prior_fraction > self.warmup_fraction):
-            raise TradeMDError(f"prior_fraction must lie in [0, warmup_fraction]: the structure prior "
-                               f"is fitted before the reverse-KL boundary, got {self.prior_fraction}")
+        if not 0.0 <= self.prior_fraction < 1.0:
+            raise TradeMDError(f"prior_fraction must lie in [0, 1), got {self.prior_fraction}")
         if self.kind is Objective.INTERPOLATION and self.refine_rounds:
             raise TradeMDError("the interpolation objective has no refinement rounds: set refine_rounds to 0")
         if self.steps < 4 or self.batch_size < 2:
@@ -324,6 +326,10 @@ class Trainer:
         if c.kind not in (Objective.DATA_FREE, Objective.REVERSE_KL) or c.prior_fraction == 0 \
                 or not hasattr(self.target, "structure_features"):
             return None
+        if c.kind is Objective.DATA_FREE and c.prior_fraction > c.warmup_fraction:
+            raise TradeMDError(f"prior_fraction must lie in [0, warmup_fraction]: the structure prior "
+                               f"is fitted before the reverse-KL boundary, got {c.prior_fraction} > "
+                               f"{c.warmup_fraction}")
         structure = self.target.structure_features()
         if structure is None:
             return None
@@ -417,13 +423,19 @@ class Trainer:
         for index, temperature in enumerate(self.cache.temperatures.tolist()):
             _, _, u, log_w = importance_weights(self.flow, self.target,
                                                 self._share(self.config.cache_samples), temperature)
-            self.cache.update(index, distributed.pooled_snis_mean(u, log_w))
+            ess, n = distributed.pooled_kish_ess(log_w)
+            self.cache.update(index, distributed.pooled_snis_mean(u, log_w), ess / max(n, 1))
 
     def _trade_loss(self) -> tuple[Tensor, dict]:
         c = self.config
         n = c.trade_points
         if c.trade_mode == "grid":
-            index = torch.randint(len(self.cache.temperatures), (n,), device=self.device)
+            # only temperatures whose E[u] came from samples of some weight (trade_ess_floor):
+            # where the flow has no effective samples yet, its SNIS estimate is one sample's u
+            trusted = self.cache.trusted(c.trade_ess_floor)
+            if not len(trusted):
+                return torch.zeros((), device=self.device), {"trade_points_kept": 0.0}
+            index = trusted[torch.randint(len(trusted), (n,), device=self.device)]
             temperature = self.cache.temperatures[index].float()
             expected_u = self.cache.lookup(index).float()
         else:
@@ -747,7 +759,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.ema.load_state_dict(state["ema"])
-        self.cache.load_state_dict(state["cache"])
+        self.cache.load_state_dict({"relative_ess": torch.full_like(self.cache.relative_ess, math.nan),
+                                    **state["cache"]})  # checkpoints from before the ESS was kept
         self.best = state["best"]
         if state["buffer"] is not None:
             self.buffer = RefinementBuffer.from_state_dict(state["buffer"])
