@@ -149,6 +149,7 @@ class TrainConfig:
     boundary_buffer_samples: int = 20000
     boundary_buffer_every: int = 150
     reverse_kl_samples: int = 256
+    reverse_kl_temperatures: str = "t0"
     reverse_kl_energy_cut: float = 1000.0
     chirality_restraint_kt: float = 100.0
     max_bad_batches: int = 50
@@ -188,6 +189,8 @@ class TrainConfig:
                                f"{self.trade_ess_floor} with {self.trade_mode}")
         if self.evaluation_points not in ("samples", "data", "both"):
             raise TradeMDError("evaluation points must be samples, data or both")
+        if self.reverse_kl_temperatures not in ("t0", "range"):
+            raise TradeMDError(f"reverse_kl_temperatures must be t0 or range, got {self.reverse_kl_temperatures!r}")
         if self.kind is Objective.DATA_FREE and self.evaluation_points != "samples":
             raise TradeMDError("data-free training has no data to evaluate TRADE at: set "
                                "evaluation_points to samples")
@@ -475,12 +478,13 @@ class Trainer:
 
     def _reverse_kl(self) -> Tensor:
         """KL(flow || target) up to log Z, E[log p + u' - log|dx/dz|] over reparameterised
-        flow samples: at T0 for the data-free boundary, over the range otherwise. u' is the
+        flow samples: at T0 for the data-free boundary (over the range with
+        ``reverse_kl_temperatures`` "range"), over the range otherwise. u' is the
         reduced energy cut linearly-logarithmically above ``reverse_kl_energy_cut``, so that
         clashes of an early flow (u up to 1e9) cannot dominate the gradients."""
         c = self.config
         n = c.reverse_kl_samples
-        if c.kind is Objective.DATA_FREE:
+        if c.kind is Objective.DATA_FREE and c.reverse_kl_temperatures == "t0":
             temperature = torch.full((n,), float(self.target.reference_temperature), device=self.device)
         else:
             temperature = self._temperatures(n)
