@@ -2,6 +2,7 @@
 the force field's thermal widths, and `train --data-free --t0` end to end."""
 
 import csv
+import json
 import math
 
 import numpy as np
@@ -14,7 +15,7 @@ from trademd.energy.structure import harmonic_widths, minimised_positions
 from trademd.errors import TradeMDError
 from trademd.sample import sample_run
 from trademd.systems import get_system
-from trademd.train import train_run
+from trademd.train import DATA_FREE_DEFAULTS, train_run
 from trademd.training.structure_prior import StructurePrior
 from trademd.training.targets import MoleculeTarget
 from trademd.units import BOLTZMANN_KJ_MOL_K
@@ -99,6 +100,9 @@ def test_data_free_training_of_a_molecule_runs_and_samples(tmp_path):
     saved = torch.load(model_path, weights_only=False)
     assert saved["reference_temperature"] == T0_K and saved["objective"] == "data-free"
     assert saved["energy_evaluations"] > 0
+    # the data-free defaults, as a config file or option could not have set them here
+    config = json.loads((tmp_path / "train" / "config.json").read_text())
+    assert {k: config[k] for k in DATA_FREE_DEFAULTS} == DATA_FREE_DEFAULTS
     (summary,) = sample_run(model_path, [300.0], 256, tmp_path / "samples.h5", device="cpu",
                             platform="CPU", show_progress=False)
     assert summary["n"] == 256 and math.isfinite(summary["relative_ess"])

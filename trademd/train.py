@@ -18,6 +18,11 @@ __all__ = ["PRESETS", "ENERGY_ONLY_OBJECTIVES", "preset_settings", "train_run", 
 
 #: Objectives that use the energy alone: molecules train on them without a data file.
 ENERGY_ONLY_OBJECTIVES = ("data-free", "reverse-kl")
+#: What data-free training changes in every preset (unless set): TRADE evaluated at flow samples
+#: (there are no data), a longer boundary phase (structure prior, then reverse KL) before it, and
+#: TRADE only at temperatures whose E[u] came from samples of >= 1 % relative ESS (without the
+#: gate TRADE collapsed the 1200 K boundary of alanine dipeptide: docs/results.md, 2026-12-06).
+DATA_FREE_DEFAULTS = {"evaluation_points": "samples", "warmup_fraction": 0.6, "trade_ess_floor": 0.01}
 
 #: Training presets: what each changes from the :class:`TrainConfig` defaults, which are the
 #: ``quick`` preset (minutes on a laptop CPU); ``paper`` is the TRADE paper's alanine-dipeptide
@@ -114,8 +119,8 @@ def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | No
     if "steps" in chosen and "refine_steps" not in chosen:
         # the preset's refinement keeps its share of the training when only --steps changes
         settings["refine_steps"] = max(1, round(base["refine_steps"] * settings["steps"] / base["steps"]))
-    if settings.get("objective") == "data-free" and "evaluation_points" not in chosen:
-        settings["evaluation_points"] = "samples"  # no data to evaluate TRADE at
+    if settings.get("objective") == "data-free":
+        settings.update({k: v for k, v in DATA_FREE_DEFAULTS.items() if k not in chosen})
     if settings.get("objective") == "interpolation" and "refine_rounds" not in chosen:
         settings["refine_rounds"] = 0  # the CNF is trained by its continuity residual only
     config = TrainConfig(t_min=t_min, t_max=t_max, **settings)
