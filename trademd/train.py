@@ -19,10 +19,12 @@ __all__ = ["PRESETS", "ENERGY_ONLY_OBJECTIVES", "preset_settings", "train_run", 
 #: Objectives that use the energy alone: molecules train on them without a data file.
 ENERGY_ONLY_OBJECTIVES = ("data-free", "reverse-kl")
 #: What data-free training changes in every preset (unless set): TRADE evaluated at flow samples
-#: (there are no data), a longer boundary phase (structure prior, then reverse KL) before it, and
-#: TRADE only at temperatures whose E[u] came from samples of >= 1 % relative ESS (without the
-#: gate TRADE collapsed the 1200 K boundary of alanine dipeptide: docs/results.md, 2026-12-06).
-DATA_FREE_DEFAULTS = {"evaluation_points": "samples", "warmup_fraction": 0.6, "trade_ess_floor": 0.01}
+#: (there are no data), a longer phase (structure prior, then reverse KL) before it, the reverse
+#: KL over the whole range, and TRADE only at temperatures whose E[u] came from samples of >= 1 %
+#: relative ESS (alanine dipeptide from 1200 K, docs/results.md, 2026-12-06: without the gate
+#: TRADE collapsed the boundary; with reverse KL at T0 only, 300 K kept 1e-5 ESS, over the range 6 %).
+DATA_FREE_DEFAULTS = {"evaluation_points": "samples", "warmup_fraction": 0.6, "trade_ess_floor": 0.01,
+                      "reverse_kl_temperatures": "range"}
 
 #: Training presets: what each changes from the :class:`TrainConfig` defaults, which are the
 #: ``quick`` preset (minutes on a laptop CPU); ``paper`` is the TRADE paper's alanine-dipeptide

@@ -7,7 +7,8 @@ Objectives (same flow, same loop, selected by ``TrainConfig.objective``):
 - ``nll``: NLL at T0 only; the flow's base is temperature-scaled, the only way T enters.
 - ``reverse-kl``: reverse KL divergence to exp(-u) at temperatures drawn over the range.
 - ``nll+reverse-kl``: both.
-- ``data-free``: reverse KL at T0 as the boundary, TRADE from flow samples over the range.
+- ``data-free``: reverse KL at T0 (or over the range: ``reverse_kl_temperatures``, the
+  default of ``trade-md train``) as the boundary, TRADE from flow samples over the range.
   A molecule (here and with ``reverse-kl`` without data) first fits its structure prior
   (:mod:`trademd.training.structure_prior`, no energies in the loss) for ``prior_fraction``
   of the steps, then reverse KL takes over; an importance-weighted NLL at T0 on the flow's own
