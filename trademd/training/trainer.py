@@ -545,10 +545,7 @@ class Trainer:
         if self.boundary_buffer is None or self.boundary_buffer.round_index != draw:
             t0 = float(self.target.reference_temperature)
             temperatures = torch.full((self._share(c.boundary_buffer_samples),), t0, device=self.device)
-            z, _, _, log_w = importance_weights(self.model, self.target, len(temperatures), temperatures,
-                                                chirality_restraint_kt=c.chirality_restraint_kt)
-            self.boundary_buffer = RefinementBuffer.from_samples(draw, z, temperatures, log_w,
-                                                                 c.refine_clip_fraction)
+            self.boundary_buffer = self._weighted_buffer(draw, temperatures)
         z, t = self.boundary_buffer.batch(c.batch_size)
         return -self.flow.log_prob(z, t).mean()
 
@@ -565,11 +562,16 @@ class Trainer:
             self.optimizer = torch.optim.Adam(self.flow.parameters(), lr=c.refine_learning_rate)
         grid = self.cache.temperatures.float()
         per_temperature = max(1, self._share(c.refine_samples) // len(grid))
-        temperatures = grid.repeat_interleave(per_temperature)
+        self.buffer = self._weighted_buffer(round_index, grid.repeat_interleave(per_temperature))
+
+    def _weighted_buffer(self, round_index: int, temperatures: Tensor) -> RefinementBuffer:
+        """Samples of the EMA flow at ``temperatures`` [n], weighed for exp(-u) and clipped
+        (:class:`RefinementBuffer`): the refinement rounds' buffers and the data-free boundary's."""
+        c = self.config
         z, _, _, log_w = importance_weights(self.model, self.target, len(temperatures), temperatures,
                                             chirality_restraint_kt=c.chirality_restraint_kt)
-        self.buffer = RefinementBuffer.from_samples(round_index, z, temperatures.to(z.device),
-                                                    log_w, c.refine_clip_fraction)
+        return RefinementBuffer.from_samples(round_index, z, temperatures.to(z.device), log_w,
+                                             c.refine_clip_fraction)
 
     def _refine_loss(self) -> tuple[Tensor, dict]:
         """Weighted forward KL on the buffer plus the NLL of the data at T0."""
