@@ -18,7 +18,7 @@ import time
 import numpy as np
 import openmm
 
-from trademd.md.copies import replicate_system
+from trademd.energy.copies import replicate_system
 from trademd.md.engines import LadderEngine
 from trademd.md.settings import COM_RESTRAINT_NM, MOLECULE_RADIUS_NM, ExchangeConfig
 from trademd.platforms import openmm_platform

@@ -15,7 +15,7 @@ import numpy as np
 import openmm
 import openmm.app as app
 
-from trademd.md.copies import replicate_system
+from trademd.energy.copies import replicate_system
 from trademd.md.settings import COM_RESTRAINT_NM, MOLECULE_RADIUS_NM
 from trademd.platforms import openmm_platform
 from trademd.systems import get_system

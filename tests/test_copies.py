@@ -6,7 +6,7 @@ import pytest
 
 from trademd.energy.molecule import MoleculeEnergy
 from trademd.errors import TradeMDError
-from trademd.md.copies import copy_energy_parameter, replicate_system
+from trademd.energy.copies import copy_energy_parameter, replicate_system
 from trademd.systems import get_system
 
 CPU = openmm.Platform.getPlatformByName("CPU")

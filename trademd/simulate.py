@@ -1,7 +1,7 @@
 """``trade-md simulate`` as a library call: plain Langevin MD of many copies of one molecule,
 or replica exchange over a temperature ladder, written to HDF5 in chunks.
 
-All copies run as non-interacting copies in one OpenMM Context (:mod:`trademd.md.copies`),
+All copies run as non-interacting copies in one OpenMM Context (:mod:`trademd.energy.copies`),
 each copy's centre of mass held near its lattice point by a flat-bottom restraint that leaves
 the internal distribution unchanged; :mod:`trademd.md.engines` holds the two engines and
 :mod:`trademd.md.driver` the chunk loop. A plain run writes a ``trade-md/trajectory`` file,

@@ -6,7 +6,7 @@ forces float64 [n, atoms, 3] (kJ/mol/nm), exactly as a single-molecule Context w
 - :class:`SingleKernel`: one single-molecule Context, one configuration at a time (the
   reference computation);
 - :class:`ReplicatedKernel`: ``n_copies`` non-interacting copies in one Context
-  (:mod:`trademd.md.copies`, ``per_copy_energies=True``), copy c's energy read as
+  (:mod:`trademd.energy.copies`, ``per_copy_energies=True``), copy c's energy read as
   dU/dlam_c; configurations too extended for the lattice go to a :class:`SingleKernel`.
 
 :class:`WorkerPool` runs one kernel per worker process (a fresh interpreter, one OpenMM thread
@@ -36,7 +36,7 @@ import openmm
 from openmm import unit
 
 from trademd.errors import TradeMDError
-from trademd.md.copies import SUPPORTED_FORCES, copy_energy_parameter, replicate_system
+from trademd.energy.copies import SUPPORTED_FORCES, copy_energy_parameter, replicate_system
 
 __all__ = [
     "KernelSpec",
@@ -144,7 +144,7 @@ class ReplicatedKernel:
     chunk is padded with copies of its first configuration, whose results are dropped.
 
     Args:
-        system: the single-molecule OpenMM system (forces as :mod:`trademd.md.copies` supports).
+        system: the single-molecule OpenMM system (forces as :mod:`trademd.energy.copies` supports).
         n_copies: copies per evaluation.
         platform: OpenMM platform name.
         properties: platform properties.

@@ -1,5 +1,5 @@
 """The two MD engines behind ``trade-md simulate``, on the replicated system of
-:mod:`trademd.md.copies` (all copies of the molecule in one OpenMM Context).
+:mod:`trademd.energy.copies` (all copies of the molecule in one OpenMM Context).
 
 - :class:`PlainEngine`: ``replicas`` copies at one temperature, OpenMM's
   LangevinMiddleIntegrator; one ensemble.
@@ -27,7 +27,7 @@ from openmm import unit
 
 from trademd.energy.molecule import MoleculeEnergy
 from trademd.io.h5io import DynamicsFile
-from trademd.md.copies import com_restraint_energies, replicate_system
+from trademd.energy.copies import com_restraint_energies, replicate_system
 from trademd.md.exchange import ExchangeState
 from trademd.md.settings import (
     COM_RESTRAINT_NM,
