@@ -132,7 +132,7 @@ def simulate(
     hydrogen_mass: Optional[float] = typer.Option(
         None, help="hydrogen mass repartitioning: hydrogens get this mass (amu, e.g. 1.5), taken from their heavy atom"),
     equilibration: str = typer.Option("100ps", help="discarded equilibration per replica"),
-    platform: str = typer.Option("auto", help="OpenMM platform: auto, CPU or CUDA"),
+    platform: str = typer.Option("auto", help="OpenMM platform: auto, CPU, CUDA, OpenCL or Reference"),
     seed: int = typer.Option(0, help="random seed of velocities and the Langevin integrator"),
     shard: Optional[str] = typer.Option(
         None, help="run shard i/N of N independent runs (seed + i) into OUT.shard<i>of<N>.h5; join them with `trade-md merge`"),
@@ -204,7 +204,7 @@ def export(
 @reports_errors
 def energy(
     file: Path = typer.Argument(..., help="trajectory file written by `trade-md simulate`"),
-    platform: str = typer.Option("auto", help="OpenMM platform: auto, CPU, CUDA or Reference"),
+    platform: str = typer.Option("auto", help="OpenMM platform: auto, CPU, CUDA, OpenCL or Reference"),
     write: bool = typer.Option(False, help="replace the stored energies with the recomputed ones"),
     temperature: Optional[float] = typer.Option(None, help="replica-exchange file: which ensemble (K)"),
 ) -> None:
@@ -239,7 +239,7 @@ def train(
     batch_size: Optional[int] = typer.Option(None, help="NLL batch size, per rank under torchrun (overrides the preset)"),
     config: Optional[Path] = typer.Option(None, help="JSON or YAML file of training settings"),
     device: str = typer.Option("auto", help="torch device: auto, cpu or cuda"),
-    platform: str = typer.Option("auto", help="OpenMM platform of the energies: auto, CPU, CUDA"),
+    platform: str = typer.Option("auto", help="OpenMM platform of the energies: auto, CPU, CUDA, OpenCL or Reference"),
     seed: Optional[int] = typer.Option(None, help="random seed"),
     resume: bool = typer.Option(False, help="continue from the run directory's checkpoint"),
     quiet: bool = typer.Option(False, help="no progress display"),
@@ -269,7 +269,7 @@ def sample(
     batch_size: int = typer.Option(4096, help="samples per batch"),
     extrapolate: bool = typer.Option(False, help="allow temperatures outside the trained range"),
     device: str = typer.Option("auto", help="torch device: auto, cpu or cuda"),
-    platform: str = typer.Option("auto", help="OpenMM platform of the energies"),
+    platform: str = typer.Option("auto", help="OpenMM platform of the energies: auto, CPU, CUDA, OpenCL or Reference"),
     seed: int = typer.Option(0, help="random seed of the samples (the same with any number of torchrun ranks)"),
     overwrite: bool = typer.Option(False, help="replace an existing output file"),
     json_summary: bool = typer.Option(False, "--json", help="print a one-line JSON summary per T"),
@@ -306,7 +306,7 @@ def evaluate(
     topology: Optional[Path] = typer.Option(None, help="PDB of the atoms of a --reference trajectory mdtraj reads (.dcd, .xtc, ...)"),
     model: Optional[Path] = typer.Option(None, help="model.pt, to report the reference frames' NLL"),
     out: Optional[Path] = typer.Option(None, help="metrics JSON (default: SAMPLES_T<T>_metrics.json)"),
-    platform: str = typer.Option("auto", help="OpenMM platform of reference energies recomputed: auto, CPU, CUDA or Reference"),
+    platform: str = typer.Option("auto", help="OpenMM platform of reference energies recomputed: auto, CPU, CUDA, OpenCL or Reference"),
     bootstrap: Optional[int] = typer.Option(
         None, help="block-bootstrap resamples of a replica-exchange reference's MBAR error (default 100)"),
     seed: int = typer.Option(0, help="random seed of the bootstrap"),
@@ -348,7 +348,7 @@ def run(
     preset: str = typer.Option("quick", help="training preset: quick or paper"),
     steps: Optional[int] = typer.Option(None, help="training steps (default: the preset's)"),
     n: int = typer.Option(100000, help="samples per temperature"),
-    platform: str = typer.Option("auto", help="OpenMM platform: auto, CPU or CUDA"),
+    platform: str = typer.Option("auto", help="OpenMM platform: auto, CPU, CUDA, OpenCL or Reference"),
     device: str = typer.Option("auto", help="torch device: auto, cpu or cuda"),
     quiet: bool = typer.Option(False, help="no progress display"),
 ) -> None:

@@ -375,18 +375,14 @@ def test_bad_arguments_are_one_line_errors(molecule):
 
 @pytest.mark.cuda
 def test_cuda_bridge_equals_single_molecule_context(molecule, references):
-    """What a GPU user gets from platform CUDA: replicated Contexts on the GPU for vacuum, and
-    single-molecule Contexts on the CPU side for implicit solvent, whose per-copy GB energies
-    on CUDA are wrong (refused when asked for)."""
+    """What a GPU user gets from platform CUDA: replicated per-copy Contexts on the GPU, for
+    vacuum and implicit solvent alike, equal to a double-precision single-molecule Context."""
     x = _configurations(molecule)[:-3]
     with EnergyBridge(molecule, platform="CUDA") as bridge:
         energy, forces = bridge.evaluate(torch.tensor(x, device="cuda"))
-        assert bridge.kernel == ("single" if molecule.solvent != "vacuum" else "replicated")
+        assert bridge.kernel == "replicated" and bridge.n_workers == 0
     assert energy.device.type == "cuda"
     _assert_exact(energy.cpu(), forces.cpu(), *references[1](x), relative=1e-5, force_relative=1e-5)
-    if molecule.solvent != "vacuum":
-        with pytest.raises(TradeMDError, match="do not match"):
-            EnergyBridge(molecule, platform="CUDA", kernel="replicated")
 
 
 @pytest.fixture(scope="module")

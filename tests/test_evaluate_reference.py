@@ -9,6 +9,7 @@ import subprocess
 
 import h5py
 import numpy as np
+import openmm
 import pytest
 from scipy.special import erfc
 from typer.testing import CliRunner
@@ -132,7 +133,7 @@ def storage(tmp_path_factory):
     from trademd.progress import quiet_loggers
 
     with quiet_loggers("openmmtools", "pymbar"):
-        from openmmtools import mcmc, multistate, states
+        from openmmtools import cache, mcmc, multistate, states
 
         molecule = get_system("ala2-vacuum")
         path = tmp_path_factory.mktemp("storage") / "pt.nc"
@@ -145,6 +146,11 @@ def storage(tmp_path_factory):
                        sampler_states=states.SamplerState(molecule.positions_nm() * unit.nanometer),
                        storage=reporter, min_temperature=300 * unit.kelvin,
                        max_temperature=500 * unit.kelvin, n_temperatures=3)
+        # name the platform: openmmtools otherwise takes the fastest, OpenCL where pocl is
+        # installed (and the minimiser kernels crash there)
+        cpu = openmm.Platform.getPlatformByName("CPU")
+        sampler.energy_context_cache = cache.ContextCache(platform=cpu)
+        sampler.sampler_context_cache = cache.ContextCache(platform=cpu)
         sampler.run()
         reporter.close()
     return path

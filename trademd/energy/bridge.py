@@ -9,9 +9,10 @@ u = U / (k_B T) for per-sample temperatures.
 How it evaluates (chosen per system and platform from measurements recorded in
 ``docs/performance.md``): on a CPU machine a pool of worker processes (one per core), each
 owning a single-molecule Context on the faster of the Reference and CPU platforms (timed at
-start-up; Reference for small molecules, and double precision as a bonus). The replicated
-per-copy Context (:class:`~trademd.energy.pool.ReplicatedKernel`) is used with CUDA for vacuum
-systems, where one Context of many copies replaces many kernel launches, and on request
+start-up; Reference for small molecules, and double precision as a bonus). On the GPU
+platforms (CUDA, OpenCL) one replicated per-copy Context
+(:class:`~trademd.energy.pool.ReplicatedKernel`, double precision) evaluates many
+configurations per kernel launch, for vacuum and implicit solvent alike; elsewhere on request
 (``kernel="replicated"``). Configurations that could reach another copy's cutoff (an atom
 farther than ``layout.max_radius_nm`` from the centroid) never enter a replicated Context.
 
@@ -25,6 +26,7 @@ import multiprocessing
 import os
 import threading
 import time
+import warnings
 import weakref
 
 import numpy as np
@@ -42,11 +44,7 @@ from trademd.energy.pool import (
     probe_positions_nm,
 )
 from trademd.errors import TradeMDError
-from trademd.platforms import (
-    PLATFORM_CHOICES,
-    available_openmm_platforms,
-    openmm_platform,
-)
+from trademd.platforms import GPU_PLATFORMS, openmm_platform, resolve_platform
 from trademd.units import BOLTZMANN_KJ_MOL_K
 
 __all__ = [
@@ -56,10 +54,11 @@ __all__ = [
 
 KERNEL_CHOICES = ("auto", "single", "replicated")
 
-#: Copies per replicated Context: (vacuum, implicit solvent) on CUDA and on the CPU. The CPU
-#: values are the measured optima (per-copy GB costs O(copies) per particle); the CUDA values
-#: are a starting point not yet measured on a GPU.
-_COPIES = {"CUDA": (64, 64), "CPU": (64, 4), "Reference": (64, 4)}
+#: Copies per replicated Context: (vacuum, implicit solvent) per platform. The CPU values are
+#: the measured optima (per-copy GB costs O(copies) per particle); the GPU values are a
+#: starting point (64 vacuum copies compiled and ran on an H100, 512 overflowed CUDA's kernel
+#: arguments): ``benchmarks/gpu_check.py`` measures them on a lent GPU.
+_COPIES = {"CUDA": (64, 64), "OpenCL": (64, 64), "CPU": (64, 4), "Reference": (64, 4)}
 
 #: Objects a forked child inherited from its parent and must never destroy (see
 #: :meth:`EnergyBridge._reset_process_state`).
@@ -112,17 +111,20 @@ class EnergyBridge:
     Args:
         system: the molecule: a :class:`~trademd.systems.MolecularSystem` or a single-molecule
             ``openmm.System``.
-        platform: ``auto`` (CUDA if available, else the fastest CPU-side platform), ``CPU``,
-            ``CUDA`` or ``Reference``: the OpenMM platform of the evaluating Contexts.
+        platform: ``auto`` (CUDA if available, else OpenCL on a GPU, else the fastest
+            CPU-side platform), ``CPU``, ``CUDA``, ``OpenCL`` or ``Reference``: the OpenMM
+            platform of the evaluating Contexts.
         workers: worker processes besides this one, which evaluates its own share of every
             batch (default: usable cores - 1 on CPU platforms, under torchrun the rank's
-            share of them - 1; none on CUDA; 0 evaluates everything in this process).
+            share of them - 1; none on CUDA and OpenCL; 0 evaluates everything in this
+            process).
         kernel: ``auto``, ``single`` (single-molecule Contexts) or ``replicated`` (per-copy
-            replicated Contexts of ``copies`` copies). ``auto`` is ``replicated`` on CUDA for
-            vacuum systems only: per-copy implicit-solvent (GB) energies on CUDA were found
-            wrong against a single-molecule Context (docs/performance.md), so on CUDA implicit-solvent energies run in
-            single-molecule Contexts on the CPU side (and a ``replicated`` request is refused).
+            replicated Contexts of ``copies`` copies). ``auto`` is ``replicated`` on CUDA and
+            OpenCL, ``single`` elsewhere; ``single`` with a GPU platform runs the
+            single-molecule Contexts on the CPU side.
         copies: copies per replicated Context (default: measured optimum per platform/solvent).
+            A Context the platform refuses to build (CUDA's kernel-argument limit) is retried
+            with half as many copies, with a warning; :attr:`copies` says what is used.
         molecule_radius_nm: the largest atom-centroid distance (nm) a replicated Context
             accepts; default max(1.0, twice the reference structure's).
         min_pool_batch: smaller batches are evaluated in this process (no inter-process
@@ -141,23 +143,16 @@ class EnergyBridge:
                  kernel: str = "auto", copies: int | None = None,
                  molecule_radius_nm: float | None = None, min_pool_batch: int = 32):
         openmm_system, reference_nm = _as_openmm_system(system)
-        if platform not in PLATFORM_CHOICES:
-            raise TradeMDError(f"unknown platform {platform!r}: choose one of {list(PLATFORM_CHOICES)}")
         if kernel not in KERNEL_CHOICES:
             raise TradeMDError(f"unknown kernel {kernel!r}: choose one of {list(KERNEL_CHOICES)}")
         if workers is not None and workers < 0:
             raise TradeMDError(f"workers must be 0 or more, got {workers}")
-        gpu = platform == "CUDA" or (platform == "auto" and "CUDA" in available_openmm_platforms())
-        platform_name = "CUDA" if gpu else platform
-        if platform_name != "auto":
-            openmm_platform(platform_name)  # a one-line error if it is not available
+        resolved = resolve_platform(platform)  # a one-line error if unknown or not available
+        gpu = resolved in GPU_PLATFORMS
+        platform_name = resolved if gpu or platform != "auto" else "auto"
         has_gb = any(isinstance(f, (openmm.GBSAOBCForce, openmm.CustomGBForce))
                      for f in openmm_system.getForces())
-        if gpu and has_gb and kernel == "replicated":
-            raise TradeMDError(
-                "per-copy implicit-solvent energies on CUDA do not match a single-molecule "
-                "Context (about 620 kJ/mol apart): use kernel='auto' or 'single'")
-        self.kernel = kernel if kernel != "auto" else ("replicated" if gpu and not has_gb else "single")
+        self.kernel = kernel if kernel != "auto" else ("replicated" if gpu else "single")
         if gpu and self.kernel == "single":  # single-molecule Contexts run on the CPU side
             gpu, platform_name = False, "auto"
         if platform_name == "auto":
@@ -184,17 +179,39 @@ class EnergyBridge:
             "kind": self.kernel,
             "system_xml": openmm.XmlSerializer.serialize(openmm_system),
             "platform": platform_name,
-            # double precision on CUDA: copies sit tens of nm apart, where mixed precision's
+            # double precision on GPUs: copies sit tens of nm apart, where mixed precision's
             # float32 positions lose accuracy (docs/performance.md)
-            "properties": {**openmm_platform(platform_name, threads=1)[1],
-                           **({"Precision": "double"} if platform_name == "CUDA" else {})},
+            "properties": openmm_platform(platform_name, threads=1, precision="double")[1],
             "n_copies": self.copies,
             "molecule_radius_nm": self.molecule_radius_nm,
         }
         self._closed = False
         self._reset_process_state()
-        self._local = build_kernel(self._spec)  # fails early, with OpenMM's reason, if it must
+        self._local = self._first_kernel(reference_nm)  # fails early, with OpenMM's reason
         _OPEN_BRIDGES.add(self)
+
+    def _first_kernel(self, reference_nm: np.ndarray):
+        """The in-process kernel, checked on the reference structure. A replicated Context
+        the platform cannot build or run (CUDA's kernel-argument space overflowed at 512
+        vacuum copies) is retried with half as many copies, down to one; any other failure
+        raises OpenMM's own error."""
+        while True:
+            try:
+                kernel = build_kernel(self._spec)
+                if self.kernel != "replicated" or np.isfinite(kernel(reference_nm[None])[0]).all():
+                    return kernel
+                reason = "the reference structure's energy was not finite"
+            except openmm.OpenMMException as error:
+                if self.kernel != "replicated" or self.copies == 1:
+                    raise
+                reason = str(error).strip().splitlines()[0]
+            if self.copies == 1:
+                raise TradeMDError(f"the replicated OpenMM Context on {self.platform} failed "
+                                   f"({reason}): use kernel='single'")
+            tried, self.copies = self.copies, max(1, self.copies // 2)
+            self._spec["n_copies"] = self.copies
+            warnings.warn(f"OpenMM could not run {tried} copies per Context on "
+                          f"{self.platform} ({reason}): using {self.copies}", stacklevel=3)
 
     def __repr__(self) -> str:
         return (f"EnergyBridge(kernel={self.kernel!r}, platform={self.platform!r}, "

@@ -42,8 +42,8 @@ _PROBE_RADIUS_NM = 0.14
 #: Force constant of the flat-bottom centre-of-mass restraint, kJ/(mol nm^2).
 COM_RESTRAINT_KJ_MOL_NM2 = 1000.0
 
-#: Names the replicated CustomGBForce adds: the per-particle copy index and the computed
-#: value holding lam_c of the particle's copy.
+#: Names the replicated CustomGBForce adds: the per-particle copy index, and the name under
+#: which each energy term defines lam_c of its particle's copy.
 _COPY_INDEX = "trademd_copy"
 _COPY_SCALE = "trademd_lam"
 
@@ -311,10 +311,14 @@ def _obc2_as_custom_gb(force: openmm.GBSAOBCForce) -> openmm.CustomGBForce:
 def _custom_gb_force(force: openmm.CustomGBForce, layout: CopyLayout, per_copy: bool):
     """A ``CustomGBForce`` of one molecule (NoCutoff) replicated over the copies: the same
     computed values, energy terms, global parameters and tabulated functions; particles and
-    exclusions repeated per copy. With ``per_copy``, a per-particle copy index selects the
-    computed value ``trademd_lam`` = lam_c of the particle's copy, which multiplies every
-    energy term (pair terms by its value at particle 1: both particles of a pair within the
-    cutoff belong to the same copy)."""
+    exclusions repeated per copy. With ``per_copy``, every energy term is multiplied by
+    lam_c of its particle's copy, selected by a per-particle copy index (pair terms by the
+    index of particle 1: both particles of a pair within the cutoff belong to the same copy).
+
+    The selector sum_c lam_c * delta(index - c) is written into each energy term itself, not
+    into a computed value: OpenMM's GPU kernels (CUDA, OpenCL) do not carry energy-parameter
+    derivatives through computed values, so a computed-value selector gave dE/dlam_c hundreds
+    of kJ/mol off there (right on the CPU and Reference platforms)."""
     if force.getNonbondedMethod() != openmm.CustomGBForce.NoCutoff:
         raise TradeMDError("replication needs a CustomGBForce with NoCutoff: build the system "
                            "with nonbondedMethod=NoCutoff (nonbondedCutoff=None for a prmtop)")
@@ -330,19 +334,14 @@ def _custom_gb_force(force: openmm.CustomGBForce, layout: CopyLayout, per_copy: 
     for k in range(force.getNumComputedValues()):
         gb.addComputedValue(*force.getComputedValueParameters(k))
     if per_copy:
-        selector = "+".join(
-            f"{copy_energy_parameter(c)}*delta({_COPY_INDEX}-{c})" for c in range(layout.n_copies)
-        )
-        gb.addComputedValue(_COPY_SCALE, selector, openmm.CustomGBForce.SingleParticle)
         for c in range(layout.n_copies):
             gb.addGlobalParameter(copy_energy_parameter(c), 1.0)
             gb.addEnergyParameterDerivative(copy_energy_parameter(c))
     for k in range(force.getNumEnergyTerms()):
         expression, kind = force.getEnergyTermParameters(k)
         if per_copy:
-            main, *definitions = expression.split(";")
-            scale = _COPY_SCALE if kind == openmm.CustomGBForce.SingleParticle else f"{_COPY_SCALE}1"
-            expression = ";".join([f"{scale}*({main})", *definitions])
+            index = _COPY_INDEX if kind == openmm.CustomGBForce.SingleParticle else f"{_COPY_INDEX}1"
+            expression = _scaled_by_copy(expression, index, layout.n_copies)
         gb.addEnergyTerm(expression, kind)
     n_atoms = layout.n_atoms
     for c in range(layout.n_copies):
@@ -355,6 +354,16 @@ def _custom_gb_force(force: openmm.CustomGBForce, layout: CopyLayout, per_copy: 
         gb.setNonbondedMethod(openmm.CustomGBForce.CutoffNonPeriodic)
         gb.setCutoffDistance(layout.gb_cutoff_nm)
     return gb
+
+
+def _scaled_by_copy(expression: str, index: str, n_copies: int) -> str:
+    """An OpenMM energy expression ``main; definitions...`` multiplied by lam_c of the copy
+    whose index the per-particle variable ``index`` holds: ``trademd_lam*(main);
+    definitions...; trademd_lam=lam_0*delta(index-0)+...`` (a definition, which Lepton inlines,
+    so its derivative with respect to each lam_c is exact on every platform)."""
+    main, *definitions = expression.split(";")
+    selector = "+".join(f"{copy_energy_parameter(c)}*delta({index}-{c})" for c in range(n_copies))
+    return ";".join([f"{_COPY_SCALE}*({main})", *definitions, f"{_COPY_SCALE}={selector}"])
 
 
 def com_restraint_energies(offsets_nm: np.ndarray, masses_amu: np.ndarray,

@@ -24,13 +24,14 @@ _DEFAULT_BOND_WIDTH_300K = 0.003
 
 
 def minimised_positions(system: openmm.System, positions_nm: np.ndarray, tolerance_kj_mol_nm: float = 1.0,
-                        platform: str = "CPU") -> np.ndarray:
-    """Positions [atoms, 3] nm after OpenMM's L-BFGS energy minimisation from ``positions_nm``."""
+                        platform: str = "CPU", max_iterations: int = 0) -> np.ndarray:
+    """Positions [atoms, 3] nm after OpenMM's L-BFGS energy minimisation from ``positions_nm``
+    (``max_iterations`` 0: until converged)."""
     chosen, properties = openmm_platform(platform, threads=1)
     context = openmm.Context(system, openmm.VerletIntegrator(0.001), chosen, properties)
     context.setPositions(np.asarray(positions_nm, dtype=np.float64))
     context.applyConstraints(1e-8)
-    openmm.LocalEnergyMinimizer.minimize(context, tolerance_kj_mol_nm)
+    openmm.LocalEnergyMinimizer.minimize(context, tolerance_kj_mol_nm, max_iterations)
     state = context.getState(getPositions=True)
     return np.asarray(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer), dtype=np.float64)
 

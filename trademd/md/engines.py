@@ -26,6 +26,7 @@ import openmm
 from openmm import unit
 
 from trademd.energy.molecule import MoleculeEnergy
+from trademd.energy.structure import minimised_positions
 from trademd.io.h5io import DynamicsFile
 from trademd.energy.copies import com_restraint_energies, replicate_system
 from trademd.md.exchange import ExchangeState
@@ -83,15 +84,20 @@ class _ReplicatedContext:
         chosen, properties = openmm_platform(platform, threads=cpu_threads)
         self.platform_name = chosen.getName()
         self.context = openmm.Context(replicated, integrator, chosen, properties)
+        self.system = system
         self.molecule_energy = MoleculeEnergy(system)
         self.masses_amu = np.array([system.getParticleMass(i).value_in_unit(unit.dalton)
                                     for i in range(system.getNumParticles())])
         self.dof_per_copy = 3 * system.getNumParticles() - system.getNumConstraints()
 
     def _place_and_minimise(self, positions_nm: np.ndarray) -> None:
+        """Minimise one molecule on the CPU and put every copy there: identical copies that
+        never interact minimise identically, and OpenMM's minimiser kernel crashed under
+        OpenCL on pocl (docs/performance.md)."""
+        minimised_nm = minimised_positions(self.system, positions_nm, tolerance_kj_mol_nm=10.0,
+                                           max_iterations=1000)
         self.context.setPositions(
-            self.layout.place(np.repeat(positions_nm[None], self.layout.n_copies, axis=0)))
-        openmm.LocalEnergyMinimizer.minimize(self.context, 10.0, 1000)
+            self.layout.place(np.repeat(minimised_nm[None], self.layout.n_copies, axis=0)))
 
     def _velocities(self) -> np.ndarray:
         """[copies, atoms, 3] in nm/ps."""
