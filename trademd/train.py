@@ -11,7 +11,7 @@ from trademd.analysis.plots import plot_losses
 from trademd.errors import TradeMDError
 from trademd.platforms import torch_device
 from trademd.systems.analytic import ANALYTIC_SYSTEMS, get_analytic_system
-from trademd.training.config import PRESETS, TrainConfig, merge_settings, setting_names
+from trademd.training.config import DEFAULT_PRESET, PRESETS, TrainConfig, merge_settings, setting_names
 from trademd.training.objectives import Objective, objective_class
 from trademd.training.targets import AnalyticTarget, MoleculeTarget, Target
 from trademd.training.trainer import Trainer
@@ -49,7 +49,7 @@ def load_config_file(path: str | Path) -> dict:
         raise TradeMDError(f"config file {str(path)!r} must hold a mapping of settings, got {type(settings).__name__}")
     source = f"config file {str(path)!r}"
     checked = merge_settings({}, settings, source)
-    TrainConfig.from_settings(merge_settings(preset_settings("quick"), {"t_min": 1.0, "t_max": 2.0, **checked}),
+    TrainConfig.from_settings(merge_settings(preset_settings(DEFAULT_PRESET), {"t_min": 1.0, "t_max": 2.0, **checked}),
                               source)  # types
     return checked
 
@@ -93,7 +93,7 @@ def _target(data: str | Path | None, system: str | None, platform: str,
 
 def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | None = None,
               temperature_k: float | None = None, boundary_temperature_k: float | None = None,
-              system: str | None = None, preset: str = "quick", config_file: str | Path | None = None,
+              system: str | None = None, preset: str = DEFAULT_PRESET, config_file: str | Path | None = None,
               overrides: dict | None = None, device: str = "auto", platform: str = "auto",
               resume: bool = False, show_progress: bool = True) -> Path:
     """Train a flow as ``trade-md train`` does; returns the path of ``model.pt``.

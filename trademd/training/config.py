@@ -22,7 +22,18 @@ from trademd.errors import TradeMDError
 
 __all__ = ["OptimiserSettings", "TradeSettings", "ReverseKLSettings", "DataFreeSettings",
            "RefinementSettings", "ReportSettings", "FlowSettings", "TrainConfig", "PRESETS",
-           "merge_settings", "setting_names"]
+           "DEFAULT_PRESET", "MOLECULE_LAYER_BLOCK", "default_layers", "merge_settings", "setting_names"]
+
+#: One block of coupling layers of a molecule's flow: torsions given torsions, bounded features
+#: given torsions, bounded given bounded.
+MOLECULE_LAYER_BLOCK = ["torsions|torsions", "bounded|torsions", "bounded|bounded"]
+
+
+def default_layers(n_torsions: int, molecule_blocks: int = 2) -> list[str]:
+    """Coupling layers where the user sets none: three bounded layers for a system without
+    torsions (analytic systems), else ``molecule_blocks`` blocks of :data:`MOLECULE_LAYER_BLOCK`
+    (2 in the ``quick`` preset; ``paper`` sets 3)."""
+    return ["bounded|bounded"] * 3 if n_torsions == 0 else MOLECULE_LAYER_BLOCK * molecule_blocks
 
 
 @dataclass
@@ -271,6 +282,8 @@ class TrainConfig:
                                "widen --tmin/--tmax")
 
 
+#: The preset of ``trade-md train`` and ``trade-md run`` unless told otherwise.
+DEFAULT_PRESET = "quick"
 #: Training presets: what each changes from the defaults above, which are the ``quick`` preset
 #: (minutes on a laptop CPU); ``paper`` is the TRADE paper's alanine-dipeptide scale, for a GPU.
 PRESETS: dict[str, dict] = {
@@ -282,7 +295,7 @@ PRESETS: dict[str, dict] = {
                   "trade_points": 512, "evaluation_points": "samples", "ramp_fraction": 0.1},
         "reporting": {"metrics_every": 2000, "metrics_samples": 20000, "checkpoint_every": 2000},
         "refinement": {"refine_steps": 2000, "refine_samples": 100000, "refine_learning_rate": 5e-5},
-        "flow": {"width": 256, "layers": ["torsions|torsions", "bounded|torsions", "bounded|bounded"] * 3},
+        "flow": {"width": 256, "layers": MOLECULE_LAYER_BLOCK * 3},
     },
 }
 

@@ -14,7 +14,7 @@ from torch import Tensor
 from trademd.distributed import Ranks
 from trademd.errors import TradeMDError
 from trademd.flow.conditional import TemperatureFlow
-from trademd.training.config import TrainConfig
+from trademd.training.config import TrainConfig, default_layers
 
 __all__ = ["TrainingRun", "Objective", "data_nll", "ess_selection_score"]
 
@@ -99,8 +99,7 @@ class Objective:
         if bounded.numel():
             sigma = float((bounded.std(dim=0) / (0.5 * (high - low))).mean())
         flow = {
-            "layers": ["bounded|bounded"] * 3 if target.n_torsions == 0 else
-            ["torsions|torsions", "bounded|torsions", "bounded|bounded"] * 2,
+            "layers": default_layers(target.n_torsions),
             "bounded_base": "scaled_truncated_normal" if self.scaled_base else "truncated_normal",
             "torsion_base": "uniform",
             "base_sigma": min(max(sigma, 0.02), 1.0),
