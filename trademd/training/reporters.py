@@ -98,21 +98,18 @@ class MetricsReporter:
 
 
 class ProgressReporter:
-    """The progress bar, updated with the loss terms at every metrics row.
-
-    Args:
-        enabled: show it at all (rank 0 only).
-    """
+    """The progress bar, updated with the loss terms at every metrics row (shown on rank 0
+    when the trainer's ``show_progress`` says so)."""
 
     #: loss terms shown, where a step has them
     TERMS = ("nll_t0", "prior_nll", "boundary_nll", "trade", "reverse_kl", "continuity", "refine_nll")
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
+    def __init__(self):
         self.progress: Progress | None = None
 
     def start(self, trainer) -> None:
-        self.progress = Progress(trainer.config.total_steps, "steps", enabled=self.enabled and trainer.ranks.is_main)
+        self.progress = Progress(trainer.config.total_steps, "steps",
+                                 enabled=trainer.show_progress and trainer.ranks.is_main)
 
     def due(self, trainer) -> bool:
         return metrics_due(trainer)

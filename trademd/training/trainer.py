@@ -122,7 +122,9 @@ class Trainer:
         self.last_metrics: dict = {}
         #: energy evaluations of earlier runs of this training (restored by :meth:`resume`)
         self.evaluations_before = 0
-        self.reporters = [MetricsReporter(self.run_dir / "metrics.csv"), ProgressReporter(enabled=True),
+        #: whether :meth:`train` shows progress (its argument)
+        self.show_progress = True
+        self.reporters = [MetricsReporter(self.run_dir / "metrics.csv"), ProgressReporter(),
                           CheckpointReporter(self.run_dir / "config.json")]
 
     # -- what objectives and reporters read ------------------------------------------------
@@ -194,9 +196,7 @@ class Trainer:
         Returns:
             The path of ``model.pt``.
         """
-        for reporter in self.reporters:
-            if isinstance(reporter, ProgressReporter):
-                reporter.enabled = show_progress
+        self.show_progress = show_progress
         self.objective.start(self)
         for reporter in self.reporters:
             reporter.start(self)
