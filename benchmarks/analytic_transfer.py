@@ -25,7 +25,9 @@ import torch
 from trademd.analysis.ess import kish_relative_ess
 from trademd.systems.analytic import get_analytic_system
 from trademd.training.targets import AnalyticTarget
-from trademd.training.trainer import TrainConfig, Trainer, importance_weights
+from trademd.training.config import TrainConfig
+from trademd.training.sampling import importance_weights
+from trademd.training.trainer import Trainer
 
 OBJECTIVES = ("trade", "data-free", "interpolation", "reverse-kl", "nll")
 #: The test suite's small settings (seconds per run on one core).
@@ -45,7 +47,8 @@ def run(system_name: str, objective: str, seed: int, steps: int, out_dir: Path) 
     target = AnalyticTarget(system, n_data=20000, seed=seed)
     points = "samples" if objective in ("data-free", "reverse-kl") else "both"
     settings = {**SETTINGS, **OBJECTIVE_SETTINGS.get(objective, {})}
-    config = TrainConfig(objective=objective, steps=steps, seed=seed, evaluation_points=points, **settings)
+    config = TrainConfig.from_settings({"objective": objective, "steps": steps, "seed": seed,
+                                        "evaluation_points": points, **settings})
     started = time.perf_counter()
     trainer = Trainer(target, config, out_dir / f"{system_name}_{objective}_{seed}")
     trainer.train(show_progress=False)

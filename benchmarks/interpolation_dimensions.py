@@ -19,7 +19,9 @@ import torch
 from trademd.analysis.ess import kish_relative_ess
 from trademd.systems.analytic import AnalyticSystem
 from trademd.training.targets import AnalyticTarget
-from trademd.training.trainer import TrainConfig, Trainer, importance_weights
+from trademd.training.config import TrainConfig
+from trademd.training.sampling import importance_weights
+from trademd.training.trainer import Trainer
 
 SETTINGS = dict(t_min=0.5, t_max=2.0, batch_size=256, learning_rate=5e-3, refine_rounds=0,
                 metrics_every=250, metrics_samples=3000, checkpoint_every=10000, flow={"width": 64})
@@ -31,7 +33,7 @@ def run(dim: int, steps: int, seed: int, run_dir: Path) -> dict:
     system = AnalyticSystem(f"double-well-{dim}d", dim=dim, half_width=3.5, potential="double-well")
     torch.manual_seed(seed)
     target = AnalyticTarget(system, n_data=100, seed=seed)  # the objective reads no data
-    config = TrainConfig(objective="interpolation", steps=steps, seed=seed, **SETTINGS)
+    config = TrainConfig.from_settings({"objective": "interpolation", "steps": steps, "seed": seed, **SETTINGS})
     started = time.perf_counter()
     trainer = Trainer(target, config, run_dir)
     trainer.train(show_progress=False)

@@ -10,6 +10,19 @@ import typer
 from typer.core import TyperGroup
 
 from trademd.errors import TradeMDError
+from trademd.md.settings import (
+    DEFAULT_EQUILIBRATION_PS,
+    DEFAULT_LADDERS,
+    DEFAULT_REPLICAS,
+    DEFAULT_SYSTEM,
+    DEFAULT_TEMPERATURE_K,
+)
+from trademd.pipeline import RunConfig
+from trademd.training.config import DEFAULT_PRESET
+from trademd.units import format_time_ps
+
+#: The defaults of ``trade-md run`` (:class:`trademd.pipeline.RunConfig`).
+RUN_DEFAULTS = RunConfig()
 
 
 class Commands(TyperGroup):
@@ -117,21 +130,23 @@ def systems() -> None:
 def simulate(
     ctx: typer.Context,
     out: Path = typer.Option(..., "--out", help="HDF5 trajectory file to write"),
-    system: str = typer.Option("ala2-implicit", help="built-in system (see `trade-md systems`)"),
+    system: str = typer.Option(DEFAULT_SYSTEM, help="built-in system (see `trade-md systems`)"),
     pdb: Optional[Path] = typer.Option(None, help="user system: PDB file of one molecule"),
     forcefield: Optional[List[str]] = typer.Option(None, help="user system: force-field XML (repeat)"),
-    temperature: float = typer.Option(600.0, help="temperature in K"),
+    temperature: float = typer.Option(DEFAULT_TEMPERATURE_K, help="temperature in K"),
     temperatures: Optional[List[float]] = typer.Option(
         None, help="replica exchange over these temperatures (K), e.g. --temperatures 300 350 400"),
     exchange_every: str = typer.Option("1ps", help="replica exchange: interval between exchange attempts"),
     time: str = typer.Option("1ns", help="production time per replica, e.g. 20ns"),
     replicas: Optional[int] = typer.Option(
-        None, help="copies simulated together (default 64); replica exchange: ladders (default 4)"),
+        None, help=f"copies simulated together (default {DEFAULT_REPLICAS}); replica exchange: ladders "
+                   f"(default {DEFAULT_LADDERS})"),
     save_every: str = typer.Option("1ps", help="interval between saved frames"),
     timestep: str = typer.Option("2fs", help="integration time step (4fs needs --hydrogen-mass)"),
     hydrogen_mass: Optional[float] = typer.Option(
         None, help="hydrogen mass repartitioning: hydrogens get this mass (amu, e.g. 1.5), taken from their heavy atom"),
-    equilibration: str = typer.Option("100ps", help="discarded equilibration per replica"),
+    equilibration: str = typer.Option(format_time_ps(DEFAULT_EQUILIBRATION_PS),
+                                      help="discarded equilibration per replica"),
     platform: str = typer.Option("auto", help="OpenMM platform: auto, CPU, CUDA, OpenCL or Reference"),
     seed: int = typer.Option(0, help="random seed of velocities and the Langevin integrator"),
     shard: Optional[str] = typer.Option(
@@ -234,7 +249,7 @@ def train(
     objective: Optional[str] = typer.Option(None, help="trade (default), nll, reverse-kl, nll+reverse-kl, data-free, interpolation (analytic systems: a CNF on the continuity residual)"),
     data_free: bool = typer.Option(False, "--data-free", help="no data: a boundary by reverse KL at T0, TRADE over the range (--objective data-free)"),
     t0: Optional[float] = typer.Option(None, "--t0", help="training a molecule without data (--data-free, --objective reverse-kl): the temperature in K of its boundary and feature widths (default --tmax)"),
-    preset: str = typer.Option("quick", help="quick (laptop CPU, minutes) or paper (GPU scale)"),
+    preset: str = typer.Option(DEFAULT_PRESET, help="quick (laptop CPU, minutes) or paper (GPU scale)"),
     steps: Optional[int] = typer.Option(None, help="training steps (overrides the preset)"),
     batch_size: Optional[int] = typer.Option(None, help="NLL batch size, per rank under torchrun (overrides the preset)"),
     config: Optional[Path] = typer.Option(None, help="JSON or YAML file of training settings"),
@@ -335,19 +350,23 @@ def evaluate(
 def run(
     ctx: typer.Context,
     out: Path = typer.Option(Path("runs/demo"), "--out", help="run directory"),
-    system: str = typer.Option("ala2-implicit", help="built-in system"),
-    temperature: List[float] = typer.Option([300.0], help="temperature(s) to sample at (K)"),
-    data_temperature: float = typer.Option(600.0, help="simulation temperature T0 (K)"),
-    time: str = typer.Option("1ns", help="simulation time per replica (16 replicas x 1 ns every 0.1 ps: 160,000 frames)"),
-    replicas: int = typer.Option(16, help="MD replicas"),
-    save_every: str = typer.Option("0.1ps", help="MD frame interval"),
+    system: str = typer.Option(RUN_DEFAULTS.system, help="built-in system"),
+    temperature: List[float] = typer.Option(list(RUN_DEFAULTS.temperatures_k), help="temperature(s) to sample at (K)"),
+    data_temperature: float = typer.Option(RUN_DEFAULTS.data_temperature_k, help="simulation temperature T0 (K)"),
+    time: str = typer.Option(
+        format_time_ps(RUN_DEFAULTS.simulation_ps),
+        help=f"simulation time per replica ({RUN_DEFAULTS.replicas} replicas x {format_time_ps(RUN_DEFAULTS.simulation_ps)} "
+             f"every {format_time_ps(RUN_DEFAULTS.save_every_ps)}: "
+             f"{round(RUN_DEFAULTS.replicas * RUN_DEFAULTS.simulation_ps / RUN_DEFAULTS.save_every_ps):,} frames)"),
+    replicas: int = typer.Option(RUN_DEFAULTS.replicas, help="MD replicas"),
+    save_every: str = typer.Option(format_time_ps(RUN_DEFAULTS.save_every_ps), help="MD frame interval"),
     timestep: Optional[str] = typer.Option(None, help="MD time step (default: the system's, 4fs with rigid bonds to hydrogen, 2fs without)"),
     hydrogen_mass: Optional[float] = typer.Option(
         None, help="MD hydrogen mass (amu; repartitioned from heavy atoms, 0: force-field masses; default: the system's, 1.5 with rigid bonds to hydrogen)"),
-    seed: int = typer.Option(0, help="seed of the MD and of training"),
-    preset: str = typer.Option("quick", help="training preset: quick or paper"),
+    seed: int = typer.Option(RUN_DEFAULTS.seed, help="seed of the MD and of training"),
+    preset: str = typer.Option(RUN_DEFAULTS.preset, help="training preset: quick or paper"),
     steps: Optional[int] = typer.Option(None, help="training steps (default: the preset's)"),
-    n: int = typer.Option(100000, help="samples per temperature"),
+    n: int = typer.Option(RUN_DEFAULTS.n_samples, help="samples per temperature"),
     platform: str = typer.Option("auto", help="OpenMM platform: auto, CPU, CUDA, OpenCL or Reference"),
     device: str = typer.Option("auto", help="torch device: auto, cpu or cuda"),
     quiet: bool = typer.Option(False, help="no progress display"),

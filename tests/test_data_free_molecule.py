@@ -15,7 +15,9 @@ from trademd.energy.structure import harmonic_widths, minimised_positions
 from trademd.errors import TradeMDError
 from trademd.sample import sample_run
 from trademd.systems import get_system
-from trademd.train import DATA_FREE_DEFAULTS, train_run
+from trademd.train import train_run
+from trademd.training.config import TrainConfig, setting_names
+from trademd.training.objectives.data_free import DataFree
 from trademd.training.structure_prior import StructurePrior
 from trademd.training.targets import MoleculeTarget
 from trademd.units import BOLTZMANN_KJ_MOL_K
@@ -102,7 +104,8 @@ def test_data_free_training_of_a_molecule_runs_and_samples(tmp_path):
     assert saved["energy_evaluations"] > 0
     # the data-free defaults, as a config file or option could not have set them here
     config = json.loads((tmp_path / "train" / "config.json").read_text())
-    assert {k: config[k] for k in DATA_FREE_DEFAULTS} == DATA_FREE_DEFAULTS
+    written, sections = TrainConfig.from_settings(config), setting_names()
+    assert {k: getattr(getattr(written, sections[k]), k) for k in DataFree.defaults} == DataFree.defaults
     (summary,) = sample_run(model_path, [300.0], 256, tmp_path / "samples.h5", device="cpu",
                             platform="CPU", show_progress=False)
     assert summary["n"] == 256 and math.isfinite(summary["relative_ess"])

@@ -17,7 +17,8 @@ from trademd.flow.conditional import build_flow, load_flow
 from trademd.systems.analytic import get_analytic_system
 from trademd.training.interpolation import continuity_residual, divergence, initialise_normaliser_rate
 from trademd.training.targets import AnalyticTarget
-from trademd.training.trainer import TrainConfig, Trainer
+from trademd.training.config import TrainConfig
+from trademd.training.trainer import Trainer
 
 T_MIN, T_MAX, SIGMA, DIM = 0.5, 2.0, 3.0, 2
 
@@ -146,9 +147,9 @@ def test_interpolation_objective_learns_the_gaussian_family_without_data(tmp_pat
     system = get_analytic_system("gaussian-2d")
     target = AnalyticTarget(system, n_data=100)
     target.data_features = target.data_features.fill_(float("nan"))  # any use would show
-    config = TrainConfig(objective="interpolation", steps=300, t_min=0.5, t_max=2.0, batch_size=256,
-                         learning_rate=5e-3, refine_rounds=0, metrics_every=100, metrics_samples=2000,
-                         checkpoint_every=100, flow={"width": 32})
+    config = TrainConfig.from_settings(dict(
+        objective="interpolation", steps=300, t_min=0.5, t_max=2.0, batch_size=256, learning_rate=5e-3,
+        refine_rounds=0, metrics_every=100, metrics_samples=2000, checkpoint_every=100, flow={"width": 32}))
     trainer = Trainer(target, config, tmp_path / "run")
     untrained = [system.forward_kl(trainer.model.log_prob, t, n=2000) for t in (0.5, 2.0)]
     trainer.train(show_progress=False)
@@ -172,7 +173,7 @@ def test_interpolation_cli_runs_on_analytic_systems_and_refuses_molecules(tmp_pa
                                  "--steps", "4"])
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "r" / "config.json").read_text())
-    assert config["objective"] == "interpolation" and config["refine_rounds"] == 0
+    assert config["objective"] == "interpolation" and config["refinement"]["refine_rounds"] == 0
     assert (tmp_path / "r" / "model.pt").exists() and (tmp_path / "r" / "loss.png").exists()
 
 

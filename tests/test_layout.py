@@ -45,7 +45,25 @@ def test_the_cli_calls_stage_modules():
     from trademd import cli
 
     allowed = {f"trademd.{stage}" for stage in STAGES} | {
-        "trademd.errors", "trademd.units", "trademd.systems", "trademd.io.h5io", "trademd.io.export"}
+        "trademd.errors", "trademd.units", "trademd.systems", "trademd.io.h5io", "trademd.io.export",
+        "trademd.md.settings", "trademd.training.config"}  # the typed homes of the defaults
     used = {name for name in _imports(Path(cli.__file__).parent / "app.py") if name.startswith("trademd")}
     assert used - allowed == set()
     assert {"trademd.simulate", "trademd.train", "trademd.sample"} <= used
+
+
+def test_the_trainer_names_no_objective():
+    """The loop runs any objective: trainer.py names none (no objective's name, class or
+    module), so that a new objective is a new module under training/objectives/ only."""
+    import re
+
+    from trademd.training.objectives import OBJECTIVES
+
+    path = PACKAGE / "training" / "trainer.py"
+    source = path.read_text()
+    names = [*OBJECTIVES, *(kind.__name__ for kind in OBJECTIVES.values())]
+    named = [name for name in names if re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", source)]
+    assert named == []
+    modules = {f"trademd.training.objectives.{f.stem}" for f in (PACKAGE / "training" / "objectives").glob("*.py")}
+    assert sorted(_imports(path) & modules) == []
+    assert len(OBJECTIVES) >= 6 and len(modules) >= 7  # the objectives were found

@@ -10,6 +10,32 @@ from trademd.cli.app import app
 runner = CliRunner()
 
 
+def test_the_default_run_is_what_it_was(monkeypatch, tmp_path):
+    """`trade-md run` with no options: alanine dipeptide in implicit solvent, 16 replicas x 1 ns
+    at 600 K saving every 0.1 ps after 20 ps of equilibration (its own MD preset, not
+    `simulate`'s 64 replicas and 100 ps), the quick training preset, 100,000 samples at 300 K."""
+    import trademd.pipeline
+    from trademd.pipeline import RunConfig
+    from trademd.simulate import simulation_config
+
+    calls = []
+    monkeypatch.setattr(trademd.pipeline, "run_pipeline",
+                        lambda config, out, **kwargs: calls.append(config) or {"samples": []})
+    result = runner.invoke(app, ["run", "--out", str(tmp_path / "r"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    (config,) = calls
+    assert config == RunConfig()
+    assert (config.system, config.temperatures_k, config.data_temperature_k, config.simulation_ps,
+            config.replicas, config.save_every_ps, config.preset, config.steps, config.n_samples,
+            config.seed) == ("ala2-implicit", (300.0,), 600.0, 1000.0, 16, 0.1, "quick", None, 100000, 0)
+    md = config.simulation("CPU")
+    assert (md.temperature_k, md.time_ps, md.replicas, md.save_every_ps, md.equilibration_ps,
+            md.timestep_ps, md.hydrogen_mass_amu) == (600.0, 1000.0, 16, 0.1, 20.0, 0.004, 1.5)
+    plain = simulation_config(time_ps=1000.0)  # `trade-md simulate`'s defaults
+    assert (plain.system_name, plain.temperature_k, plain.replicas, plain.equilibration_ps) == (
+        "ala2-implicit", 600.0, 64, 100.0)
+
+
 def test_run_pipeline_then_reuse(tmp_path):
     out = tmp_path / "demo"
     arguments = ["run", "--system", "ala2-vacuum", "--temperature", "400", "--time", "12ps",

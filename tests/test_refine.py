@@ -13,7 +13,8 @@ from trademd.flow.conditional import load_flow
 from trademd.systems.analytic import get_analytic_system
 from trademd.training.refine import RefinementBuffer, resampling_probabilities
 from trademd.training.targets import AnalyticTarget
-from trademd.training.trainer import TrainConfig, Trainer
+from trademd.training.config import TrainConfig
+from trademd.training.trainer import Trainer
 
 FAST = dict(t_min=0.5, t_max=2.0, batch_size=256, learning_rate=5e-3, cache_every=50,
             evaluation_points="samples", refine_rounds=0,
@@ -31,7 +32,7 @@ def _trainer(tmp_path, system="double-well-5d", validation=False, **settings):
     if validation:
         held_out = target.system.sample(2000, target.reference_temperature,
                                         torch.Generator().manual_seed(11)).float()
-    return Trainer(target, TrainConfig(**{**FAST, **settings}), tmp_path, validation_features=held_out)
+    return Trainer(target, TrainConfig.from_settings({**FAST, **settings}), tmp_path, validation_features=held_out)
 
 
 # ------------------------------------------------------------------------------------------
@@ -114,8 +115,9 @@ def test_trade_is_selected_by_ess_only_after_its_ramp(tmp_path):
     assert trainer.best["step"] == int(best["step"])
     assert trainer.best["score"] == pytest.approx(score(best), abs=1e-9)
     # T0 and the focus temperature are TRADE grid points
-    assert any(abs(t - 0.7) < 1e-9 for t in trainer.cache.temperatures.tolist())
-    assert any(abs(t - 1.0) < 1e-9 for t in trainer.cache.temperatures.tolist())
+    grid = trainer.objective.trade.cache.temperatures.tolist()  # the TRADE grid
+    assert any(abs(t - 0.7) < 1e-9 for t in grid)
+    assert any(abs(t - 1.0) < 1e-9 for t in grid)
 
 
 # ------------------------------------------------------------------------------------------
@@ -146,19 +148,19 @@ def test_refinement_resumes_exactly_mid_round(tmp_path, monkeypatch):
     whole.train(show_progress=False)
 
     cut = _trainer(tmp_path / "cut", **settings)
-    original = cut._refine_loss
+    original = cut.loss
 
     def interrupt_at_step_21():
         if cut.step == 21:
             raise KeyboardInterrupt
         return original()
 
-    monkeypatch.setattr(cut, "_refine_loss", interrupt_at_step_21)
+    monkeypatch.setattr(cut, "loss", interrupt_at_step_21)
     with pytest.raises(KeyboardInterrupt):
         cut.train(show_progress=False)
     resumed = _trainer(tmp_path / "cut", **settings)
     resumed.resume()
-    assert resumed.step == 20 and resumed.buffer.round_index == 1
+    assert resumed.step == 20 and resumed.refinement.buffer.round_index == 1
     resumed.train(show_progress=False)
     for a, b in zip(whole.flow.parameters(), resumed.flow.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
@@ -172,8 +174,9 @@ def test_a_presets_refinement_scales_with_the_steps(tmp_path):
               show_progress=False)
     config = json.loads((tmp_path / "short" / "config.json").read_text())
     quick = preset_settings("quick")
-    assert config["refine_steps"] == round(quick["refine_steps"] * 30 / quick["steps"]) == 3
-    assert config["refine_rounds"] == quick["refine_rounds"]
+    refinement, quick_refinement = config["refinement"], quick["refinement"]
+    assert refinement["refine_steps"] == round(quick_refinement["refine_steps"] * 30 / quick["steps"]) == 3
+    assert refinement["refine_rounds"] == quick_refinement["refine_rounds"]
     train_run(tmp_path / "fixed", 0.5, 2.0, system="gaussian-2d",
               overrides={"steps": 30, "refine_steps": 5}, show_progress=False)
-    assert json.loads((tmp_path / "fixed" / "config.json").read_text())["refine_steps"] == 5
+    assert json.loads((tmp_path / "fixed" / "config.json").read_text())["refinement"]["refine_steps"] == 5

@@ -22,7 +22,7 @@ from trademd.systems.analytic import get_analytic_system
 from trademd.training.model_file import load_model
 from trademd.training.targets import AnalyticTarget
 from trademd.training.trade import kish_ess
-from trademd.training.trainer import importance_weights
+from trademd.training.sampling import importance_weights
 
 runner = CliRunner()
 

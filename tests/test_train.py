@@ -13,7 +13,8 @@ from trademd.cli.app import app
 from trademd.errors import TradeMDError
 from trademd.systems.analytic import get_analytic_system
 from trademd.training.targets import AnalyticTarget
-from trademd.training.trainer import TrainConfig, Trainer
+from trademd.training.config import TrainConfig
+from trademd.training.trainer import Trainer
 
 runner = CliRunner()
 
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _train(tmp_path, objective, steps=300, system="double-well-5d", **overrides):
     target = AnalyticTarget(get_analytic_system(system), n_data=20000)
-    config = TrainConfig(objective=objective, steps=steps, **{**FAST, **overrides})
+    config = TrainConfig.from_settings({"objective": objective, "steps": steps, **FAST, **overrides})
     trainer = Trainer(target, config, tmp_path / objective)
     trainer.train(show_progress=False)
     return trainer
@@ -72,7 +73,7 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     whole = _train(tmp_path / "whole", "trade", **settings)
 
     target = AnalyticTarget(get_analytic_system("double-well-5d"), n_data=20000)
-    config = TrainConfig(objective="trade", **{**FAST, **settings})
+    config = TrainConfig.from_settings({"objective": "trade", **FAST, **settings})
     trainer = Trainer(target, config, tmp_path / "cut")
     original = trainer.loss
 
@@ -86,13 +87,13 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
         trainer.train(show_progress=False)
 
     resumed = Trainer(AnalyticTarget(get_analytic_system("double-well-5d"), n_data=20000),
-                      TrainConfig(objective="trade", **{**FAST, **settings}), tmp_path / "cut")
+                      TrainConfig.from_settings({"objective": "trade", **FAST, **settings}), tmp_path / "cut")
     resumed.resume()
     assert resumed.step == 4
     resumed.train(show_progress=False)
     for a, b in zip(whole.flow.parameters(), resumed.flow.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
-    assert torch.equal(whole.cache.expected_u, resumed.cache.expected_u)
+    assert torch.equal(whole.objective.trade.cache.expected_u, resumed.objective.trade.cache.expected_u)
     # energy evaluations of the steps lost to the interruption are not counted twice
     assert resumed.energy_evaluations() == whole.energy_evaluations() > 0
 
@@ -111,7 +112,7 @@ def test_energy_evaluations_are_counted(tmp_path):
 def test_linear_log_cut_against_autograd():
     """u below the cut, cut + log(1 + u - cut) above: continuous at the cut, derivative 1
     below and 1 / (1 + u - cut) above, +inf kept."""
-    from trademd.training.trainer import linear_log_cut
+    from trademd.training.sampling import linear_log_cut
 
     u = torch.tensor([-5.0, 0.0, 10.0, 10.5, 1e9], dtype=torch.float64, requires_grad=True)
     cut = linear_log_cut(u, 10.0)
@@ -129,7 +130,7 @@ def test_data_free_trade_transfers_the_double_well(tmp_path):
     system = get_analytic_system("double-well-5d")
     target = AnalyticTarget(system, n_data=20000)
     target.data_features = target.data_features.fill_(float("nan"))  # any use would show
-    config = TrainConfig(objective="data-free", steps=300, **{**FAST, "warmup_fraction": 0.3})
+    config = TrainConfig.from_settings({"objective": "data-free", "steps": 300, **FAST, "warmup_fraction": 0.3})
     trainer = Trainer(target, config, tmp_path / "data-free")
     trainer.train(show_progress=False)
     for temperature, bound in ((0.5, 0.25), (1.0, 0.1), (2.0, 0.25)):
@@ -150,13 +151,12 @@ def test_data_free_cli_refuses_data_and_other_objectives(tmp_path):
     result = runner.invoke(app, [*base, "--system", "gaussian-2d", "--steps", "4"])
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "r" / "config.json").read_text())
-    assert config["objective"] == "data-free" and config["evaluation_points"] == "samples"
+    assert config["objective"] == "data-free" and config["trade"]["evaluation_points"] == "samples"
 
 
 def test_non_finite_batches_are_skipped_then_stop(tmp_path):
     target = AnalyticTarget(get_analytic_system("gaussian-2d"), n_data=100)
-    config = TrainConfig(objective="nll", steps=10, max_bad_batches=3, **{
-        k: v for k, v in FAST.items() if k not in ("t_min", "t_max")}, t_min=0.5, t_max=2.0)
+    config = TrainConfig.from_settings({"objective": "nll", "steps": 10, "max_bad_batches": 3, **FAST})
     trainer = Trainer(target, config, tmp_path)
     trainer.data[:] = float("nan")  # every NLL batch is non-finite
     with pytest.raises(TradeMDError, match="3 batches gave a non-finite loss"):
@@ -240,27 +240,37 @@ def test_train_temperature_picks_a_replica_exchange_ensemble(tmp_path, monkeypat
 
 
 def test_resume_on_another_ensemble_of_the_same_file_is_refused(tmp_path):
-    from trademd.train import _check_same_target
+    """A run trained at one T0 resumes at that T0 only: here the run's target.json records
+    T0 = 1.5 (as a replica-exchange file's other ensemble would), the system's is 1."""
+    from trademd.train import train_run
 
-    (tmp_path / "target.json").write_text(json.dumps({"system": "ala2-implicit", "temperature_k": 600.0}))
-    _check_same_target(tmp_path, "ala2-implicit", 600.0)
-    with pytest.raises(TradeMDError, match="at 600, not 'ala2-implicit' at 400"):
-        _check_same_target(tmp_path, "ala2-implicit", 400.0)
+    out = tmp_path / "run"
+    settings = dict(system="gaussian-2d", overrides={"steps": 4}, device="cpu", show_progress=False)
+    train_run(out, 0.5, 2.0, **settings)
+    (out / "model.pt").unlink()  # as if interrupted before the end
+    recorded = json.loads((out / "target.json").read_text())
+    assert recorded["temperature_k"] == 1.0
+    (out / "target.json").write_text(json.dumps({**recorded, "temperature_k": 1.5}))
+    with pytest.raises(TradeMDError, match="at 1.5, not 'gaussian-2d' at 1: resume with the same data"):
+        train_run(out, 0.5, 2.0, resume=True, **settings)
+    (out / "target.json").write_text(json.dumps(recorded))
+    train_run(out, 0.5, 2.0, resume=True, **settings)  # the same ensemble resumes
 
 
 def test_trade_points_come_only_from_trusted_temperatures(tmp_path):
     """A data-free double well with a floor: every TRADE temperature of a step is one whose
     cached estimate had at least that ESS."""
     target = AnalyticTarget(get_analytic_system("double-well-5d"), n_data=1000)
-    config = TrainConfig(t_min=0.5, t_max=2.0, objective="data-free", steps=8, batch_size=64,
-                         warmup_fraction=0.0, ramp_fraction=0.1, cache_samples=200, trade_points=32,
-                         evaluation_points="samples", refine_rounds=0, metrics_every=100,
-                         trade_ess_floor=0.5, boundary_buffer_samples=0, flow={"width": 8})
+    config = TrainConfig.from_settings(dict(
+        t_min=0.5, t_max=2.0, objective="data-free", steps=8, batch_size=64, warmup_fraction=0.0,
+        ramp_fraction=0.1, cache_samples=200, trade_points=32, evaluation_points="samples", refine_rounds=0,
+        metrics_every=100, trade_ess_floor=0.5, boundary_buffer_samples=0, flow={"width": 8}))
     trainer = Trainer(target, config, tmp_path / "gate")
-    trainer.refresh_cache()
+    trade = trainer.objective.trade  # the TRADE term and its E_T[u] cache
+    trade.refresh(trainer)
     # a floor between the grid's ESS values, so that some temperatures pass and some do not
-    trainer.config.trade_ess_floor = float(trainer.cache.relative_ess.median()) + 1e-9
-    trusted = set(trainer.cache.trusted(trainer.config.trade_ess_floor).tolist())
+    trainer.config.trade.trade_ess_floor = float(trade.cache.relative_ess.median()) + 1e-9
+    trusted = set(trade.cache.trusted(trainer.config.trade.trade_ess_floor).tolist())
     seen = []
     original = trainer.target.reduced_energy
 
@@ -269,8 +279,8 @@ def test_trade_points_come_only_from_trusted_temperatures(tmp_path):
         return original(z, temperature, *args)
 
     trainer.target.reduced_energy = spy
-    trainer._trade_loss()
-    allowed = trainer.cache.temperatures[sorted(trusted)].float()
+    trade.loss(trainer)
+    allowed = trade.cache.temperatures[sorted(trusted)].float()
     assert len(seen) == 1 and bool(torch.isin(seen[0], allowed).all())
-    assert 0 < len(trusted) < len(trainer.cache.temperatures)  # the gate is doing something
+    assert 0 < len(trusted) < len(trade.cache.temperatures)  # the gate is doing something
 

@@ -17,19 +17,17 @@ from pathlib import Path
 import sys
 
 from trademd.errors import TradeMDError
-from trademd.io.h5io import frame_count
-from trademd.sample import sample_run
-from trademd.simulate import SimulationConfig, simulate
-from trademd.systems import get_system
-from trademd.train import train_run
+from trademd.md.settings import RUN_MD, SimulationConfig
+from trademd.training.config import DEFAULT_PRESET
 
 __all__ = ["RunConfig", "run_pipeline"]
 
 
 @dataclass(kw_only=True)
 class RunConfig:
-    """Settings of ``trade-md run`` (defaults: alanine dipeptide, the quick training preset).
-    Keyword arguments only.
+    """Settings of ``trade-md run`` (defaults: alanine dipeptide, the MD of
+    :data:`trademd.md.settings.RUN_MD`, the default training preset); the CLI takes its
+    defaults from here. Keyword arguments only.
 
     Attributes:
         system: built-in molecular system.
@@ -53,15 +51,15 @@ class RunConfig:
         seed: seed of the MD and of training.
     """
 
-    system: str = "ala2-implicit"
+    system: str = RUN_MD.system_name
     temperatures_k: tuple[float, ...] = (300.0,)
-    data_temperature_k: float = 600.0
-    simulation_ps: float = 1000.0
-    replicas: int = 16
-    save_every_ps: float = 0.1
+    data_temperature_k: float = RUN_MD.temperature_k
+    simulation_ps: float = RUN_MD.time_ps
+    replicas: int = RUN_MD.replicas
+    save_every_ps: float = RUN_MD.save_every_ps
     timestep_ps: float | None = None
     hydrogen_mass_amu: float | None = None
-    preset: str = "quick"
+    preset: str = DEFAULT_PRESET
     steps: int | None = None
     n_samples: int = 100000
     seed: int = 0
@@ -72,13 +70,15 @@ class RunConfig:
             raise TradeMDError("give at least one positive --temperature (K)")
 
     def simulation(self, platform: str = "auto") -> SimulationConfig:
-        """The MD settings of the run's data."""
+        """The MD settings of the run's data (equilibration: :data:`RUN_MD`'s)."""
+        from trademd.systems import get_system
+
         molecule = get_system(self.system)
         hydrogen_mass_amu = (molecule.md_hydrogen_mass_amu if self.hydrogen_mass_amu is None
                              else self.hydrogen_mass_amu or None)
         return SimulationConfig(system_name=self.system, temperature_k=self.data_temperature_k,
                                 time_ps=self.simulation_ps, replicas=self.replicas,
-                                save_every_ps=self.save_every_ps, equilibration_ps=20.0,
+                                save_every_ps=self.save_every_ps, equilibration_ps=RUN_MD.equilibration_ps,
                                 timestep_ps=self.timestep_ps or molecule.md_timestep_ps,
                                 hydrogen_mass_amu=hydrogen_mass_amu, seed=self.seed, platform=platform)
 
@@ -98,6 +98,11 @@ def _log(message: str) -> None:
 def run_pipeline(config: RunConfig, out: str | Path, platform: str = "auto", device: str = "auto",
                  command: str | None = None, show_progress: bool = True) -> dict:
     """Run or continue every stage; returns the summary (also written to summary.json)."""
+    from trademd.io.h5io import frame_count
+    from trademd.sample import sample_run
+    from trademd.simulate import simulate
+    from trademd.train import train_run
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = out / f"data_{config.data_temperature_k:g}K.h5"

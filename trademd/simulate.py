@@ -22,6 +22,8 @@ from trademd.io.provenance import provenance
 from trademd.md.driver import restore, run_saves
 from trademd.md.engines import build_engine
 from trademd.md.settings import (
+    DEFAULT_SYSTEM,
+    DEFAULT_TEMPERATURE_K,
     DynamicsSettings,
     ExchangeConfig,
     SimulationConfig,
@@ -33,8 +35,8 @@ __all__ = ["SimulationConfig", "ExchangeConfig", "simulate", "simulation_config"
            "shard_path", "simulate_shards", "merge"]
 
 
-def simulation_config(*, system: str = "ala2-implicit", pdb_path: str | None = None,
-                      forcefield_files: tuple[str, ...] = (), temperature_k: float = 600.0,
+def simulation_config(*, system: str = DEFAULT_SYSTEM, pdb_path: str | None = None,
+                      forcefield_files: tuple[str, ...] = (), temperature_k: float = DEFAULT_TEMPERATURE_K,
                       temperatures_k: tuple[float, ...] = (), replicas: int | None = None,
                       exchange_every_ps: float = 1.0, resume_file: str | Path | None = None,
                       **settings) -> SimulationConfig | ExchangeConfig:

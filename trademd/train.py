@@ -1,6 +1,6 @@
 """``trade-md train`` as a library call: target, presets, config file, resume, outputs."""
 
-from dataclasses import MISSING, fields
+from dataclasses import asdict
 import json
 from pathlib import Path
 
@@ -11,48 +11,27 @@ from trademd.analysis.plots import plot_losses
 from trademd.errors import TradeMDError
 from trademd.platforms import torch_device
 from trademd.systems.analytic import ANALYTIC_SYSTEMS, get_analytic_system
+from trademd.training.config import DEFAULT_PRESET, PRESETS, TrainConfig, merge_settings, setting_names
+from trademd.training.objectives import Objective, objective_class
 from trademd.training.targets import AnalyticTarget, MoleculeTarget, Target
-from trademd.training.trainer import TrainConfig, Trainer
+from trademd.training.trainer import Trainer
 
-__all__ = ["PRESETS", "ENERGY_ONLY_OBJECTIVES", "preset_settings", "train_run", "load_config_file"]
-
-#: Objectives that use the energy alone: molecules train on them without a data file.
-ENERGY_ONLY_OBJECTIVES = ("data-free", "reverse-kl")
-#: What data-free training changes in every preset (unless set): TRADE evaluated at flow samples
-#: (there are no data), a longer phase (structure prior, then reverse KL) before it, the reverse
-#: KL over the whole range, and TRADE only at temperatures whose E[u] came from samples of >= 1 %
-#: relative ESS (alanine dipeptide from 1200 K, docs/results.md, 2026-12-06: without the gate
-#: TRADE collapsed the boundary; with reverse KL at T0 only, 300 K kept 1e-5 ESS, over the range 6 %).
-DATA_FREE_DEFAULTS = {"evaluation_points": "samples", "warmup_fraction": 0.6, "trade_ess_floor": 0.01,
-                      "reverse_kl_temperatures": "range"}
-
-#: Training presets: what each changes from the :class:`TrainConfig` defaults, which are the
-#: ``quick`` preset (minutes on a laptop CPU); ``paper`` is the TRADE paper's alanine-dipeptide
-#: scale, for a GPU.
-PRESETS = {
-    "quick": {},
-    "paper": dict(
-        steps=80000, batch_size=290, learning_rate=1e-4, grid_size=25, cache_samples=5000,
-        cache_every=1000, cache_momentum=0.9, trade_points=512, evaluation_points="samples",
-        ramp_fraction=0.1, metrics_every=2000, metrics_samples=20000, checkpoint_every=2000,
-        ema_decay=0.999, refine_steps=2000, refine_samples=100000, refine_learning_rate=5e-5,
-        flow={"width": 256, "layers": ["torsions|torsions", "bounded|torsions", "bounded|bounded"] * 3},
-    ),
-}
+__all__ = ["preset_settings", "train_run", "load_config_file"]
 
 
 def preset_settings(preset: str) -> dict:
-    """Every :class:`TrainConfig` setting (but the temperature range) of a preset."""
+    """Every :class:`TrainConfig` setting (but the temperature range) of a preset, nested by
+    section (:data:`trademd.training.config.PRESETS` holds what each preset changes)."""
     if preset not in PRESETS:
         raise TradeMDError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
-    defaults = {f.name: f.default_factory() if f.default_factory is not MISSING else f.default
-                for f in fields(TrainConfig) if f.name not in ("t_min", "t_max")}
-    changes = PRESETS[preset]
-    return {**defaults, **changes, "flow": {**defaults["flow"], **changes.get("flow", {})}}
+    defaults = asdict(TrainConfig(t_min=0.0, t_max=0.0))
+    del defaults["t_min"], defaults["t_max"]
+    return merge_settings(defaults, PRESETS[preset], f"preset {preset!r}")
 
 
 def load_config_file(path: str | Path) -> dict:
-    """Settings from a JSON or YAML file (keys: any :class:`TrainConfig` field)."""
+    """Settings from a JSON or YAML file: nested by section, or flat (any setting's name);
+    every key and type checked (:meth:`TrainConfig.from_settings`)."""
     path = Path(path)
     if not path.is_file():
         raise TradeMDError(f"config file {str(path)!r} not found")
@@ -66,22 +45,40 @@ def load_config_file(path: str | Path) -> dict:
             settings = json.loads(text)
     except Exception as error:
         raise TradeMDError(f"cannot parse config file {str(path)!r}: {error}") from None
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise TradeMDError(f"config file {str(path)!r} has unknown keys {unknown}: use {sorted(known)}")
-    return settings
+    if not isinstance(settings, dict):
+        raise TradeMDError(f"config file {str(path)!r} must hold a mapping of settings, got {type(settings).__name__}")
+    source = f"config file {str(path)!r}"
+    checked = merge_settings({}, settings, source)
+    TrainConfig.from_settings(merge_settings(preset_settings(DEFAULT_PRESET), {"t_min": 1.0, "t_max": 2.0, **checked}),
+                              source)  # types
+    return checked
+
+
+def _chosen_names(settings: dict) -> set[str]:
+    """Flat names of the settings in nested ``settings``."""
+    sections = set(settings) - set(setting_names())
+    return (set(settings) - sections) | {name for section in sections for name in settings[section]}
+
+
+def _objective_defaults(objective: type[Objective], chosen: set[str]) -> dict:
+    """The objective's defaults that the user did not choose (nested)."""
+    defaults = merge_settings({}, objective.defaults, f"defaults of {objective.name!r}")
+    kept = {k: v for k, v in defaults.items() if not isinstance(v, dict) and k not in chosen}
+    for section, values in defaults.items():
+        if isinstance(values, dict):
+            kept[section] = {k: v for k, v in values.items() if k not in chosen}
+    return kept
 
 
 def _target(data: str | Path | None, system: str | None, platform: str,
-            temperature_k: float | None = None, objective: str = "trade",
+            temperature_k: float | None, objective: type[Objective],
             boundary_temperature_k: float | None = None) -> Target:
-    if objective == "interpolation" and (data is not None or system not in ANALYTIC_SYSTEMS):
+    if objective.analytic_only and (data is not None or system not in ANALYTIC_SYSTEMS):
         raise TradeMDError(
-            "the interpolation objective trains a continuous flow on an analytic system, without "
+            f"the {objective.name} objective trains a continuous flow on an analytic system, without "
             f"data: give --system with one of {sorted(ANALYTIC_SYSTEMS)} and no --data")
     if data is None:
-        if system is not None and system not in ANALYTIC_SYSTEMS and objective in ENERGY_ONLY_OBJECTIVES:
+        if system is not None and system not in ANALYTIC_SYSTEMS and objective.energy_only:
             from trademd.systems import get_system
 
             return MoleculeTarget.from_structure(get_system(system), boundary_temperature_k, platform)
@@ -96,7 +93,7 @@ def _target(data: str | Path | None, system: str | None, platform: str,
 
 def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | None = None,
               temperature_k: float | None = None, boundary_temperature_k: float | None = None,
-              system: str | None = None, preset: str = "quick", config_file: str | Path | None = None,
+              system: str | None = None, preset: str = DEFAULT_PRESET, config_file: str | Path | None = None,
               overrides: dict | None = None, device: str = "auto", platform: str = "auto",
               resume: bool = False, show_progress: bool = True) -> Path:
     """Train a flow as ``trade-md train`` does; returns the path of ``model.pt``.
@@ -108,7 +105,8 @@ def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | No
 
     Settings: the preset, then the config file, then ``overrides`` (CLI options), each
     overriding the one before; where only the steps change, the preset's refinement steps
-    scale with them.
+    scale with them; the objective's own defaults (``Objective.defaults``, e.g. data-free's)
+    replace the preset's where the user set nothing.
 
     Under ``torchrun`` (``torchrun --nproc_per_node N -m trademd train ...``) the ranks train
     one model data-parallel (:mod:`trademd.training.trainer`): ``batch_size`` is per rank, each
@@ -116,18 +114,18 @@ def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | No
     """
     base = preset_settings(preset)
     chosen = load_config_file(config_file) if config_file is not None else {}
-    chosen.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    settings = {**base, **chosen, "flow": {**base["flow"], **chosen.get("flow", {})}}
-    if "steps" in chosen and "refine_steps" not in chosen:
+    chosen = merge_settings(chosen, {k: v for k, v in (overrides or {}).items() if v is not None}, "options")
+    names = _chosen_names(chosen)
+    settings = merge_settings(base, chosen)
+    if "steps" in names and "refine_steps" not in names:
         # the preset's refinement keeps its share of the training when only --steps changes
-        settings["refine_steps"] = max(1, round(base["refine_steps"] * settings["steps"] / base["steps"]))
-    if settings.get("objective") == "data-free":
-        settings.update({k: v for k, v in DATA_FREE_DEFAULTS.items() if k not in chosen})
-    if settings.get("objective") == "interpolation" and "refine_rounds" not in chosen:
-        settings["refine_rounds"] = 0  # the CNF is trained by its continuity residual only
-    config = TrainConfig(t_min=t_min, t_max=t_max, **settings)
-    if config.objective == "data-free" and data is not None:
-        raise TradeMDError("data-free training uses no data: drop --data (or --data-free)")
+        settings["refinement"]["refine_steps"] = max(
+            1, round(base["refinement"]["refine_steps"] * settings["steps"] / base["steps"]))
+    objective = objective_class(settings["objective"])
+    settings = merge_settings(settings, _objective_defaults(objective, names))
+    config = TrainConfig.from_settings({**settings, "t_min": t_min, "t_max": t_max})
+    if objective.data_refusal and data is not None:
+        raise TradeMDError(objective.data_refusal)
     out = Path(out)
     if resume and not (out / "checkpoint.pt").is_file():
         raise TradeMDError(f"nothing to resume: {str(out / 'checkpoint.pt')!r} does not exist")
@@ -139,12 +137,12 @@ def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | No
         # small per-step tensors: one thread is fastest, and leaves the other cores to the
         # OpenMM energy workers (docs/performance.md; ranks side by side share the cores)
         torch.set_num_threads(1)
-    if boundary_temperature_k is not None and (config.objective not in ENERGY_ONLY_OBJECTIVES
+    if boundary_temperature_k is not None and (not objective.energy_only
                                                or system in ANALYTIC_SYSTEMS or data is not None):
         raise TradeMDError("--t0 sets the boundary temperature of data-free training of molecules: "
                            "drop it (data fix T0; analytic systems have their own)")
     boundary = t_max if boundary_temperature_k is None else float(boundary_temperature_k)
-    target = _target(data, system, platform, temperature_k, config.objective, boundary)
+    target = _target(data, system, platform, temperature_k, objective, boundary)
     try:
         trainer = Trainer(target, config, out, device=device,
                           validation_features=target.validation_features, ranks=ranks)
@@ -167,7 +165,8 @@ def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | No
 
 
 def _check_same_target(out: Path, system: str, temperature_k: float) -> None:
-    """Refuse to resume a run on another system, or on another ensemble (T0) of the same file."""
+    """Refuse to resume the run in ``out`` on another system, or on another ensemble (T0, K)
+    of the same file (its ``target.json`` says what it was trained on)."""
     path = out / "target.json"
     recorded = json.loads(path.read_text()) if path.exists() else {}
     recorded_system = recorded.get("system", system)

@@ -5,7 +5,7 @@ Internal units are OpenMM's: nm, ps, kJ/mol, K, amu.
 
 import re
 
-__all__ = ["BOLTZMANN_KJ_MOL_K", "parse_time_ps"]
+__all__ = ["BOLTZMANN_KJ_MOL_K", "parse_time_ps", "format_time_ps"]
 
 #: Boltzmann constant times Avogadro's number, kJ/(mol K) (CODATA 2018, as in OpenMM).
 BOLTZMANN_KJ_MOL_K = 0.0083144626181532395
@@ -35,3 +35,13 @@ def parse_time_ps(text: str, allow_zero: bool = False) -> float:
         raise TradeMDError(f"the duration {text!r} must be positive")
     return value_ps
 
+
+def format_time_ps(value_ps: float) -> str:
+    """A duration in ps written as :func:`parse_time_ps` reads it: in ns from 1 ns up.
+
+    >>> format_time_ps(1000.0), format_time_ps(100.0), format_time_ps(0.1)
+    ('1ns', '100ps', '0.1ps')
+    """
+    if value_ps >= 1000.0:
+        return f"{value_ps / 1000.0:g}ns"
+    return f"{value_ps:g}ps"

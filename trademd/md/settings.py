@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from trademd.errors import TradeMDError
 
 __all__ = ["COM_RESTRAINT_NM", "MOLECULE_RADIUS_NM", "MAX_HYDROGEN_MASS_AMU", "MAX_FLEXIBLE_TIMESTEP_PS",
-           "DynamicsSettings", "SimulationConfig", "ExchangeConfig", "load_system", "check_timestep"]
+           "DEFAULT_SYSTEM", "DEFAULT_TEMPERATURE_K", "DEFAULT_EQUILIBRATION_PS", "DEFAULT_REPLICAS",
+           "DEFAULT_LADDERS", "RunMDPreset", "RUN_MD", "DynamicsSettings", "SimulationConfig",
+           "ExchangeConfig", "load_system", "check_timestep"]
 
 #: Radius of the flat-bottom centre-of-mass restraint (nm) and the molecule size the lattice
 #: tolerates (nm): copies never come within the GB neighbour-list cutoff of each other.
@@ -18,6 +20,43 @@ MAX_HYDROGEN_MASS_AMU = 4.0
 #: Longest time step (ps) for a system without bond constraints: alanine dipeptide at 600 K
 #: is stable at 2 fs and 3 fs (4 amu hydrogens) and ends in NaN at 4 fs (4 amu hydrogens).
 MAX_FLEXIBLE_TIMESTEP_PS = 0.002
+
+#: The MD defaults, each written once (``trade-md simulate``, ``trade-md run`` and the library
+#: read them): the built-in system, T0 of the data (K), the equilibration discarded per
+#: replica (ps), the copies of plain MD and the ladders of replica exchange.
+DEFAULT_SYSTEM = "ala2-implicit"
+DEFAULT_TEMPERATURE_K = 600.0
+DEFAULT_EQUILIBRATION_PS = 100.0
+DEFAULT_REPLICAS = 64
+DEFAULT_LADDERS = 4
+
+
+@dataclass(frozen=True)
+class RunMDPreset:
+    """The MD of ``trade-md run``: its own preset, which differs from ``trade-md simulate``'s
+    defaults in replicas (16, not :data:`DEFAULT_REPLICAS`), frame interval (0.1 ps, ten times
+    the frames of 1 ps from the same MD, which is what stops the fit at T0 from overfitting,
+    docs/results.md) and equilibration (20 ps, not :data:`DEFAULT_EQUILIBRATION_PS`).
+
+    Attributes:
+        system_name: built-in system.
+        temperature_k: T0 (K).
+        time_ps: production time per replica (ps).
+        replicas: copies.
+        save_every_ps: frame interval (ps).
+        equilibration_ps: discarded equilibration per replica (ps).
+    """
+
+    system_name: str = DEFAULT_SYSTEM
+    temperature_k: float = DEFAULT_TEMPERATURE_K
+    time_ps: float = 1000.0
+    replicas: int = 16
+    save_every_ps: float = 0.1
+    equilibration_ps: float = 20.0
+
+
+#: What ``trade-md run`` simulates unless told otherwise.
+RUN_MD = RunMDPreset()
 
 
 @dataclass(kw_only=True)
@@ -35,7 +74,7 @@ class DynamicsSettings:
     system_name: str
     time_ps: float
     save_every_ps: float = 1.0
-    equilibration_ps: float = 100.0
+    equilibration_ps: float = DEFAULT_EQUILIBRATION_PS
     timestep_ps: float = 0.002
     friction_per_ps: float = 1.0
     hydrogen_mass_amu: float | None = None
@@ -76,7 +115,7 @@ class SimulationConfig(DynamicsSettings):
     """Settings of a plain ``trade-md simulate`` run: ``replicas`` copies at ``temperature_k`` (K)."""
 
     temperature_k: float
-    replicas: int = 64
+    replicas: int = DEFAULT_REPLICAS
 
     def validate(self) -> None:
         """Raise :class:`TradeMDError` for impossible settings."""
@@ -97,7 +136,7 @@ class ExchangeConfig(DynamicsSettings):
 
     temperatures_k: tuple[float, ...]
     exchange_every_ps: float = 1.0
-    ladders: int = 4
+    ladders: int = DEFAULT_LADDERS
 
     def validate(self) -> None:
         """Raise :class:`TradeMDError` for impossible settings."""

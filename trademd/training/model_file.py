@@ -9,11 +9,30 @@ from trademd.errors import TradeMDError
 from trademd.flow.conditional import TemperatureFlow, load_flow
 from trademd.training.targets import MoleculeTarget
 
-__all__ = ["MODEL_FORMAT", "MODEL_FORMAT_VERSION", "TrainedModel", "load_model"]
+__all__ = ["MODEL_FORMAT", "MODEL_FORMAT_VERSION", "TrainedModel", "write_model", "load_model"]
 
 #: ``format`` and ``format_version`` of a model file (files without them are version 1).
 MODEL_FORMAT = "trade-md/model"
 MODEL_FORMAT_VERSION = 1
+
+def write_model(path: Path, flow: TemperatureFlow, target, temperature_range: tuple[float, float],
+                objective: str, selection: dict, energy_evaluations: int) -> Path:
+    """Write ``path`` (``model.pt``): the flow, the target's record, the temperature range,
+    T0, the objective's name, which step was selected and why, the energy evaluations of the
+    whole training."""
+    torch.save({
+        "format": MODEL_FORMAT,
+        "format_version": MODEL_FORMAT_VERSION,
+        "flow": flow.checkpoint(),
+        "target": target.record(),
+        "reference_temperature": target.reference_temperature,
+        "temperature_range": list(temperature_range),
+        "objective": objective,
+        "selection": selection,
+        "energy_evaluations": energy_evaluations,
+    }, path)
+    return path
+
 
 @dataclass
 class TrainedModel:
