@@ -93,6 +93,7 @@ def test_harmonic_widths_scale_with_the_square_root_of_temperature(target):
     assert float(angles.min()) > 0.1 and float(angles.max()) < 0.2
 
 
+@pytest.mark.slow
 def test_data_free_training_of_a_molecule_runs_and_samples(tmp_path):
     model_path = train_run(tmp_path / "train", 300.0, T0_K, system="ala2-implicit",
                            overrides={"objective": "data-free", **SMALL}, device="cpu",
@@ -176,6 +177,7 @@ def test_structure_prior_samples_follow_its_density_and_keep_the_chirality(targe
                  .float().mean()) > 0.3
 
 
+@pytest.mark.slow
 def test_data_free_training_fits_the_prior_first_and_counts_its_energies(tmp_path):
     overrides = {**SMALL, "objective": "data-free", "steps": 10, "warmup_fraction": 0.6, "prior_fraction": 0.4,
                  "metrics_every": 1, "prior_samples": 1000}
@@ -221,6 +223,7 @@ def test_structure_prior_density_integrates_to_one_with_an_off_centre_structure(
     assert float(circular_mean) == pytest.approx(1.0, abs=0.02)
 
 
+@pytest.mark.slow
 def test_reverse_kl_baseline_on_md_data_starts_from_the_structure_prior(tmp_path):
     """With an MD file the features are normalised on the frames; the reverse-KL baseline fits
     the structure prior (centred on the minimised PDB structure in that normalisation) first."""
