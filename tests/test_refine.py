@@ -77,6 +77,7 @@ def test_resampled_buffer_reproduces_target_expectations():
 # selection
 
 
+@pytest.mark.slow
 def test_model_is_the_selected_ema_step_by_validation_nll(tmp_path):
     trainer = _trainer(tmp_path, system="gaussian-2d", validation=True, objective="nll", steps=100)
     trainer.train(show_progress=False)
@@ -95,6 +96,7 @@ def test_model_is_the_selected_ema_step_by_validation_nll(tmp_path):
     assert model["selection"]["step"] == int(best["step"])
 
 
+@pytest.mark.slow
 def test_trade_is_selected_by_ess_only_after_its_ramp(tmp_path):
     trainer = _trainer(tmp_path, objective="trade", steps=100, warmup_fraction=0.3, ramp_fraction=0.2,
                        focus_temperatures=[0.7])
@@ -165,6 +167,7 @@ def test_refinement_resumes_exactly_mid_round(tmp_path, monkeypatch):
     assert whole.best["step"] == resumed.best["step"]
 
 
+@pytest.mark.slow
 def test_a_presets_refinement_scales_with_the_steps(tmp_path):
     from trademd.train import preset_settings, train_run
 
