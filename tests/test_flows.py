@@ -158,6 +158,7 @@ def chi_square(flow, temperature_k, n=50_000, cells=10, seed=3):
     return ((observed - expected) ** 2 / expected).sum().item(), len(expected) - 1
 
 
+@pytest.mark.slow
 def test_samples_follow_the_density_away_from_the_reference_temperature(monkeypatch):
     flow = make_flow(1, 1, torsion_base="scaled_von_mises", bounded_base="scaled_truncated_normal",
                      bounded_interval=(-1.0, 2.0), reference_temperature_k=300.0, base_sigma=0.4,

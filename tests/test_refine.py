@@ -141,6 +141,7 @@ def test_refinement_lowers_the_kl_at_the_ends_of_the_range(tmp_path):
         assert after < 0.5 * before, (temperature, before, after)
 
 
+@pytest.mark.slow
 def test_refinement_resumes_exactly_mid_round(tmp_path, monkeypatch):
     settings = dict(objective="trade", steps=12, checkpoint_every=4, cache_every=3, metrics_every=4,
                     metrics_samples=500, refine_rounds=2, refine_steps=6, refine_samples=700)
