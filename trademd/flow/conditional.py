@@ -113,7 +113,7 @@ def _squash(logits: Tensor, bound: float) -> Tensor:
 
 
 def spline_knots(width_logits: Tensor, height_logits: Tensor, slope_logits: Tensor,
-           min_slope: float) -> tuple[Tensor, Tensor, Tensor]:
+                 min_slope: float) -> tuple[Tensor, Tensor, Tensor]:
     """Knots of a spline from [-1, 1] onto [-1, 1]; end knots exactly at -1 and 1.
 
     width/height logits [..., K], slope logits [..., K + 1]. All zeros give the identity.
