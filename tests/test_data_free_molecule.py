@@ -118,6 +118,7 @@ def test_boundary_temperature_only_for_data_free_molecules(tmp_path):
                   overrides={"objective": "trade", **SMALL}, device="cpu", show_progress=False)
 
 
+@pytest.mark.slow
 def test_reverse_kl_baseline_of_a_molecule_needs_no_data(tmp_path):
     """Reverse KL over the range uses the energy alone: with --t0 the features are those of
     the minimised structure at that temperature, as for data-free TRADE."""
