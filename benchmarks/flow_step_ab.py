@@ -68,7 +68,9 @@ def main() -> None:
 
     def step(flow):
         flow.zero_grad()
-        log_p, derivative = flow.dlogp_dT(z, t, return_log_prob=True)
+        temperatures = t.clone().requires_grad_(True)
+        log_p = flow.log_prob(z, temperatures)
+        (derivative,) = torch.autograd.grad(log_p.sum(), temperatures, create_graph=True)
         (-log_p.mean() + derivative.pow(2).mean()).backward()
         return log_p.detach(), [p.grad.clone() for p in flow.parameters()]
 

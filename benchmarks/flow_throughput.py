@@ -69,8 +69,9 @@ def main():
 
         def train_step():
             temperatures = torch.exp(torch.empty(b, device=device).uniform_(
-                math.log(T_RANGE[0]), math.log(T_RANGE[1])))
-            logp, dlogp = flow.dlogp_dT(z, temperatures, create_graph=True, return_log_prob=True)
+                math.log(T_RANGE[0]), math.log(T_RANGE[1]))).requires_grad_(True)
+            logp = flow.log_prob(z, temperatures)
+            (dlogp,) = torch.autograd.grad(logp.sum(), temperatures, create_graph=True)
             loss = -logp.mean() + dlogp.pow(2).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -78,7 +78,9 @@ def capped_alanine_pdb(n_alanines: int, forcefield_files=("amber99sbildn.xml", "
     topology.createStandardBonds()
     forcefield = app.ForceField(*forcefield_files)
     modeller = app.Modeller(topology, np.array(positions) * unit.nanometer)
-    modeller.addHydrogens(forcefield)
+    # a named platform (CPU, the default before pocl): OpenMM's default is OpenCL where pocl
+    # is installed, and addHydrogens' minimiser crashed there (segmentation fault)
+    modeller.addHydrogens(forcefield, platform=openmm.Platform.getPlatformByName("CPU"))
     if minimise:
         system = forcefield.createSystem(modeller.topology, nonbondedMethod=app.NoCutoff,
                                          constraints=app.HBonds)

@@ -15,7 +15,6 @@ from trademd.analysis.chirality import (
 from trademd.errors import TradeMDError
 from trademd.flow.coordinates import (
     InternalCoordinates,
-    canonical_frame,
     cartesian_to_internal,
     constrained_bonds_from_openmm,
     internal_log_det,
@@ -67,6 +66,29 @@ def _random_configurations(zmatrix, batch: int, seed: int) -> torch.Tensor:
     return x @ rotations.transpose(-1, -2) + shifts
 
 
+def canonical_frame(x: torch.Tensor, zmatrix) -> torch.Tensor:
+    """x [..., n_atoms, 3] translated and properly rotated into the canonical frame of the
+    Z-matrix seeds (trademd.flow.coordinates' docstring): s1 at the origin, s0 on +x, s2 in
+    the xy-plane with y > 0. What ``internal_to_cartesian(*cartesian_to_internal(x, z), z)``
+    must return."""
+    s0, s1, s2 = (int(row[0]) for row in np.asarray(zmatrix)[:3])
+    y = x - x[..., s1 : s1 + 1, :]
+    e1 = y[..., s0, :] / torch.linalg.vector_norm(y[..., s0, :], dim=-1, keepdim=True)
+    v = y[..., s2, :] - (y[..., s2, :] * e1).sum(-1, keepdim=True) * e1
+    e2 = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+    basis = torch.stack([e1, e2, torch.cross(e1, e2, dim=-1)], dim=-1)  # columns e1 e2 e3
+    return y @ basis
+
+
+def _torsion_column(zmatrix, atoms) -> int:
+    """Column of the ``torsions`` features whose Z-matrix row is the dihedral ``atoms`` or its
+    reverse (torsion column k is row k + 3)."""
+    rows = [tuple(row) for row in np.asarray(zmatrix)[3:].tolist()]
+    quad = tuple(int(a) for a in atoms)
+    (column,) = [k for k, row in enumerate(rows) if row in (quad, quad[::-1])]
+    return column
+
+
 def _ala2_configurations(ala2, batch: int, seed: int, sigma: float = 0.01) -> torch.Tensor:
     rng = np.random.default_rng(seed)
     x = ala2.positions_nm()[None] + rng.normal(0.0, sigma, size=(batch, ala2.n_atoms, 3))
@@ -105,10 +127,9 @@ def test_internal_coordinates_match_mdtraj(ala2):
     assert torsions.min() >= -math.pi and torsions.max() < math.pi
     assert angles.min() > 0 and angles.max() < math.pi
     # phi and psi are Z-matrix torsions
-    ic = InternalCoordinates(ala2.zmatrix)
     _, phi = mdtraj.compute_phi(traj)
     _, psi = mdtraj.compute_psi(traj)
-    for column, expected in ((ic.torsion_index(ala2.phi_atoms), phi), (ic.torsion_index(ala2.psi_atoms), psi)):
+    for column, expected in ((_torsion_column(z, ala2.phi_atoms), phi), (_torsion_column(z, ala2.psi_atoms), psi)):
         diff = (torsions[:, column].numpy() - expected[:, 0] + np.pi) % (2 * np.pi) - np.pi
         assert np.abs(diff).max() < 1e-5
 
@@ -278,7 +299,7 @@ def test_constrained_bonds_are_held_fixed(ala2, ala2_constraints, dtype, tol):
     x = _constrained_data(ala2, ala2_constraints, 16, seed=2)
     ic = _fitted(ala2.zmatrix, x, ala2.create_openmm_system()).to(dtype)
     assert (ic.n_bonds, ic.n_angles, ic.n_torsions) == (21 - 12, 20, 19)
-    assert ic.n_dims == 3 * 22 - 6 - 12
+    assert ic.n_torsions + ic.n_bonded_dims == 3 * 22 - 6 - 12
     # random features inside the support: constrained bonds come out at the constraint length
     generator = torch.Generator().manual_seed(0)
     bounded = (torch.rand(32, ic.n_bonded_dims, generator=generator) * 2 - 1).to(dtype)
@@ -303,6 +324,8 @@ def test_constrained_log_det_convention(ala2, ala2_constraints):
     ic = _fitted(ala2.zmatrix, x, ala2_constraints)
     n_t, n_b, n_c = ic.n_torsions, ic.n_bonded_dims, int(ic.bond_fixed.sum())
     fixed_rows = torch.nonzero(ic.bond_fixed)[:, 0]
+    free_rows = torch.nonzero(~ic.bond_fixed)[:, 0]  # in feature order: the free bond rows - 1
+    assert free_rows.tolist() == (ic.free_bond_rows - 1).tolist() and len(free_rows) == ic.n_bonds
     features, log_det = ic(x[:1])
     inputs = torch.cat(
         [features.torsions[0], features.bounded[0], ic.fixed_lengths[fixed_rows], torch.zeros(6, dtype=x.dtype)]
@@ -312,7 +335,7 @@ def test_constrained_log_det_convention(ala2, ala2_constraints):
         t, z = v[:n_t], v[n_t : n_t + n_b]
         values = ic.mean + z * ic.std * ic.n_std / ic.bound
         bonds = torch.zeros(ic.n_atoms - 1, dtype=v.dtype)
-        bonds = bonds.index_copy(0, ic._free_rows, values[: ic.n_bonds])
+        bonds = bonds.index_copy(0, free_rows, values[: ic.n_bonds])
         bonds = bonds.index_copy(0, fixed_rows, v[n_t + n_b : n_t + n_b + n_c])
         y = internal_to_cartesian(bonds, values[ic.n_bonds :], t, ala2.zmatrix)
         rigid = v[n_t + n_b + n_c :]
@@ -363,7 +386,8 @@ def test_save_and_load(ala2, ala2_constraints):
     torch.save(ic.state_dict(), buffer)
     buffer.seek(0)
     loaded = InternalCoordinates.from_state_dict(torch.load(buffer, weights_only=True))
-    assert (loaded.n_bonds, loaded.n_dims, loaded.bound, loaded.fitted) == (ic.n_bonds, ic.n_dims, 3.0, True)
+    assert (loaded.n_bonds, loaded.n_bonded_dims, loaded.bound, loaded.fitted) == (ic.n_bonds, ic.n_bonded_dims, 3.0, True)
+    assert np.array_equal(loaded.free_bond_rows, ic.free_bond_rows)
     (f1, l1), (f2, l2) = ic(x), loaded(x)
     assert torch.equal(f1.bounded, f2.bounded) and torch.equal(l1, l2)
     fresh = InternalCoordinates(ala2.zmatrix, ala2_constraints, bound=3.0, n_std=6.0)
@@ -414,7 +438,7 @@ def test_chirality_flips_under_mirror_and_is_reported(ala2):
     ic = _fitted(ala2.zmatrix, x)
     features, _ = ic(x[:1])
     torsions = features.torsions.clone()
-    column = ic.torsion_index((10, 8, 14, 6))
+    column = _torsion_column(ala2.zmatrix, (10, 8, 14, 6))
     torsions[0, column] = -torsions[0, column]
     flipped, _ = ic.inverse(torsions, features.bounded)
     assert wrong_chirality_mask(flipped, centres, reference).all()

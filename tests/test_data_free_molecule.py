@@ -95,6 +95,7 @@ def test_harmonic_widths_scale_with_the_square_root_of_temperature(target):
     assert float(angles.min()) > 0.1 and float(angles.max()) < 0.2
 
 
+@pytest.mark.slow
 def test_data_free_training_of_a_molecule_runs_and_samples(tmp_path):
     model_path = train_run(tmp_path / "train", 300.0, T0_K, system="ala2-implicit",
                            overrides={"objective": "data-free", **SMALL}, device="cpu",
@@ -120,6 +121,7 @@ def test_boundary_temperature_only_for_data_free_molecules(tmp_path):
                   overrides={"objective": "trade", **SMALL}, device="cpu", show_progress=False)
 
 
+@pytest.mark.slow
 def test_reverse_kl_baseline_of_a_molecule_needs_no_data(tmp_path):
     """Reverse KL over the range uses the energy alone: with --t0 the features are those of
     the minimised structure at that temperature, as for data-free TRADE."""
@@ -179,6 +181,7 @@ def test_structure_prior_samples_follow_its_density_and_keep_the_chirality(targe
                  .float().mean()) > 0.3
 
 
+@pytest.mark.slow
 def test_data_free_training_fits_the_prior_first_and_counts_its_energies(tmp_path):
     overrides = {**SMALL, "objective": "data-free", "steps": 10, "warmup_fraction": 0.6, "prior_fraction": 0.4,
                  "metrics_every": 1, "prior_samples": 1000}
@@ -224,6 +227,7 @@ def test_structure_prior_density_integrates_to_one_with_an_off_centre_structure(
     assert float(circular_mean) == pytest.approx(1.0, abs=0.02)
 
 
+@pytest.mark.slow
 def test_reverse_kl_baseline_on_md_data_starts_from_the_structure_prior(tmp_path):
     """With an MD file the features are normalised on the frames; the reverse-KL baseline fits
     the structure prior (centred on the minimised PDB structure in that normalisation) first."""

@@ -57,6 +57,7 @@ def test_shard_sizes_cover_every_item_once():
     assert sum(distributed.shard_sizes(100001, 7)) == 100001
 
 
+@pytest.mark.slow
 def test_two_ranks_at_batch_b_take_the_steps_of_one_process_at_batch_2b(tmp_path):
     (tmp_path / "nll.json").write_text(json.dumps(NLL_SETTINGS))
     _torchrun(tmp_path, "train", *DOUBLE_WELL, "--config", "nll.json", "--batch-size", "32", "--out", "two")
@@ -71,6 +72,7 @@ def test_two_ranks_at_batch_b_take_the_steps_of_one_process_at_batch_2b(tmp_path
     assert json.loads((tmp_path / "two" / "target.json").read_text())["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_a_one_process_checkpoint_resumes_on_two_ranks(tmp_path, monkeypatch):
     """Stopped right after its step-4 checkpoint on one process (batch 64), continued on 2
     ranks (batch 32 each): the same parameters as 8 uninterrupted steps on one process."""
@@ -131,6 +133,7 @@ def test_two_rank_trade_run_on_alanine_dipeptide_writes_a_usable_model(tmp_path)
     assert shared.summary["relative_ess"] == pytest.approx(samples.relative_ess, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_simulate_on_two_ranks_equals_its_shards_merged(tmp_path):
     """torchrun simulate: rank r runs shard r (seed + r), rank 0 merges; the same file as the
     two shards run one after the other and `trade-md merge` (Reference platform: exact)."""

@@ -48,13 +48,38 @@ def _assert_exact(energy, forces, reference_energy, reference_forces, relative=1
     assert np.all(np.abs(forces - reference_forces).max(axis=(1, 2)) <= force_tolerance)
 
 
-def _running(pid: int) -> bool:
-    """Whether process ``pid`` exists and is not a zombie."""
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, parent pid) of process ``pid`` from /proc, or None if there is none."""
     try:
         with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+            state, parent = stat.read().rsplit(")", 1)[1].split()[:2]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return state, int(parent)
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    stat = _stat(pid)
+    return stat is not None and stat[0] != "Z"
+
+
+def _reaped(pid: int) -> bool:
+    """Whether ``pid`` is gone from this process's children: neither running nor a zombie
+    left unreaped (a zombie child of ours still has /proc/pid with our pid as parent)."""
+    stat = _stat(pid)
+    return stat is None or stat[1] != os.getpid()
+
+
+def _children() -> list[int]:
+    """Process ids whose parent is this process (running or zombie), from /proc."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = _stat(int(entry))
+            if stat is not None and stat[1] == os.getpid():
+                pids.append(int(entry))
+    return pids
 
 
 @pytest.fixture(scope="module")
@@ -144,9 +169,10 @@ def test_pool_scheduling_covers_every_configuration_once():
                                            min_chunk=min_chunk)
             expected_energy, expected_forces = kernel(x[:n])
             assert np.array_equal(energy, expected_energy) and np.array_equal(forces, expected_forces)
+        assert all(_running(p) for p in pids)
     finally:
         pool.close()
-    assert len(pids) == 2 and not any(_running(p) for p in pids)
+    assert len(pids) == 2 and all(_reaped(p) for p in pids)
 
 
 def test_float32_input_gives_float32_output_and_no_value_caching(molecule, pooled, references):
@@ -253,31 +279,44 @@ def test_threads_share_a_bridge(molecule, pooled, references):
 
 
 def test_forked_child_does_not_use_the_parent_workers(molecule, pooled, references):
+    """A forked child evaluates small batches in-process, starts its own workers for large
+    ones (children of its own, not the parent's), stops only those when it closes, and leaves
+    the parent's workers running and usable."""
     x = _configurations(molecule, n_random=8)[:8]
     pooled.evaluate(torch.tensor(x))
     parent_workers = pooled.worker_pids
-    expected = references[1](x[:2])[0]
+    assert len(parent_workers) == 2 and set(parent_workers) <= set(_children())
+    assert all(_running(p) for p in parent_workers)
+    expected = references[1](x)[0]
     pid = os.fork()
-    if pid == 0:  # the child: evaluate in-process, leave with os._exit as OpenMM needs
+    if pid == 0:  # the child: leave with os._exit as OpenMM needs
         status = 1
         try:
-            energy, _ = pooled.evaluate_numpy(x[:2])
-            inherited = set(parent_workers) & {p.pid for p in multiprocessing.active_children()}
-            exact = np.allclose(energy, expected, rtol=1e-9)
-            status = 0 if pooled.worker_pids == [] and not inherited and exact else 2
-            pooled.close()
+            energy, _ = pooled.evaluate_numpy(x[:2])  # below min_pool_batch: in-process
+            if pooled.worker_pids != [] or _children() or not np.allclose(energy, expected[:2], rtol=1e-9):
+                status = 2
+            else:
+                energy, _ = pooled.evaluate_numpy(x)  # pooled: the child's own workers
+                own = pooled.worker_pids
+                if (len(own) != 2 or set(own) & set(parent_workers) or set(own) != set(_children())
+                        or not np.allclose(energy, expected, rtol=1e-9)):
+                    status = 3
+                else:
+                    pooled.close()
+                    stopped = all(_reaped(p) for p in own) and not _children()
+                    status = 0 if stopped and all(_running(p) for p in parent_workers) else 4
         finally:
             os._exit(status)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
     assert pooled.worker_pids == parent_workers and all(_running(p) for p in parent_workers)
     energy, _ = pooled.evaluate(torch.tensor(x))
-    assert np.allclose(energy.numpy(), references[1](x)[0], rtol=1e-9)
+    assert np.allclose(energy.numpy(), expected, rtol=1e-9)
 
 
 def _evaluate_in_daemon(bridge, positions_nm, queue):
     energy, _ = bridge.evaluate_numpy(positions_nm)
-    queue.put((energy, bridge.worker_pids))
+    queue.put((energy, bridge.worker_pids, _children()))
 
 
 def test_daemonic_forked_child_evaluates_in_process(molecule, pooled, references):
@@ -290,9 +329,9 @@ def test_daemonic_forked_child_evaluates_in_process(molecule, pooled, references
     queue = context.SimpleQueue()
     child = context.Process(target=_evaluate_in_daemon, args=(pooled, x, queue), daemon=True)
     child.start()
-    energy, child_workers = queue.get()
+    energy, child_workers, child_children = queue.get()
     child.join(30)
-    assert child.exitcode == 0 and child_workers == []
+    assert child.exitcode == 0 and child_workers == [] and child_children == []
     assert np.allclose(energy, references[1](x)[0], rtol=1e-9)
     assert pooled.worker_pids == parent_workers and all(_running(p) for p in parent_workers)
 
@@ -306,10 +345,10 @@ def test_close_and_exceptions_leave_no_child_processes():
     bridge.evaluate(x)
     pids = bridge.worker_pids
     assert len(pids) == 1 and _running(pids[0])
+    assert set(pids) <= set(_children())
     bridge.close()
     bridge.close()
-    assert not any(_running(p) for p in pids)
-    assert not set(pids) & {p.pid for p in multiprocessing.active_children()}
+    assert bridge.worker_pids == [] and all(_reaped(p) for p in pids)
     with pytest.raises(TradeMDError, match="closed"):
         bridge.evaluate(x)
 
@@ -317,9 +356,9 @@ def test_close_and_exceptions_leave_no_child_processes():
         with EnergyBridge(molecule, workers=1, min_pool_batch=1) as bridge:
             bridge.evaluate(x)
             pids = bridge.worker_pids
+            assert len(pids) == 1 and _running(pids[0])
             raise RuntimeError("inside the with block")
-    assert len(pids) == 1 and not _running(pids[0])
-    assert not set(pids) & {p.pid for p in multiprocessing.active_children()}
+    assert all(_reaped(p) for p in pids)
 
 
 def test_a_killed_worker_is_an_error_then_the_pool_restarts(molecule, references):
@@ -330,9 +369,11 @@ def test_a_killed_worker_is_an_error_then_the_pool_restarts(molecule, references
         os.kill(pid, signal.SIGKILL)
         with pytest.raises(TradeMDError, match="died"):
             bridge.evaluate_numpy(x)
-        assert not _running(pid)
+        assert _reaped(pid)
         energy, _ = bridge.evaluate_numpy(x)
-        assert bridge.worker_pids != [pid] and len(bridge.worker_pids) == 1
+        (restarted,) = bridge.worker_pids
+        assert restarted != pid and _running(restarted)
+    assert _reaped(restarted)
     assert np.allclose(energy, references[1](x)[0], rtol=1e-9)
 
 
@@ -344,6 +385,8 @@ def test_workers_exit_when_the_parent_dies(tmp_path):
         molecule = get_system("ala2-vacuum")
         bridge = EnergyBridge(molecule, platform="Reference", workers=2, min_pool_batch=1)
         bridge.evaluate_numpy(molecule.positions_nm()[None].repeat(4, axis=0))
+        for pid in bridge.worker_pids:
+            os.kill(pid, 0)  # running (raises ProcessLookupError if not)
         print(*bridge.worker_pids, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     """)

@@ -105,16 +105,6 @@ def test_batch_edge_cases():
     assert d.relative_ess == pytest.approx(5 / 11)
 
 
-def test_as_dict_is_flat_and_prefixed():
-    d = weight_diagnostics(np.random.default_rng(2).normal(size=500))
-    flat = d.as_dict("t300_")
-    assert flat["t300_relative_ess"] == d.relative_ess
-    assert flat["t300_pareto_k"] == d.pareto_k
-    assert flat["t300_n"] == 500
-    assert "t300_batch_relative_ess" not in flat
-    assert len(flat) == 8 and all(isinstance(v, (int, float)) for v in flat.values())
-
-
 # -- Pareto k --------------------------------------------------------------------------------
 
 def test_pareto_k_matches_linear_space_reference():

@@ -337,6 +337,7 @@ def test_the_command_prints_the_reference_error_next_to_the_samples(ladder, tmp_
     assert json.loads(result.stdout) == metrics
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["replica-exchange", "openmmtools"])
 def test_the_console_script_prints_no_library_banner(kind, request, tmp_path):
     """pymbar logs "JAX NOT FOUND" on import and openmmtools an "experimental API" warning

@@ -10,8 +10,8 @@ from trademd.errors import TradeMDError
 from trademd.flow.base import TemperatureBase
 from trademd.flow.conditional import (
     TemperatureFlow,
-    _knots,
-    _KnotSpline,
+    spline_knots,
+    KnotSpline,
     build_flow,
     load_flow,
     parse_layers,
@@ -46,7 +46,7 @@ def random_z(flow, n, seed=1):
     low, high = flow.config["bounded_interval"]
     t = (2 * torch.rand(n, flow.n_torsions, generator=g, dtype=torch.float64) - 1) * math.pi
     b = low + (high - low) * torch.rand(n, flow.n_bounded, generator=g, dtype=torch.float64)
-    return torch.cat([t, b], dim=1).to(flow._anchor.dtype)
+    return torch.cat([t, b], dim=1).to(next(flow.parameters()).dtype)
 
 
 def grid_1d(low, high, n):
@@ -158,6 +158,7 @@ def chi_square(flow, temperature_k, n=50_000, cells=10, seed=3):
     return ((observed - expected) ** 2 / expected).sum().item(), len(expected) - 1
 
 
+@pytest.mark.slow
 def test_samples_follow_the_density_away_from_the_reference_temperature(monkeypatch):
     flow = make_flow(1, 1, torsion_base="scaled_von_mises", bounded_base="scaled_truncated_normal",
                      bounded_interval=(-1.0, 2.0), reference_temperature_k=300.0, base_sigma=0.4,
@@ -223,11 +224,11 @@ def test_spline_interpolates_its_knots_and_its_log_det_is_the_autograd_derivativ
     = log dy/dx by autograd, inverse the inverse, identity outside the bins."""
     g = torch.Generator().manual_seed(3)
     logits = [2.0 * torch.randn(6, 2, k, generator=g, dtype=torch.float64) for k in (7, 7, 8)]
-    knots = _knots(*logits, min_slope=1e-3)  # each [6, 2, 8]: 7 bins
+    knots = spline_knots(*logits, min_slope=1e-3)  # each [6, 2, 8]: 7 bins
     horizontal, vertical, slopes = knots
 
     def spline_for(n):  # the same 12 splines, each for n points
-        return _KnotSpline(*(k[..., None, :].expand(6, 2, n, 8) for k in knots))
+        return KnotSpline(*(k[..., None, :].expand(6, 2, n, 8) for k in knots))
 
     x = (2.0 * torch.rand(6, 2, 500, generator=g, dtype=torch.float64) - 1.0).requires_grad_(True)
     y, ladj = spline_for(500).call_and_ladj(x)
@@ -266,12 +267,20 @@ def test_log_det_matches_the_autograd_jacobian(conditioner):
         assert abs(ladj_inverse.item() + ladj.item()) < 1e-8
 
 
+def _dlogp_dT(flow, z, temperature_k, create_graph=True):
+    """(log p(z | T) [B], d log p / dT [B] in 1/K) by autograd through the public log_prob."""
+    temperature_k = temperature_k.detach().clone().requires_grad_(True)
+    logp = flow.log_prob(z, temperature_k)
+    (grad,) = torch.autograd.grad(logp.sum(), temperature_k, create_graph=create_graph)
+    return logp, grad
+
+
 def test_dlogp_dT_matches_central_finite_differences():
     flow = make_flow(2, 3, torsion_base="scaled_von_mises", bounded_base="scaled_truncated_normal",
                      reference_temperature_k=400.0)
     z = random_z(flow, 32)
     temperatures = torch.linspace(260.0, 640.0, 32, dtype=torch.float64)
-    logp, grad = flow.dlogp_dT(z, temperatures, return_log_prob=True)
+    logp, grad = _dlogp_dT(flow, z, temperatures)
     h = 1e-3
     with torch.no_grad():
         fd = (flow.log_prob(z, temperatures + h) - flow.log_prob(z, temperatures - h)) / (2 * h)
@@ -281,9 +290,12 @@ def test_dlogp_dT_matches_central_finite_differences():
     grad.pow(2).sum().backward()
     assert all(p.grad is not None for p in flow.parameters())
     assert sum(p.grad.abs().sum() for p in flow.parameters()) > 0
-    # a scalar temperature gives the same derivative
-    single = flow.dlogp_dT(z[:3], 300.0, create_graph=False)
-    assert torch.allclose(single, flow.dlogp_dT(z[:3], torch.full((3,), 300.0)))
+    # a scalar temperature tensor is every sample's: its derivative is the sum of theirs
+    scalar = torch.tensor(300.0, dtype=torch.float64)
+    logp_scalar, grad_scalar = _dlogp_dT(flow, z[:3], scalar, create_graph=False)
+    logp_each, grad_each = _dlogp_dT(flow, z[:3], torch.full((3,), 300.0, dtype=torch.float64))
+    assert torch.equal(logp_scalar, logp_each) and torch.equal(logp_scalar, flow.log_prob(z[:3], 300.0))
+    assert torch.allclose(grad_scalar, grad_each.sum())
 
 
 def test_rsample_is_differentiable_in_the_parameters():
@@ -312,7 +324,9 @@ def test_checkpoint_round_trip(tmp_path):
     with pytest.raises(TradeMDError):
         build_flow({**flow.config, "hidden": 3})
     double = load_flow(flow.double().checkpoint())
-    assert double._anchor.dtype == torch.float64
+    assert all(p.dtype == torch.float64 for p in double.parameters())
+    samples, logp = double.sample(4, 321.0)  # sampled in the flow's dtype
+    assert samples.dtype == logp.dtype == torch.float64
     assert torch.equal(double.log_prob(z.double(), 321.0), flow.log_prob(z.double(), 321.0))
 
 

@@ -140,6 +140,7 @@ def test_cnf_log_prob_inverts_sample_and_round_trips_through_its_config():
         model.rsample(2, 1.0)
 
 
+@pytest.mark.slow
 def test_interpolation_objective_learns_the_gaussian_family_without_data(tmp_path, one_thread):
     """No data frame is read; the continuity residual falls and the learnt CNF matches N(0, T I)
     over [0.5, 2]. Measured (300 steps, seed 0): forward KL 0.09 / 0.06 / 0.02 at T = 0.5 / 1 / 2,

@@ -16,7 +16,8 @@ import torch
 from trademd.io.h5io import frame_count, read_trajectory
 
 TRADE_MD = shutil.which("trade-md")
-pytestmark = pytest.mark.skipif(TRADE_MD is None, reason="needs the installed trade-md command")
+pytestmark = [pytest.mark.skipif(TRADE_MD is None, reason="needs the installed trade-md command"),
+              pytest.mark.slow]  # 50-65 s each (2026-12-07, shared 2-core machine)
 
 
 def _kill_when(process: subprocess.Popen, ready, timeout_s: float = 120.0) -> bool:

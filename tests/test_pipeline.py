@@ -7,6 +7,10 @@ from typer.testing import CliRunner
 
 from trademd.cli.app import app
 
+#: Every stage end to end: minutes (measured 2026-12-07 on the shared 2-core machine: 440 s and
+#: 30-50 s per system), outside the fast lane.
+pytestmark = pytest.mark.slow
+
 runner = CliRunner()
 
 

@@ -78,6 +78,7 @@ def test_resampled_buffer_reproduces_target_expectations():
 # selection
 
 
+@pytest.mark.slow
 def test_model_is_the_selected_ema_step_by_validation_nll(tmp_path):
     trainer = _trainer(tmp_path, system="gaussian-2d", validation=True, objective="nll", steps=100)
     trainer.train(show_progress=False)
@@ -96,6 +97,7 @@ def test_model_is_the_selected_ema_step_by_validation_nll(tmp_path):
     assert model["selection"]["step"] == int(best["step"])
 
 
+@pytest.mark.slow
 def test_trade_is_selected_by_ess_only_after_its_ramp(tmp_path):
     trainer = _trainer(tmp_path, objective="trade", steps=100, warmup_fraction=0.3, ramp_fraction=0.2,
                        focus_temperatures=[0.7])
@@ -141,6 +143,7 @@ def test_refinement_lowers_the_kl_at_the_ends_of_the_range(tmp_path):
         assert after < 0.5 * before, (temperature, before, after)
 
 
+@pytest.mark.slow
 def test_refinement_resumes_exactly_mid_round(tmp_path, monkeypatch):
     settings = dict(objective="trade", steps=12, checkpoint_every=4, cache_every=3, metrics_every=4,
                     metrics_samples=500, refine_rounds=2, refine_steps=6, refine_samples=700)
@@ -167,6 +170,7 @@ def test_refinement_resumes_exactly_mid_round(tmp_path, monkeypatch):
     assert whole.best["step"] == resumed.best["step"]
 
 
+@pytest.mark.slow
 def test_a_presets_refinement_scales_with_the_steps(tmp_path):
     from trademd.train import preset_settings, train_run
 

@@ -99,12 +99,20 @@ def test_histogram_and_basin_free_energy():
 
 
 @pytest.fixture(scope="module")
-def trained_model(tmp_path_factory):
-    """A tiny ala2-vacuum model: 12 saves x 4 replicas at 600 K, 6 training steps."""
-    folder = tmp_path_factory.mktemp("model")
-    data = simulate(SimulationConfig(system_name="ala2-vacuum", temperature_k=600.0, time_ps=6.0,
+def md_data(tmp_path_factory):
+    """A tiny ala2-vacuum trajectory file: 12 saves x 4 replicas at 600 K."""
+    return simulate(SimulationConfig(system_name="ala2-vacuum", temperature_k=600.0, time_ps=6.0,
                                      replicas=4, save_every_ps=0.5, equilibration_ps=1.0,
-                                     platform="CPU"), folder / "data.h5", show_progress=False)
+                                     platform="CPU"), tmp_path_factory.mktemp("md") / "data.h5",
+                    show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def trained_model(tmp_path_factory, md_data):
+    """A tiny model trained on ``md_data`` for 6 steps, and that file (20-26 s on the shared
+    2-core machine: the tests that use it are marked slow)."""
+    folder = tmp_path_factory.mktemp("model")
+    data = md_data
     config = folder / "tiny.json"
     config.write_text(json.dumps({"cache_samples": 64, "grid_size": 3, "trade_points": 32,
                                   "batch_size": 32, "metrics_every": 3, "checkpoint_every": 3,
@@ -117,6 +125,7 @@ def trained_model(tmp_path_factory):
     return folder / "run" / "model.pt", data
 
 
+@pytest.mark.slow
 def test_sample_file_is_exact_and_self_describing(trained_model, tmp_path):
     model, _ = trained_model
     out = tmp_path / "s.h5"
@@ -158,6 +167,7 @@ def test_sample_file_is_exact_and_self_describing(trained_model, tmp_path):
     assert frames.n_frames == 20 and frames.n_atoms == 22
 
 
+@pytest.mark.slow
 def test_sample_refuses_temperatures_outside_the_range(trained_model, tmp_path):
     model, _ = trained_model
     result = runner.invoke(app, ["sample", "--model", str(model), "--temperature", "900",
@@ -169,6 +179,7 @@ def test_sample_refuses_temperatures_outside_the_range(trained_model, tmp_path):
     assert allowed.exit_code == 0, allowed.output
 
 
+@pytest.mark.slow
 def test_evaluate_against_a_reference(trained_model, tmp_path):
     model, data = trained_model
     samples = tmp_path / "s.h5"
@@ -205,11 +216,11 @@ def _samples_from_frames(path, trajectory, phi_shift_rad=0.0):
 
 
 def test_evaluate_scores_a_file_against_itself_as_equal_and_a_shifted_one_as_different(
-        trained_model, tmp_path):
+        md_data, tmp_path):
     from trademd.evaluate import evaluate_samples
     from trademd.io.h5io import read_trajectory
 
-    _, data = trained_model
+    data = md_data
     trajectory = read_trajectory(data)
     same = evaluate_samples(_samples_from_frames(tmp_path / "same.h5", trajectory), data)
     assert same["js_phi_psi_weighted"] == pytest.approx(0.0, abs=1e-12)
@@ -221,6 +232,7 @@ def test_evaluate_scores_a_file_against_itself_as_equal_and_a_shifted_one_as_dif
     assert shifted["kl_phi_psi_weighted"] > 1.0
 
 
+@pytest.mark.slow
 def test_reverse_kl_energy_restrains_the_mirror_image(trained_model):
     """The chirality restraint adds about 100 kT per mirrored centre and nothing otherwise."""
     model_path, data = trained_model
@@ -243,6 +255,7 @@ def test_reverse_kl_energy_restrains_the_mirror_image(trained_model):
         model.close()
 
 
+@pytest.mark.slow
 def test_model_file_records_its_format_and_newer_versions_are_refused(trained_model, tmp_path):
     from trademd.errors import TradeMDError
     from trademd.training.model_file import load_model

@@ -136,6 +136,7 @@ def test_analytic_samplers_are_exact():
     assert float(well.log_prob(outside, 1.0)) == -math.inf
 
 
+@pytest.mark.slow
 def test_mixture_against_its_closed_forms():
     """Separated modes: (w_i N_i)^(1/T) integrates to w_i^(1/T) (2 pi s^2)^(1 - 1/T) T, so
     mode weights are w_i^(1/T) / sum_j w_j^(1/T) and log Z(T) = log sum_i w_i^(1/T) +

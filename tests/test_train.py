@@ -68,6 +68,7 @@ def test_trade_transfers_the_gaussian(tmp_path):
         assert system.forward_kl(trade.flow.log_prob, temperature) < 0.1
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path, monkeypatch):
     settings = dict(steps=12, checkpoint_every=4, cache_every=3)
     whole = _train(tmp_path / "whole", "trade", **settings)
@@ -142,6 +143,7 @@ def test_data_free_trade_transfers_the_double_well(tmp_path):
     assert int(rows[-1]["energy_evaluations"]) > 0
 
 
+@pytest.mark.slow
 def test_data_free_cli_refuses_data_and_other_objectives(tmp_path):
     base = ["train", "--tmin", "0.5", "--tmax", "2", "--out", str(tmp_path / "r"), "--quiet", "--data-free"]
     result = runner.invoke(app, [*base, "--data", str(tmp_path / "data.h5")])
@@ -164,7 +166,7 @@ def test_non_finite_batches_are_skipped_then_stop(tmp_path):
     assert trainer.bad_batches == 3 and trainer.step == 0
 
 
-@pytest.mark.parametrize("objective", ["reverse-kl", "nll+reverse-kl"])
+@pytest.mark.parametrize("objective", ["reverse-kl", pytest.param("nll+reverse-kl", marks=pytest.mark.slow)])
 def test_reverse_kl_objectives_lower_their_loss(tmp_path, objective):
     _train(tmp_path, objective, steps=40, system="gaussian-2d", metrics_every=10)
     rows = (tmp_path / objective / "metrics.csv").read_text().splitlines()
@@ -174,6 +176,7 @@ def test_reverse_kl_objectives_lower_their_loss(tmp_path, objective):
     assert last < first
 
 
+@pytest.mark.slow
 def test_train_cli_on_an_analytic_system(tmp_path):
     out = tmp_path / "run"
     result = runner.invoke(app, ["train", "--system", "gaussian-2d", "--tmin", "0.5", "--tmax", "2",
@@ -215,6 +218,7 @@ def test_train_refuses_a_wrong_schema_file(tmp_path):
     assert result.exit_code == 1 and "expected 'trade-md/trajectory'" in result.output
 
 
+@pytest.mark.slow
 def test_resume_with_another_system_is_refused(tmp_path):
     out = tmp_path / "run"
     base = ["--tmin", "0.5", "--tmax", "2", "--steps", "4", "--out", str(out), "--quiet"]

@@ -21,7 +21,7 @@ Three figures, each answering a different question:
   (self-normalised estimates may be far off whatever the Kish ESS says).
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 import math
 
 import numpy as np
@@ -64,13 +64,6 @@ class WeightDiagnostics:
     batch_relative_ess_sem: float
     top10_weight_share: float
     pareto_k: float
-
-    def as_dict(self, prefix: str = "") -> dict[str, float]:
-        """All scalar fields as a flat dict, keys ``prefix + name`` (``batch_relative_ess``
-        is left out; its min, max and sem are in). Values may be nan."""
-        values = asdict(self)
-        del values["batch_relative_ess"]
-        return {f"{prefix}{name}": value for name, value in values.items()}
 
 
 def _checked(log_weights: np.ndarray) -> np.ndarray:

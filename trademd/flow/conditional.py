@@ -13,7 +13,7 @@ normalisation's Jacobian cancels between entry and exit, so it appears in the de
 the constant of the base (see :meth:`TemperatureFlow.base_log_prob`).
 
 Each coupling layer transforms a set X of features with rational-quadratic splines
-(:class:`_KnotSpline`, on knots built here, after Durkan et al. 2019): circular
+(:class:`KnotSpline`, on knots built here, after Durkan et al. 2019): circular
 splines on torsions (end knots fixed at -pi and pi, one learned slope shared by both ends, so
 the map is a C1 diffeomorphism of the circle) and splines on the whole interval for bounded
 features (end knots at the interval ends, learned end slopes: the density is exactly supported
@@ -42,11 +42,8 @@ from zuko.nn import MLP
 from trademd.errors import TradeMDError
 from trademd.flow.base import TemperatureBase
 
-__all__ = ["DEFAULT_LAYERS", "SplineCoupling", "TemperatureFlow", "build_flow", "load_flow",
-           "parse_layers"]
-
-#: Close to the TRADE alanine-dipeptide setting: 9 blocks, each also reversed (18 layers).
-DEFAULT_LAYERS = ("torsions|torsions", "bounded|torsions", "bounded|bounded") * 3
+__all__ = ["KnotSpline", "SplineCoupling", "TemperatureFlow", "build_flow", "load_flow",
+           "parse_layers", "spline_knots"]
 
 #: Seam placements of the circular splines (see :class:`TemperatureFlow`).
 TORSION_SHIFTS = ("golden", "none")
@@ -59,7 +56,7 @@ _ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU
 # splines
 
 
-class _KnotSpline:
+class KnotSpline:
     """Monotonic rational-quadratic spline (Durkan et al. 2019) on given knots.
 
     Knots come as tensors [..., K + 1] (K bins): ``horizontal`` and ``vertical`` increasing
@@ -115,8 +112,8 @@ def _squash(logits: Tensor, bound: float) -> Tensor:
     return logits / (1.0 + torch.abs(logits / bound))
 
 
-def _knots(width_logits: Tensor, height_logits: Tensor, slope_logits: Tensor,
-           min_slope: float) -> tuple[Tensor, Tensor, Tensor]:
+def spline_knots(width_logits: Tensor, height_logits: Tensor, slope_logits: Tensor,
+                 min_slope: float) -> tuple[Tensor, Tensor, Tensor]:
     """Knots of a spline from [-1, 1] onto [-1, 1]; end knots exactly at -1 and 1.
 
     width/height logits [..., K], slope logits [..., K + 1]. All zeros give the identity.
@@ -252,7 +249,7 @@ class SplineCoupling(nn.Module):
         return (f"transformed={self.transformed.tolist()}, "
                 f"conditioning={self.conditioning.tolist()}, seam_shift={self.seam_shift:.3f}")
 
-    def spline(self, w: Tensor, t: Tensor) -> _KnotSpline:
+    def spline(self, w: Tensor, t: Tensor) -> KnotSpline:
         """The spline of this layer given w [B, D] (only Y is read) and the T feature [B, 1]."""
         y = w[:, self.conditioning]
         angle = math.pi * y[:, :self.n_cond_periodic]
@@ -266,9 +263,10 @@ class SplineCoupling(nn.Module):
         widths_b, heights_b, slopes_b = bounded.reshape(b, -1, 3 * k + 1).split([k, k, k + 1], dim=-1)
         # circular: one slope shared by both ends, so the circle map is C1 at the seam
         slopes_p = torch.cat([slopes_p, slopes_p[..., :1]], dim=-1)
-        knots = _knots(torch.cat([widths_p, widths_b], dim=1), torch.cat([heights_p, heights_b], dim=1),
-                       torch.cat([slopes_p, slopes_b], dim=1), self.min_slope)
-        return _KnotSpline(*knots)
+        knots = spline_knots(torch.cat([widths_p, widths_b], dim=1),
+                             torch.cat([heights_p, heights_b], dim=1),
+                             torch.cat([slopes_p, slopes_b], dim=1), self.min_slope)
+        return KnotSpline(*knots)
 
     def _finish(self, w: Tensor, x_new: Tensor) -> Tensor:
         # torsions wrap onto [-1, 1); bounded stay in [-1, 1] despite rounding
@@ -327,7 +325,8 @@ class TemperatureFlow(nn.Module):
         temperature_range_k: training range (T_min, T_max) in kelvin; defines the temperature
             feature (log T - mid) / half_width, -1 at T_min and +1 at T_max.
         bounded_interval: (low, high), the exact support of every bounded feature.
-        layers: layer pattern, see the module docstring.
+        layers: layer pattern, see the module docstring; the default is close to the TRADE
+            alanine-dipeptide setting: 9 blocks, each also reversed (18 layers).
         bins: spline bins K.
         width, depth: conditioner width and number of hidden layers (mlp) or residual blocks.
         conditioner: ``"residual"`` or ``"mlp"``.
@@ -351,7 +350,8 @@ class TemperatureFlow(nn.Module):
     def __init__(self, n_torsions: int, n_bounded: int,
                  temperature_range_k: Sequence[float],
                  bounded_interval: Sequence[float] = (-1.0, 1.0),
-                 layers: Sequence[str] = DEFAULT_LAYERS, bins: int = 8, width: int = 256,
+                 layers: Sequence[str] = ("torsions|torsions", "bounded|torsions",
+                                          "bounded|bounded") * 3, bins: int = 8, width: int = 256,
                  depth: int = 2, conditioner: str = "residual", activation: str = "silu",
                  torsion_base: str = "uniform", bounded_base: str = "uniform",
                  base_sigma: float = 0.5, base_kappa: float = 1.0,
@@ -505,23 +505,6 @@ class TemperatureFlow(nn.Module):
         """n samples z [n, D] and their log p(z | T) [n], without gradients."""
         with torch.no_grad():
             return self.rsample(n, temperature_k)
-
-    def dlogp_dT(self, z: Tensor, temperature_k, create_graph: bool = True,
-                 return_log_prob: bool = False):
-        """d log p(z | T) / dT in 1/K [B], by autograd through the flow and the base.
-
-        With ``create_graph`` the result is differentiable w.r.t. the parameters (TRADE loss).
-        With ``return_log_prob`` returns ``(log_prob, dlogp_dT)`` from one forward pass.
-        """
-        temperature_k = self._temperatures(temperature_k, z.shape[0]).detach().clone()
-        with torch.enable_grad():
-            temperature_k.requires_grad_(True)
-            logp = self.log_prob(z, temperature_k)
-            (grad,) = torch.autograd.grad(logp.sum(), temperature_k, create_graph=create_graph,
-                                          allow_unused=True)
-        if grad is None:
-            grad = torch.zeros_like(temperature_k)
-        return (logp, grad) if return_log_prob else grad
 
     def checkpoint(self) -> dict:
         """{"config": ..., "state_dict": ...}: what :func:`load_flow` reads back."""

@@ -19,7 +19,7 @@ That is 3 n_atoms - 6 numbers. For alanine dipeptide the row (4, 6, 8, 14) is ph
 at the origin, s0 on the +x axis at ``(b_1, 0, 0)`` and s2 in the xy-plane with y > 0 at
 ``b_2 (cos a_2, sin a_2, 0)``; every later atom by its bond, angle and torsion (NeRF). So
 ``inverse(forward(x))`` is x translated and rotated (a proper rotation, never a reflection)
-into that frame: :func:`canonical_frame`.
+into that frame.
 
 **Jacobian convention.** ``log J(ic) = sum_{k>=1} 2 log b_k + sum_{k>=2} log sin a_k``, i.e.
 per placed atom ``2 log b + log sin a`` plus the seeds' terms ``2 log b_1 + 2 log b_2 +
@@ -105,7 +105,6 @@ from trademd.systems.zmatrix import validate_zmatrix
 __all__ = [
     "ICFeatures",
     "InternalCoordinates",
-    "canonical_frame",
     "cartesian_to_internal",
     "constrained_bonds_from_openmm",
     "internal_log_det",
@@ -239,20 +238,6 @@ def internal_log_det(bonds: Tensor, angles: Tensor) -> Tensor:
 
     Args: bonds [..., n_atoms - 1] nm, angles [..., n_atoms - 2] rad. Returns [...]."""
     return 2 * torch.log(bonds).sum(-1) + torch.log(torch.sin(angles)).sum(-1)
-
-
-def canonical_frame(x: Tensor, zmatrix) -> Tensor:
-    """Translate and properly rotate x [..., n_atoms, 3] into the canonical frame of the
-    Z-matrix seeds: what ``internal_to_cartesian(*cartesian_to_internal(x, z), z)`` returns."""
-    rows = zmatrix.tolist() if isinstance(zmatrix, Tensor) else np.asarray(zmatrix).tolist()
-    s0, s1, s2 = (int(row[0]) for row in rows[:3])
-    y = x - x[..., s1 : s1 + 1, :]
-    e1 = y[..., s0, :] / torch.linalg.vector_norm(y[..., s0, :], dim=-1, keepdim=True)
-    v = y[..., s2, :] - (y[..., s2, :] * e1).sum(-1, keepdim=True) * e1
-    e2 = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
-    e3 = torch.cross(e1, e2, dim=-1)
-    basis = torch.stack([e1, e2, e3], dim=-1)  # [..., 3, 3], columns e1 e2 e3
-    return y @ basis
 
 
 # ----------------------------------------------------------------------------------------------
@@ -518,20 +503,6 @@ class InternalCoordinates(nn.Module):
     def n_bonded_dims(self) -> int:
         """Bonds + angles the flow models: the width of ``bounded``."""
         return self.n_bonds + self.n_angles
-
-    @property
-    def n_dims(self) -> int:
-        """All flow dimensions: 3 n_atoms - 6 minus the constrained bonds."""
-        return self.n_torsions + self.n_bonded_dims
-
-    def torsion_index(self, atoms) -> int:
-        """Column of ``torsions`` whose Z-matrix row is the dihedral ``atoms`` (i, j, k, l) or
-        its reverse, e.g. alanine's phi (4, 6, 8, 14). Raises TradeMDError if none is."""
-        quad = tuple(int(a) for a in atoms)
-        for k, row in enumerate(self.zmatrix[3:].tolist()):
-            if tuple(row) in (quad, quad[::-1]):
-                return k
-        raise TradeMDError(f"the dihedral {quad} is not a torsion of the Z-matrix")
 
     def _feature_name(self, k: int) -> str:
         z = self.zmatrix.tolist()
