@@ -250,3 +250,31 @@ def test_ctrl_c_names_the_way_to_continue(tmp_path, monkeypatch, function, argum
     result = runner.invoke(app, arguments)
     assert result.exit_code == 130
     assert result.output.strip() == message
+
+
+def test_sample_refuses_a_batch_size_below_one_in_one_line(tmp_path):
+    """``--batch-size 0`` ended in ZeroDivisionError and ``-3`` in a NumPy ValueError."""
+    for value in ("0", "-3"):
+        result = CliRunner().invoke(app, ["sample", "--model", str(tmp_path / "model.pt"), "--temperature", "300",
+                                          "--out", str(tmp_path / "s.h5"), "--batch-size", value])
+        assert result.exit_code == 1
+        assert result.output.strip() == f"error: --batch-size must be at least 1, got {value}"
+
+
+def test_run_warns_before_it_starts_when_the_transfer_is_beyond_what_was_measured(tmp_path, monkeypatch, capsys):
+    from trademd.pipeline import RunConfig, run_pipeline
+    import trademd.simulate
+
+    assert RunConfig(temperatures_k=(300.0,)).range_warning() is None
+    far = RunConfig(temperatures_k=(100.0,)).range_warning()
+    assert "100 K is 6.0x below the data's 600 K" in far and "300 K here" in far
+    assert "above the data's 600 K" in RunConfig(temperatures_k=(300.0, 700.0)).range_warning()
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trademd.simulate, "simulate", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(RunConfig(temperatures_k=(100.0,)), tmp_path / "run", show_progress=False)
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first.startswith("[trade-md run] warning: 100 K is 6.0x below")

@@ -288,3 +288,23 @@ def test_trade_points_come_only_from_trusted_temperatures(tmp_path):
     assert len(seen) == 1 and bool(torch.isin(seen[0], allowed).all())
     assert 0 < len(trusted) < len(trade.cache.temperatures)  # the gate is doing something
 
+
+
+def test_resume_before_the_first_checkpoint_starts_again_as_simulate_does(tmp_path):
+    """A run killed before its first checkpoint holds nothing to keep: ``--resume`` starts it
+    again and says so (simulate does the same with a file stopped before its first chunk); a
+    run directory that does not exist is a one-line error."""
+    out = tmp_path / "run"
+    base = ["train", "--system", "gaussian-2d", "--tmin", "0.5", "--tmax", "2", "--steps", "4",
+            "--out", str(out), "--quiet"]
+    result = runner.invoke(app, [*base[:-3], "--out", str(tmp_path / "missing"), "--quiet", "--resume"])
+    assert result.exit_code == 1 and "nothing to resume" in result.output and "drop --resume" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert runner.invoke(app, base).exit_code == 0
+    first = (out / "metrics.csv").read_text()
+    for name in ("checkpoint.pt", "model.pt"):  # as if killed before the first checkpoint
+        (out / name).unlink()
+    result = runner.invoke(app, [*base, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert "holds no checkpoint yet" in result.output and "starting from the beginning" in result.output
+    assert (out / "model.pt").is_file() and (out / "metrics.csv").read_text().count("\n") == first.count("\n")

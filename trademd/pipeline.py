@@ -20,7 +20,12 @@ from trademd.errors import TradeMDError
 from trademd.md.settings import RUN_MD, SimulationConfig
 from trademd.training.config import DEFAULT_PRESET
 
-__all__ = ["RunConfig", "run_pipeline"]
+__all__ = ["RunConfig", "run_pipeline", "MEASURED_TRANSFER_RATIO"]
+
+#: The widest transfer measured to work: samples at T0 / 2 from data at T0 (600 K -> 300 K:
+#: 54 % ESS on alanine dipeptide with the defaults, docs/results.md). Temperatures below
+#: T0 times this, or above T0, are outside anything measured.
+MEASURED_TRANSFER_RATIO = 0.5
 
 
 @dataclass(kw_only=True)
@@ -82,6 +87,23 @@ class RunConfig:
                                 timestep_ps=self.timestep_ps or molecule.md_timestep_ps,
                                 hydrogen_mass_amu=hydrogen_mass_amu, seed=self.seed, platform=platform)
 
+    def range_warning(self) -> str | None:
+        """What to expect when a requested temperature lies outside the measured transfer
+        (below T0 x :data:`MEASURED_TRANSFER_RATIO`, or above T0), else None."""
+        t0 = self.data_temperature_k
+        low = [t for t in self.temperatures_k if t < MEASURED_TRANSFER_RATIO * t0]
+        high = [t for t in self.temperatures_k if t > t0]
+        if not low and not high:
+            return None
+        parts = []
+        if low:
+            parts.append(f"{min(low):g} K is {t0 / min(low):.1f}x below the data's {t0:g} K, while transfer "
+                         f"is measured only down to T0/2 ({MEASURED_TRANSFER_RATIO * t0:g} K here)")
+        if high:
+            parts.append(f"{max(high):g} K lies above the data's {t0:g} K, where no transfer is measured")
+        return ("; ".join(parts) + ": expect a far lower ESS and basin weights to check; read summary.json's "
+                "batch spread and Pareto k, or simulate closer to the temperature you want (--data-temperature)")
+
     @property
     def temperature_range_k(self) -> tuple[float, float]:
         """Trained range: 0.8 x the lowest temperature asked for to 1.1 x the highest of
@@ -104,6 +126,9 @@ def run_pipeline(config: RunConfig, out: str | Path, platform: str = "auto", dev
     from trademd.train import train_run
 
     out = Path(out)
+    warning = config.range_warning()
+    if warning:
+        _log(f"warning: {warning}")
     out.mkdir(parents=True, exist_ok=True)
     data = out / f"data_{config.data_temperature_k:g}K.h5"
     simulation = config.simulation(platform)

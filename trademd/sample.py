@@ -38,6 +38,11 @@ __all__ = ["ESS_BATCHES", "draw_samples", "sample_run", "summarise"]
 ESS_BATCHES = 5
 
 
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise TradeMDError(f"--batch-size must be at least 1, got {batch_size}")
+
+
 def draw_samples(model: TrainedModel, temperature_k: float, n: int, batch_size: int = 4096,
                  extrapolate: bool = False, show_progress: bool = True, seed: int = 0,
                  ranks: Ranks = Ranks()) -> TemperatureSamples:
@@ -49,7 +54,8 @@ def draw_samples(model: TrainedModel, temperature_k: float, n: int, batch_size: 
     normalised over all samples.
 
     Raises:
-        TradeMDError: for T outside the trained range (unless ``extrapolate``), n < 1.
+        TradeMDError: for T outside the trained range (unless ``extrapolate``), n < 1 or
+            batch_size < 1.
     """
     t_min, t_max = model.temperature_range
     if not temperature_k > 0:
@@ -61,6 +67,7 @@ def draw_samples(model: TrainedModel, temperature_k: float, n: int, batch_size: 
         )
     if n < 1:
         raise TradeMDError(f"--n must be at least 1, got {n}")
+    _check_batch_size(batch_size)
     target = model.target
     n_batches = math.ceil(n / batch_size)
     mine = range(ranks.rank, n_batches, ranks.world_size)
@@ -187,6 +194,7 @@ def sample_run(model_path: str | Path, temperatures: list[float], n: int, out: s
     out = Path(out)
     if out.exists() and not overwrite:
         raise TradeMDError(f"{str(out)!r} exists: pass --overwrite to replace it")
+    _check_batch_size(batch_size)  # before the model loads
     device = torch_device(device)
     ranks = distributed.start(device)
     model = load_model(model_path, device=device, platform=platform)

@@ -3,6 +3,7 @@
 from dataclasses import asdict
 import json
 from pathlib import Path
+import sys
 
 import torch
 
@@ -127,8 +128,13 @@ def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | No
     if objective.data_refusal and data is not None:
         raise TradeMDError(objective.data_refusal)
     out = Path(out)
+    if resume and not out.is_dir():
+        raise TradeMDError(f"nothing to resume: {str(out)!r} does not exist (drop --resume)")
     if resume and not (out / "checkpoint.pt").is_file():
-        raise TradeMDError(f"nothing to resume: {str(out / 'checkpoint.pt')!r} does not exist")
+        # stopped before its first checkpoint: nothing to keep, start again (as simulate does)
+        print(f"trade-md train: {str(out)!r} holds no checkpoint yet (stopped before the first): "
+              "starting from the beginning", file=sys.stderr, flush=True)
+        resume = False
     if not resume and (out / "model.pt").exists():
         raise TradeMDError(f"{str(out)!r} already holds a trained model: choose another --out or --resume")
     device = torch_device(device)
