@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from trademd import distributed
-from trademd.io.h5io import read_samples
+from trademd.io.samples_file import read_samples
 from trademd.training.trade import kish_ess, snis_mean
 from trademd.training.trainer import Trainer
 from trademd.train import train_run
@@ -135,7 +135,7 @@ def test_simulate_on_two_ranks_equals_its_shards_merged(tmp_path):
     """torchrun simulate: rank r runs shard r (seed + r), rank 0 merges; the same file as the
     two shards run one after the other and `trade-md merge` (Reference platform: exact)."""
     from trademd.cli.app import app
-    from trademd.io.h5io import read_trajectory
+    from trademd.io.trajectory_file import read_trajectory
     from typer.testing import CliRunner
 
     settings = ["simulate", "--system", "ala2-vacuum", "--temperature", "300", "--time", "2ps",

@@ -45,7 +45,7 @@ def test_the_cli_calls_stage_modules():
     from trademd import cli
 
     allowed = {f"trademd.{stage}" for stage in STAGES} | {
-        "trademd.errors", "trademd.units", "trademd.systems", "trademd.io.h5io", "trademd.io.export"}
+        "trademd.errors", "trademd.units", "trademd.systems", "trademd.io.schema", "trademd.io.export"}
     used = {name for name in _imports(Path(cli.__file__).parent / "app.py") if name.startswith("trademd")}
     assert used - allowed == set()
     assert {"trademd.simulate", "trademd.train", "trademd.sample"} <= used

@@ -15,7 +15,8 @@ from trademd.analysis.observables import basin_free_energy, phi_psi_histogram
 from trademd.cli.app import app
 from trademd.energy.molecule import MoleculeEnergy
 from trademd.evaluate import js_divergence, kl_divergence, total_variation, wasserstein_1
-from trademd.io.h5io import read_samples, read_trajectory
+from trademd.io.samples_file import read_samples
+from trademd.io.trajectory_file import read_trajectory
 from trademd.simulate import SimulationConfig, simulate
 from trademd.systems import get_system
 from trademd.systems.analytic import get_analytic_system
@@ -188,7 +189,7 @@ def test_evaluate_against_a_reference(trained_model, tmp_path):
 def _samples_from_frames(path, trajectory, phi_shift_rad=0.0):
     """A samples file holding a trajectory's own frames with equal weights (phi shifted)."""
     from trademd.analysis.observables import phi_psi
-    from trademd.io.h5io import TemperatureSamples, write_samples
+    from trademd.io.samples_file import TemperatureSamples, write_samples
     from trademd.systems import system_from_attrs
 
     n = trajectory.n_frames
@@ -207,7 +208,7 @@ def _samples_from_frames(path, trajectory, phi_shift_rad=0.0):
 def test_evaluate_scores_a_file_against_itself_as_equal_and_a_shifted_one_as_different(
         trained_model, tmp_path):
     from trademd.evaluate import evaluate_samples
-    from trademd.io.h5io import read_trajectory
+    from trademd.io.trajectory_file import read_trajectory
 
     _, data = trained_model
     trajectory = read_trajectory(data)

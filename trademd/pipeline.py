@@ -17,7 +17,7 @@ from pathlib import Path
 import sys
 
 from trademd.errors import TradeMDError
-from trademd.io.h5io import frame_count
+from trademd.io.trajectory_file import frame_count
 from trademd.sample import sample_run
 from trademd.simulate import SimulationConfig, simulate
 from trademd.systems import get_system

@@ -24,7 +24,8 @@ from trademd.analysis.ess import weight_diagnostics
 from trademd.analysis.observables import backbone_angles, basin_free_energy, phi_psi_histogram
 from trademd.analysis.plots import ramachandran_grid_png, ramachandran_png
 from trademd.errors import TradeMDError
-from trademd.io.h5io import TemperatureSamples, group_name, write_samples
+from trademd.io.samples_file import TemperatureSamples, write_samples
+from trademd.io.schema import group_name
 from trademd.distributed import Ranks
 from trademd.io.provenance import provenance
 from trademd.platforms import torch_device

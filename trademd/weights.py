@@ -21,6 +21,7 @@ __all__ = [
     "finite_log_weights",
     "self_normalised_weights",
     "kish_ess",
+    "kish_ess_of_normalised",
     "finite_log_weights_torch",
     "self_normalised_weights_torch",
     "snis_mean_torch",
@@ -59,6 +60,11 @@ def kish_ess(log_weights: np.ndarray) -> float:
     if np.isneginf(log_weights).all():
         return 0.0
     return float(np.exp(2 * logsumexp(log_weights) - logsumexp(2 * log_weights)))
+
+
+def kish_ess_of_normalised(weights: np.ndarray) -> float:
+    """Kish ESS 1 / sum w^2 of self-normalised weights [n] (summing to 1), in samples."""
+    return float(1.0 / np.sum(weights ** 2))
 
 
 def finite_log_weights_torch(log_weights: Tensor) -> Tensor:

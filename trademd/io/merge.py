@@ -17,15 +17,12 @@ import h5py
 import numpy as np
 
 from trademd.errors import TradeMDError
-from trademd.io.h5io import (
-    REPLICA_EXCHANGE_FORMAT,
+from trademd.io.schema import TRAJECTORY_FORMAT, attribute_text, group_name, open_checked
+from trademd.io.trajectory_file import (
+    DYNAMICS_FORMATS,
     TRAJECTORY_DATASETS,
-    TRAJECTORY_FORMAT,
-    attribute_text,
     create_frame_datasets,
-    group_name,
-    new_file,
-    open_checked,
+    new_dynamics_file,
 )
 
 __all__ = ["MERGE_IGNORED_SETTINGS", "merge_dynamics_files"]
@@ -133,7 +130,7 @@ def merge_dynamics_files(paths: list[str | Path], out: str | Path, provenance_at
     out = Path(out)
     if any(p.resolve() == out.resolve() for p in paths if p.exists()):
         raise TradeMDError(f"--out {str(out)!r} is one of the files to merge: write to a new file")
-    files = [open_checked(p, (TRAJECTORY_FORMAT, REPLICA_EXCHANGE_FORMAT)) for p in paths]
+    files = [open_checked(p, DYNAMICS_FORMATS) for p in paths]
     try:
         _check_compatible(files, paths)
         first = files[0]
@@ -146,7 +143,7 @@ def merge_dynamics_files(paths: list[str | Path], out: str | Path, provenance_at
         attrs.update({"n_replicas": sum(copies), "simulation_config": json.dumps(settings),
                       "wall_time_s": float(sum(float(h5.attrs.get("wall_time_s", 0.0)) for h5 in files)),
                       "merged_from": json.dumps(sources), **provenance_attrs})
-        h5 = new_file(out, first.attrs["format"], {}, attribute_text(first["topology_pdb"][()]), overwrite)
+        h5 = new_dynamics_file(out, first.attrs["format"], {}, attribute_text(first["topology_pdb"][()]), overwrite)
         try:
             for key, value in attrs.items():
                 h5.attrs[key] = value
