@@ -28,7 +28,6 @@ from trademd.io.schema import (
 from trademd.io.trajectory_file import (
     DynamicsFile,
     Trajectory,
-    TrajectoryWriter,
     create_frame_datasets,
     ensemble_temperatures,
     frame_count,
@@ -40,6 +39,6 @@ __all__ = [
     "open_hdf5", "file_format", "SAMPLES_FORMAT", "write_samples", "read_samples",
     "TemperatureSamples", "SamplesFile", "SAMPLE_DATASETS", "RESIDUE_DATASETS",
     "TRAJECTORY_FORMAT", "REPLICA_EXCHANGE_FORMAT", "DynamicsFile", "ensemble_temperatures",
-    "frame_count", "write_energies", "Trajectory", "TrajectoryWriter", "read_trajectory",
+    "frame_count", "write_energies", "Trajectory", "read_trajectory",
     "create_frame_datasets", "attribute_text", "open_checked", "describe",
 ]

@@ -31,7 +31,7 @@ __all__ = [
     "DYNAMICS_FORMATS",
     "TRAJECTORY_DATASETS",
     "Trajectory",
-    "TrajectoryWriter",
+    "EnsembleFrames",
     "DynamicsFile",
     "create_frame_datasets",
     "new_dynamics_file",
@@ -127,9 +127,10 @@ def new_dynamics_file(path: Path, file_format: str, attrs: dict, topology_pdb: s
                        {**units, "kinetic_temperature_k": "K", "temperature_k": "K"}, topology_pdb)
 
 
-class TrajectoryWriter:
-    """Appends frames to one ensemble (the root of a trajectory file, or a ``T<temperature>``
-    group of a replica-exchange file), chunk by chunk.
+class EnsembleFrames:
+    """The frames of one ensemble in an open simulate file (the root of a trajectory file, or
+    a ``T<temperature>`` group of a replica-exchange file): appended chunk by chunk, cut back
+    to a checkpoint, read whole.
 
     Args:
         group: the root of a trajectory file, or an ensemble group.
@@ -141,6 +142,15 @@ class TrajectoryWriter:
     @property
     def n_frames(self) -> int:
         return int(self.h5["positions_nm"].shape[0])
+
+    @property
+    def n_atoms(self) -> int:
+        return int(self.h5["positions_nm"].shape[1])
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """Every stored column, unchecked: the datasets of :data:`TRAJECTORY_DATASETS`
+        [frames, ...] and ``kinetic_temperature_k`` [saves] (K)."""
+        return {name: self.h5[name][()] for name in (*TRAJECTORY_DATASETS, "kinetic_temperature_k")}
 
     def append(self, positions_nm: np.ndarray, energy_kj_mol: np.ndarray, replica: np.ndarray,
                time_ps: np.ndarray, kinetic_temperature_k: np.ndarray) -> None:
@@ -227,11 +237,11 @@ class DynamicsFile:
         return cls(open_checked(path, DYNAMICS_FORMATS), path)
 
     @property
-    def ensembles(self) -> list[TrajectoryWriter]:
+    def ensembles(self) -> list[EnsembleFrames]:
         """A writer of each ensemble, in ladder order."""
         if self.h5.attrs["format"] == TRAJECTORY_FORMAT:
-            return [TrajectoryWriter(self.h5)]
-        return [TrajectoryWriter(self.h5[group_name(t)]) for t in json.loads(self.h5.attrs["temperatures_k"])]
+            return [EnsembleFrames(self.h5)]
+        return [EnsembleFrames(self.h5[group_name(t)]) for t in json.loads(self.h5.attrs["temperatures_k"])]
 
     @property
     def attrs(self) -> dict:
@@ -254,6 +264,11 @@ class DynamicsFile:
     def has_checkpoint(self) -> bool:
         """Whether a chunk was finished (a run killed before that has nothing to resume)."""
         return "checkpoint" in self.h5
+
+    @property
+    def checkpoint_saves(self) -> int | None:
+        """Saves done at the last checkpoint (None: no checkpoint)."""
+        return int(self.h5["checkpoint"].attrs["n_saves"]) if self.has_checkpoint else None
 
     def _ensemble_group(self, temperature_k: float | None) -> h5py.Group:
         """The group holding the frames at ``temperature_k``: the root of a plain trajectory,
@@ -346,6 +361,15 @@ class DynamicsFile:
                                                      for r in acceptance_rates])
         group.attrs["round_trips"] = round_trips
         group.attrs["exchange_rounds"] = rounds
+
+    def read_exchange_statistics(self) -> dict:
+        """What :meth:`write_exchange_statistics` stored: ``attempts`` and ``accepted`` [K - 1],
+        ``walker_at_rung`` [saves, ladders, K], ``round_trips`` and ``exchange_rounds``."""
+        group = self.h5["exchange"]
+        return {"attempts": group["attempts"][()], "accepted": group["accepted"][()],
+                "walker_at_rung": group["walker_at_rung"][()],
+                "round_trips": int(group.attrs["round_trips"]),
+                "exchange_rounds": int(group.attrs["exchange_rounds"])}
 
     def save_checkpoint(self, openmm_checkpoint: bytes, state_xml: str, n_saves: int,
                         platform: str, wall_time_s: float, engine_state: dict[str, str]) -> None:
