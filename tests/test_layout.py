@@ -14,7 +14,7 @@ STAGES = {"simulate", "train", "sample", "evaluate", "pipeline", "recompute"}
 KERNELS = ("io", "md", "energy", "flow", "training", "analysis")
 #: The modules of the file layer that touch HDF5 files (provenance only reads h5py's version).
 HDF5_MODULES = {"trademd.io.schema", "trademd.io.trajectory_file", "trademd.io.samples_file",
-                "trademd.io.merge", "trademd.io.provenance"}
+                "trademd.io.provenance"}
 #: Transitional arrows back, each with the change that removes it: ``flow/conditional.py``
 #: serves ``build_flow``/``load_flow`` from ``flow/factory.py`` (a lazy module
 #: ``__getattr__``) until ``trademd/training/`` imports them from ``trademd.flow.factory``.
