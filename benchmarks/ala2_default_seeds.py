@@ -45,7 +45,7 @@ TEMPERATURES_K = (300.0, 600.0)
 def run_seed(seed: int, out: Path, platform: str, device: str, reference: Path | None,
              overrides: dict | None = None, progress: bool = True) -> dict:
     from trademd.evaluate import evaluate_samples
-    from trademd.io.h5io import frame_count
+    from trademd.io.trajectory_file import frame_count
     from trademd.pipeline import RunConfig
     from trademd.sample import sample_run
     from trademd.simulate import simulate
@@ -110,7 +110,7 @@ def _data_check(data: Path) -> dict:
     frames with phi > 0, and the integrator settings that made them (an ensemble check of
     e.g. hydrogen mass repartitioning against earlier data)."""
     from trademd.analysis.observables import phi_psi
-    from trademd.io.h5io import read_trajectory
+    from trademd.io.trajectory_file import read_trajectory
     from trademd.systems import get_system
 
     trajectory = read_trajectory(data)

@@ -35,12 +35,8 @@ from trademd.analysis.statistics import (
 )
 from trademd.errors import TradeMDError
 from trademd.evaluate import evaluate_samples
-from trademd.io.h5io import (
-    ensemble_temperatures,
-    frame_count,
-    open_hdf5,
-    read_trajectory,
-)
+from trademd.io.schema import open_hdf5
+from trademd.io.trajectory_file import ensemble_temperatures, frame_count, read_trajectory
 from trademd.sample import sample_run
 from trademd.simulate import ExchangeConfig, SimulationConfig, simulate
 from trademd.systems import system_from_attrs

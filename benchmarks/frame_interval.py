@@ -20,7 +20,7 @@ import numpy as np
 
 def subsample(source: Path, stride: int, out: Path) -> Path:
     """A copy of a plain trajectory file keeping every ``stride``-th save (all replicas)."""
-    from trademd.io.h5io import TRAJECTORY_DATASETS
+    from trademd.io.trajectory_file import TRAJECTORY_DATASETS
 
     with h5py.File(source) as src, h5py.File(out, "w") as dst:
         replicas = int(src.attrs["n_replicas"])

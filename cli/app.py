@@ -194,7 +194,7 @@ def merge(
 @reports_errors
 def info(file: Path = typer.Argument(..., help="any HDF5 file trade-md wrote")) -> None:
     """Print what a trade-md HDF5 file holds: format, attributes, datasets with units."""
-    from trademd.io.h5io import describe
+    from trademd.io.schema import describe
 
     typer.echo(describe(file))
 

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from trademd.cli.app import app
-from trademd.io.h5io import read_trajectory
+from trademd.io.trajectory_file import read_trajectory
 from trademd.systems import get_system
 
 runner = CliRunner()
@@ -236,7 +236,7 @@ def test_an_output_below_a_regular_file_is_one_line(tmp_path, command, out):
          "interrupted: finished stages are kept; rerun the same command to continue"),
         ("trademd.sample.sample_run", ["sample", "--model", "m.pt", "--temperature", "300",
                                              "--out", "s.h5"], "interrupted"),
-        ("trademd.io.h5io.describe", ["info", "x.h5"], "interrupted"),
+        ("trademd.io.schema.describe", ["info", "x.h5"], "interrupted"),
     ],
 )
 def test_ctrl_c_names_the_way_to_continue(tmp_path, monkeypatch, function, arguments, message):

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from trademd import distributed
-from trademd.io.h5io import read_samples
-from trademd.training.trade import kish_ess, snis_mean
+from trademd.io.samples_file import read_samples
+from trademd.weights import kish_ess_torch, snis_mean_torch
 from trademd.training.trainer import Trainer
 from trademd.train import train_run
 
@@ -45,9 +45,9 @@ def test_pooled_estimates_equal_the_single_process_ones():
     log_w = torch.randn(1000, generator=generator, dtype=torch.float64) * 3
     log_w[::97] = -math.inf
     values = torch.randn(1000, generator=generator, dtype=torch.float64)
-    assert distributed.pooled_snis_mean(values, log_w) == pytest.approx(float(snis_mean(values, log_w)), rel=1e-12)
+    assert distributed.pooled_snis_mean(values, log_w) == pytest.approx(float(snis_mean_torch(values, log_w)), rel=1e-12)
     ess, n = distributed.pooled_kish_ess(log_w)
-    assert n == 1000 and ess == pytest.approx(float(kish_ess(log_w)), rel=1e-12)
+    assert n == 1000 and ess == pytest.approx(float(kish_ess_torch(log_w)), rel=1e-12)
     assert math.isnan(distributed.pooled_snis_mean(values[:3], torch.full((3,), -math.inf)))
 
 
@@ -138,7 +138,7 @@ def test_simulate_on_two_ranks_equals_its_shards_merged(tmp_path):
     """torchrun simulate: rank r runs shard r (seed + r), rank 0 merges; the same file as the
     two shards run one after the other and `trade-md merge` (Reference platform: exact)."""
     from trademd.cli.app import app
-    from trademd.io.h5io import read_trajectory
+    from trademd.io.trajectory_file import read_trajectory
     from typer.testing import CliRunner
 
     settings = ["simulate", "--system", "ala2-vacuum", "--temperature", "300", "--time", "2ps",

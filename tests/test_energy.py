@@ -483,7 +483,7 @@ def test_energy_command_repairs_non_finite_stored_energies(tmp_path):
     from typer.testing import CliRunner
 
     from trademd.cli.app import app
-    from trademd.io.h5io import read_trajectory
+    from trademd.io.trajectory_file import read_trajectory
     from trademd.simulate import SimulationConfig, simulate
 
     path = simulate(SimulationConfig(system_name="ala2-vacuum", temperature_k=300, time_ps=2,

@@ -21,7 +21,8 @@ from trademd.cli.app import app
 from trademd.energy.molecule import MoleculeEnergy
 from trademd.errors import TradeMDError
 from trademd.evaluate import evaluate_samples, load_reference
-from trademd.io.h5io import TemperatureSamples, read_samples, read_trajectory, write_samples
+from trademd.io.samples_file import TemperatureSamples, read_samples, write_samples
+from trademd.io.trajectory_file import read_trajectory
 from trademd.io.openmmtools_storage import read_openmmtools_storage
 from trademd.io.references import read_reference
 from trademd.simulate import ExchangeConfig, SimulationConfig, simulate

@@ -8,14 +8,8 @@ import torch
 
 from trademd.errors import TradeMDError
 from trademd.flow.base import TemperatureBase
-from trademd.flow.conditional import (
-    TemperatureFlow,
-    spline_knots,
-    KnotSpline,
-    build_flow,
-    load_flow,
-    parse_layers,
-)
+from trademd.flow.conditional import KnotSpline, TemperatureFlow, parse_layers, spline_knots
+from trademd.flow.factory import ConditionalFlow, build_flow, load_flow
 
 T_RANGE = (250.0, 650.0)
 
@@ -321,6 +315,7 @@ def test_checkpoint_round_trip(tmp_path):
     z = random_z(flow, 16)
     assert torch.equal(again.log_prob(z, 321.0), flow.log_prob(z, 321.0))
     assert build_flow(flow.config).config == flow.config
+    assert isinstance(again, ConditionalFlow)
     with pytest.raises(TradeMDError):
         build_flow({**flow.config, "hidden": 3})
     double = load_flow(flow.double().checkpoint())

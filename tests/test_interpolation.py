@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from trademd.cli.app import app
 from trademd.errors import TradeMDError
 from trademd.flow.cnf import TemperatureCNF, TemperaturePath
-from trademd.flow.conditional import build_flow, load_flow
+from trademd.flow.factory import ConditionalFlow, build_flow, load_flow
 from trademd.systems.analytic import get_analytic_system
 from trademd.training.interpolation import continuity_residual, divergence, initialise_normaliser_rate
 from trademd.training.targets import AnalyticTarget
@@ -136,6 +136,7 @@ def test_cnf_log_prob_inverts_sample_and_round_trips_through_its_config():
     assert copy.velocity.net[0].weight.dtype == torch.float64
     assert torch.allclose(copy.log_prob(x, temperatures), log_p, atol=1e-6)
     assert isinstance(build_flow(model.config), TemperatureCNF)
+    assert isinstance(model, ConditionalFlow)
     with pytest.raises(TradeMDError, match="reparameterised"):
         model.rsample(2, 1.0)
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from trademd.io.h5io import frame_count, read_trajectory
+from trademd.io.trajectory_file import frame_count, read_trajectory
 
 TRADE_MD = shutil.which("trade-md")
 pytestmark = [pytest.mark.skipif(TRADE_MD is None, reason="needs the installed trade-md command"),

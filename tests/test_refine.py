@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from trademd.flow.conditional import load_flow
+from trademd.flow.factory import load_flow
 from trademd.systems.analytic import get_analytic_system
 from trademd.training.refine import RefinementBuffer, resampling_probabilities
 from trademd.training.targets import AnalyticTarget

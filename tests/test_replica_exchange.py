@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from trademd.cli.app import app, expand_multi_value_options
 from trademd.errors import TradeMDError
-from trademd.io.h5io import ensemble_temperatures, read_trajectory
+from trademd.io.trajectory_file import ensemble_temperatures, read_trajectory
 from trademd.energy.copies import com_restraint_energies, replicate_system
 from trademd.md.engines import LadderEngine
 from trademd.md.exchange import ExchangeState, log_acceptance

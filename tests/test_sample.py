@@ -15,14 +15,15 @@ from trademd.analysis.observables import basin_free_energy, phi_psi_histogram
 from trademd.cli.app import app
 from trademd.energy.molecule import MoleculeEnergy
 from trademd.evaluate import js_divergence, kl_divergence, total_variation, wasserstein_1
-from trademd.io.h5io import read_samples, read_trajectory
+from trademd.io.samples_file import read_samples
+from trademd.io.trajectory_file import read_trajectory
 from trademd.simulate import SimulationConfig, simulate
 from trademd.systems import get_system
 from trademd.systems.analytic import get_analytic_system
 from trademd.training.model_file import load_model
 from trademd.training.targets import AnalyticTarget
-from trademd.training.trade import kish_ess
 from trademd.training.sampling import importance_weights
+from trademd.weights import kish_ess_torch
 
 runner = CliRunner()
 
@@ -43,7 +44,7 @@ def test_a_flow_equal_to_the_target_has_full_ess():
     target = AnalyticTarget(get_analytic_system("gaussian-2d"), n_data=10)
     torch.manual_seed(0)
     _, _, _, log_w = importance_weights(ShiftedGaussianFlow(0.0), target, 5000, 1.5)
-    assert float(kish_ess(log_w)) / 5000 == pytest.approx(1.0, abs=1e-9)
+    assert float(kish_ess_torch(log_w)) / 5000 == pytest.approx(1.0, abs=1e-9)
 
 
 def test_a_shifted_flow_gets_the_analytic_weights():
@@ -56,7 +57,7 @@ def test_a_shifted_flow_gets_the_analytic_weights():
     weights = torch.softmax(log_w, 0)
     assert torch.allclose(weights, torch.softmax(analytic, 0), rtol=1e-9, atol=1e-15)
     # Kish ESS of this family: n exp(-|mu|^2 d' / T) with d' = 2 dimensions, within MC error
-    assert float(kish_ess(log_w)) / 2000 == pytest.approx(math.exp(-2 * mu**2 / temperature), rel=0.15)
+    assert float(kish_ess_torch(log_w)) / 2000 == pytest.approx(math.exp(-2 * mu**2 / temperature), rel=0.15)
 
 
 def test_divergences_by_hand():
@@ -199,7 +200,7 @@ def test_evaluate_against_a_reference(trained_model, tmp_path):
 def _samples_from_frames(path, trajectory, phi_shift_rad=0.0):
     """A samples file holding a trajectory's own frames with equal weights (phi shifted)."""
     from trademd.analysis.observables import phi_psi
-    from trademd.io.h5io import TemperatureSamples, write_samples
+    from trademd.io.samples_file import TemperatureSamples, write_samples
     from trademd.systems import system_from_attrs
 
     n = trajectory.n_frames
@@ -218,7 +219,7 @@ def _samples_from_frames(path, trajectory, phi_shift_rad=0.0):
 def test_evaluate_scores_a_file_against_itself_as_equal_and_a_shifted_one_as_different(
         md_data, tmp_path):
     from trademd.evaluate import evaluate_samples
-    from trademd.io.h5io import read_trajectory
+    from trademd.io.trajectory_file import read_trajectory
 
     data = md_data
     trajectory = read_trajectory(data)

@@ -9,7 +9,7 @@ import pytest
 
 from trademd.energy.molecule import MoleculeEnergy
 from trademd.errors import TradeMDError
-from trademd.io.h5io import frame_count, read_trajectory
+from trademd.io.trajectory_file import frame_count, read_trajectory
 from trademd.simulate import SimulationConfig, merge, simulate, simulate_shards
 from trademd.systems import get_system
 
@@ -248,19 +248,19 @@ def test_a_file_interrupted_while_created_never_appears_half_made(tmp_path, monk
     """The layout is written to <out>.partial and renamed into place when complete: a failure
     (or a kill) while creating it leaves nothing at the output path, so --resume or a new run
     never meets a half-made HDF5 file."""
-    import trademd.io.h5io as h5io
+    from trademd.io import schema, trajectory_file
 
     out = tmp_path / "data.h5"
-    made = h5io.DynamicsFile.create(out, {"system": "x"}, "PDB", 3, [300.0])
+    made = trajectory_file.DynamicsFile.create(out, {"system": "x"}, "PDB", 3, [300.0])
     made.close()
     assert out.is_file() and not (tmp_path / "data.h5.partial").exists()
-    assert h5io.file_format(out) == h5io.TRAJECTORY_FORMAT
+    assert schema.file_format(out) == schema.TRAJECTORY_FORMAT
 
     def broken(group, n_atoms):
         raise OSError("disk full")
 
-    monkeypatch.setattr(h5io, "create_frame_datasets", broken)
+    monkeypatch.setattr(trajectory_file, "create_frame_datasets", broken)
     other = tmp_path / "other.h5"
     with pytest.raises(OSError):
-        h5io.DynamicsFile.create(other, {"system": "x"}, "PDB", 3, [300.0, 400.0])
+        trajectory_file.DynamicsFile.create(other, {"system": "x"}, "PDB", 3, [300.0, 400.0])
     assert not other.exists()

@@ -9,14 +9,13 @@ from trademd.systems.analytic import get_analytic_system
 from trademd.training.trade import (
     ExpectationCache,
     dlogp_dlogt,
-    kish_ess,
     log_importance_weights,
     log_spaced_grid,
     residual_loss,
-    snis_mean,
     trade_residual,
     trade_target,
 )
+from trademd.weights import kish_ess_torch as kish_ess, snis_mean_torch as snis_mean
 
 
 @pytest.fixture(autouse=True)

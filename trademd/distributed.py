@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from trademd.weights import kish_ess_from_sums, shifted_weights_torch
+
 __all__ = ["Ranks", "ranks_from_environment", "start", "stop", "barrier", "all_reduce", "all_finite",
            "average_gradients", "broadcast_parameters", "gather_objects", "pooled_snis_mean",
            "pooled_kish_ess", "shard_sizes", "local_device_index", "cpu_share"]
@@ -125,7 +127,7 @@ def gather_objects(value) -> list:
 
 
 def _shifted_weights(log_weights: Tensor) -> Tensor:
-    """exp(log w - m), m the largest finite log weight over all ranks (float64)."""
+    """exp(log w - m), m the largest finite log weight over all ranks (float64 [n])."""
     log_weights = log_weights.double()
     finite = torch.isfinite(log_weights)
     local_max = log_weights[finite].max() if finite.any() else torch.tensor(-math.inf, dtype=torch.float64,
@@ -133,7 +135,7 @@ def _shifted_weights(log_weights: Tensor) -> Tensor:
     shift = all_reduce(local_max.reshape(1).clone(), "max")
     if not torch.isfinite(shift).all():
         return torch.zeros_like(log_weights)
-    return torch.where(finite, torch.exp(log_weights - shift), torch.zeros_like(log_weights))
+    return shifted_weights_torch(log_weights, shift)
 
 
 def pooled_snis_mean(values: Tensor, log_weights: Tensor) -> float:
@@ -152,8 +154,7 @@ def pooled_kish_ess(log_weights: Tensor) -> tuple[float, int]:
     sums = all_reduce(torch.stack([weights.sum(), (weights ** 2).sum(),
                                    torch.tensor(float(len(weights)), dtype=torch.float64,
                                                 device=weights.device)]))
-    ess = float(sums[0] ** 2 / sums[1]) if sums[1] > 0 else 0.0
-    return ess, int(round(float(sums[2])))
+    return kish_ess_from_sums(sums[0], sums[1]), int(round(float(sums[2])))
 
 
 def shard_sizes(n: int, world_size: int) -> list[int]:

@@ -32,7 +32,7 @@ from trademd.analysis.mbar import BOOTSTRAP_BLOCKS, BOOTSTRAP_RESAMPLES, reweigh
 from trademd.analysis.observables import backbone_angles, basin_free_energy, phi_psi, phi_psi_histogram
 from trademd.analysis.statistics import effective_sample_size
 from trademd.errors import TradeMDError
-from trademd.io.h5io import SamplesFile, TemperatureSamples, read_samples
+from trademd.io.samples_file import SamplesFile, TemperatureSamples, read_samples
 from trademd.io.references import ReferenceEnsembles, read_reference
 from trademd.recompute import frame_energies
 from trademd.systems import BUILTIN_SYSTEMS, MolecularSystem, system_from_attrs, system_from_record

@@ -120,7 +120,7 @@ def _log(message: str) -> None:
 def run_pipeline(config: RunConfig, out: str | Path, platform: str = "auto", device: str = "auto",
                  command: str | None = None, show_progress: bool = True) -> dict:
     """Run or continue every stage; returns the summary (also written to summary.json)."""
-    from trademd.io.h5io import frame_count
+    from trademd.io.trajectory_file import frame_count
     from trademd.sample import sample_run
     from trademd.simulate import simulate
     from trademd.train import train_run

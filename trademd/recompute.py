@@ -8,7 +8,7 @@ import numpy as np
 
 from trademd.energy.bridge import EnergyBridge
 from trademd.errors import TradeMDError
-from trademd.io.h5io import read_trajectory, write_energies
+from trademd.io.trajectory_file import read_trajectory, write_energies
 from trademd.systems import MolecularSystem, system_from_attrs
 
 __all__ = ["EnergyCheck", "frame_energies", "recompute_trajectory_energies"]

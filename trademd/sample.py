@@ -24,13 +24,16 @@ from trademd.analysis.ess import weight_diagnostics
 from trademd.analysis.observables import backbone_angles, basin_free_energy, phi_psi_histogram
 from trademd.analysis.plots import ramachandran_grid_png, ramachandran_png
 from trademd.errors import TradeMDError
-from trademd.io.h5io import TemperatureSamples, group_name, write_samples
+from trademd.io.samples_file import TemperatureSamples, write_samples
+from trademd.io.schema import group_name
 from trademd.distributed import Ranks
 from trademd.io.provenance import provenance
 from trademd.platforms import torch_device
 from trademd.progress import Progress
+from trademd.seeds import stream_seed
 from trademd.training.model_file import TrainedModel, load_model
 from trademd.training.trade import log_importance_weights
+from trademd.weights import self_normalised_weights
 
 __all__ = ["ESS_BATCHES", "draw_samples", "sample_run", "summarise"]
 
@@ -76,7 +79,7 @@ def draw_samples(model: TrainedModel, temperature_k: float, n: int, batch_size: 
     drawn, done = {}, 0
     for b in mine:
         drawn[b] = _draw_batch(model, temperature_k, min(batch_size, n - b * batch_size),
-                               _batch_seed(seed, temperature_k, b))
+                               stream_seed(seed, round(temperature_k * 1000), b))
         done += len(drawn[b]["energy"])
         progress.update(done)
     for other in distributed.gather_objects(drawn):
@@ -87,7 +90,7 @@ def draw_samples(model: TrainedModel, temperature_k: float, n: int, batch_size: 
     nonfinite = ~np.isfinite(energy)
     log_w = log_importance_weights(energy / (target.boltzmann_k * temperature_k), log_prob)
     log_w[wrong | nonfinite | ~np.isfinite(log_w)] = -np.inf
-    weights = _normalised(log_w)
+    weights = self_normalised_weights(log_w)
     phi_residues, psi_residues = backbone_angles(target.molecule, positions)
     first = (phi_residues[:, 0], psi_residues[:, 0]) if phi_residues.shape[1] else (np.zeros(0), np.zeros(0))
     several = phi_residues.shape[1] > 1
@@ -114,11 +117,6 @@ def _residue_histograms(samples: TemperatureSamples) -> dict:
             "phi_psi_unweighted_residues": np.stack([phi_psi_histogram(phi, psi)[0] for phi, psi in pairs])}
 
 
-def _batch_seed(seed: int, temperature_k: float, batch: int) -> int:
-    """The seed of one batch of samples (a function of the run's seed, T and the batch only)."""
-    return (seed * 1_000_003 + round(temperature_k * 1000) * 7919 + batch) % (2 ** 63)
-
-
 def _draw_batch(model: TrainedModel, temperature_k: float, m: int, seed: int) -> dict:
     """One batch: positions float32 [m, atoms, 3] (nm), log p(x|T) and energies float64 [m]
     (kJ/mol), wrong-chirality flags bool [m]; the global random state is left as it was."""
@@ -136,17 +134,6 @@ def _draw_batch(model: TrainedModel, temperature_k: float, m: int, seed: int) ->
              if len(centres) else np.zeros(m, dtype=bool))
     return {"x": x.float().cpu().numpy(), "log_prob": (log_p_z.double() - log_det).cpu().numpy(),
             "energy": energy.double().cpu().numpy(), "wrong": wrong}
-
-
-def _normalised(log_weights: np.ndarray) -> np.ndarray:
-    finite = np.isfinite(log_weights)
-    if not finite.any():
-        raise TradeMDError(
-            "every sample has zero weight (wrong chirality or non-finite energy): the model is "
-            "not usable at this temperature; train longer or check the data"
-        )
-    shifted = np.where(finite, np.exp(log_weights - log_weights[finite].max()), 0.0)
-    return shifted / shifted.sum()
 
 
 def summarise(samples: TemperatureSamples, path: Path) -> dict:

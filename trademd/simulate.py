@@ -3,10 +3,10 @@ or replica exchange over a temperature ladder, written to HDF5 in chunks.
 
 All copies run as non-interacting copies in one OpenMM Context (:mod:`trademd.energy.copies`),
 each copy's centre of mass held near its lattice point by a flat-bottom restraint that leaves
-the internal distribution unchanged; :mod:`trademd.md.engines` holds the two engines and
-:mod:`trademd.md.driver` the chunk loop. A plain run writes a ``trade-md/trajectory`` file,
-replica exchange a ``trade-md/replica-exchange`` file with one ensemble per temperature
-(``docs/formats.md``).
+the internal distribution unchanged; :mod:`trademd.md.engines` holds the two engines,
+:mod:`trademd.md.driver` the chunk loop and :mod:`trademd.md.reporters` what writes the file.
+A plain run writes a ``trade-md/trajectory`` file, replica exchange a
+``trade-md/replica-exchange`` file with one ensemble per temperature (``docs/formats.md``).
 """
 
 from dataclasses import asdict, replace
@@ -16,11 +16,13 @@ import time
 
 from trademd import distributed
 from trademd.errors import TradeMDError
-from trademd.io.h5io import REPLICA_EXCHANGE_FORMAT, DynamicsFile, file_format
+from trademd.io.schema import REPLICA_EXCHANGE_FORMAT, file_format
+from trademd.io.trajectory_file import DynamicsFile
 from trademd.io.merge import merge_dynamics_files
 from trademd.io.provenance import provenance
-from trademd.md.driver import restore, run_saves
+from trademd.md.driver import run_saves
 from trademd.md.engines import build_engine
+from trademd.md.reporters import file_reporters, restore_checkpoint
 from trademd.md.settings import (
     DEFAULT_SYSTEM,
     DEFAULT_TEMPERATURE_K,
@@ -95,7 +97,7 @@ def simulate(config: SimulationConfig | ExchangeConfig, out: str | Path, overwri
     check_timestep(config, molecule)
     engine = build_engine(molecule.create_openmm_system(config.hydrogen_mass_amu), config)
     if resume:
-        saves_done = restore(engine, file, config)
+        saves_done = restore_checkpoint(engine, file, config)
     else:
         attrs = {**record_attrs(molecule), **engine.method_attrs(config),
                  **_dynamics_attrs(config, engine.platform_name), **provenance(command)}
@@ -104,7 +106,8 @@ def simulate(config: SimulationConfig | ExchangeConfig, out: str | Path, overwri
         engine.prepare(molecule.positions_nm(), config.equilibration_steps, config.seed)
         saves_done = 0
     with file:  # set-up (minimisation, equilibration, restore) counts toward the wall time
-        run_saves(engine, file, config, saves_done, started, show_progress=show_progress)
+        run_saves(engine, config, saves_done,
+                  file_reporters(engine, file, config, started, show_progress=show_progress))
     return out
 
 

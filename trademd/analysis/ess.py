@@ -2,7 +2,7 @@
 
 All functions take unnormalised log importance weights, float64 [n] (dimensionless, natural
 log), in draw order. A weight of zero is written -inf (a flagged sample); NaN and +inf are
-read as -inf too, as :func:`trademd.training.trade.kish_ess` and the sampler's normalisation do, so
+read as -inf too, as everywhere in trade-md (:mod:`trademd.weights`, the one home of the Kish ESS), so
 the figures describe the weights the estimates actually use. Zero-weight samples count in n.
 Everything is computed with log-sum-exp arithmetic, so adding any constant (even 1e4) to
 all log weights changes nothing.
@@ -28,6 +28,7 @@ import numpy as np
 from scipy.special import logsumexp, softmax
 
 from trademd.errors import TradeMDError
+from trademd.weights import finite_log_weights, kish_ess
 
 __all__ = ["WeightDiagnostics", "kish_relative_ess", "pareto_k", "weight_diagnostics"]
 
@@ -74,7 +75,7 @@ def _checked(log_weights: np.ndarray) -> np.ndarray:
             f"log weights must be a non-empty 1-D array, got shape {log_weights.shape}: "
             "pass one float array [n] of log importance weights"
         )
-    log_weights = np.where(np.isfinite(log_weights), log_weights, -np.inf)
+    log_weights = finite_log_weights(log_weights)
     if np.isneginf(log_weights).all():
         raise TradeMDError(
             "every importance weight is zero (all log weights -inf or NaN): no diagnostics "
@@ -85,10 +86,7 @@ def _checked(log_weights: np.ndarray) -> np.ndarray:
 
 def _relative_ess(log_weights: np.ndarray) -> float:
     """Kish ESS / n of checked log weights [n]; 0.0 if all are -inf."""
-    if np.isneginf(log_weights).all():
-        return 0.0
-    log_ess = 2 * logsumexp(log_weights) - logsumexp(2 * log_weights)
-    return float(np.exp(log_ess) / log_weights.size)
+    return kish_ess(log_weights) / log_weights.size
 
 
 def kish_relative_ess(log_weights: np.ndarray) -> float:

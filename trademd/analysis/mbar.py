@@ -25,6 +25,7 @@ import numpy as np
 from trademd.errors import TradeMDError
 from trademd.progress import quiet_loggers
 from trademd.units import BOLTZMANN_KJ_MOL_K
+from trademd.weights import kish_ess_of_normalised
 
 __all__ = ["BOOTSTRAP_BLOCKS", "BOOTSTRAP_RESAMPLES", "mbar_weights", "time_blocks", "block_bootstrap",
            "region_free_energy", "LadderEstimate", "reweight_ladder"]
@@ -142,7 +143,7 @@ class LadderEstimate:
     def effective_frames(self) -> float:
         """Kish effective sample size 1 / sum W_n^2 of the weights (independent frames
         assumed: an upper bound for correlated ones)."""
-        return float(1.0 / np.sum(self.weights ** 2))
+        return kish_ess_of_normalised(self.weights)
 
 
 def reweight_ladder(energy_kj_mol: np.ndarray, rung: np.ndarray, time: np.ndarray,

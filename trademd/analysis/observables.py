@@ -5,6 +5,8 @@ import math
 
 import numpy as np
 
+from trademd.weights import kish_ess_of_normalised
+
 __all__ = ["PHI_PSI_BINS", "phi_psi", "backbone_angles", "phi_psi_histogram", "basin_free_energy"]
 
 #: Bins per axis of the phi/psi histograms stored with samples.
@@ -60,7 +62,7 @@ def basin_free_energy(phi: np.ndarray, weights: np.ndarray | None = None,
         ess = ess or float(len(phi))
     else:
         weights = weights / weights.sum()
-        ess = ess or float(1.0 / np.sum(weights**2))
+        ess = ess or kish_ess_of_normalised(weights)
     p_positive = float(weights[phi > 0].sum())
     if p_positive <= 0 or p_positive >= 1:
         return (math.inf if p_positive <= 0 else -math.inf), math.inf

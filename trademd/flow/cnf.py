@@ -25,7 +25,7 @@ from zuko.transforms import FreeFormJacobianTransform
 from zuko.utils import odeint
 
 from trademd.errors import TradeMDError
-from trademd.flow.conditional import per_sample_temperatures
+from trademd.flow.temperatures import per_sample_temperatures
 
 __all__ = ["TemperaturePath", "VelocityField", "NormaliserRate", "TemperatureCNF", "PATH_END"]
 
@@ -166,8 +166,8 @@ class NormaliserRate(nn.Module):
 class TemperatureCNF(nn.Module):
     """p(x | T) for T in [T_min, T_max]: the base transported along :class:`TemperaturePath`.
 
-    The interface of :class:`trademd.flow.conditional.TemperatureFlow` that training and
-    metrics use: ``log_prob``, ``sample``, ``config``, ``checkpoint``.
+    A :class:`trademd.flow.factory.ConditionalFlow`, as
+    :class:`trademd.flow.conditional.TemperatureFlow` is.
 
     Args:
         n_bounded: D, the number of (unbounded, real) features; analytic systems only.
@@ -264,5 +264,5 @@ class TemperatureCNF(nn.Module):
                            "reparameterised samples: use the objective interpolation")
 
     def checkpoint(self) -> dict:
-        """{"config": ..., "state_dict": ...}: what :func:`trademd.flow.conditional.load_flow` reads."""
+        """{"config": ..., "state_dict": ...}: what :func:`trademd.flow.factory.load_flow` reads."""
         return {"config": dict(self.config), "state_dict": self.state_dict()}

@@ -41,9 +41,9 @@ from zuko.nn import MLP
 
 from trademd.errors import TradeMDError
 from trademd.flow.base import TemperatureBase
+from trademd.flow.temperatures import per_sample_temperatures
 
-__all__ = ["KnotSpline", "SplineCoupling", "TemperatureFlow", "build_flow", "load_flow",
-           "parse_layers", "spline_knots"]
+__all__ = ["KnotSpline", "SplineCoupling", "TemperatureFlow", "parse_layers", "spline_knots"]
 
 #: Seam placements of the circular splines (see :class:`TemperatureFlow`).
 TORSION_SHIFTS = ("golden", "none")
@@ -304,18 +304,6 @@ class SplineCoupling(nn.Module):
 # the flow
 
 
-def per_sample_temperatures(temperature, n: int, like: Tensor) -> Tensor:
-    """A float or tensor (scalar or [n]) of temperatures -> tensor [n] with the dtype and device
-    of ``like`` (gradients kept)."""
-    t = torch.as_tensor(temperature, dtype=like.dtype, device=like.device)
-    if t.dim() == 0:
-        return t.expand(n)
-    t = t.reshape(-1)
-    if t.shape[0] != n:
-        raise TradeMDError(f"got {t.shape[0]} temperatures for {n} samples")
-    return t
-
-
 class TemperatureFlow(nn.Module):
     """Temperature-conditional coupling flow p(z | T) (TRADE, Wahl et al. 2025).
 
@@ -507,35 +495,6 @@ class TemperatureFlow(nn.Module):
             return self.rsample(n, temperature_k)
 
     def checkpoint(self) -> dict:
-        """{"config": ..., "state_dict": ...}: what :func:`load_flow` reads back."""
+        """{"config": ..., "state_dict": ...}: what :func:`trademd.flow.factory.load_flow` reads back."""
         return {"config": dict(self.config), "state_dict": self.state_dict()}
 
-
-def build_flow(config: dict) -> "TemperatureFlow | TemperatureCNF":
-    """A new flow from ``flow.config`` (a plain dict): a coupling flow, or with ``kind: cnf``
-    the continuous flow of the interpolation objective (:mod:`trademd.flow.cnf`)."""
-    from trademd.flow.cnf import TemperatureCNF
-
-    try:
-        if config.get("kind") == "cnf":
-            return TemperatureCNF(**{k: v for k, v in config.items() if k != "kind"})
-        return TemperatureFlow(**config)
-    except TypeError as error:
-        raise TradeMDError(f"cannot build a flow from this config ({error}): "
-                           "was it written by another version?") from error
-
-
-def load_flow(checkpoint: dict, map_location=None) -> TemperatureFlow:
-    """Rebuild a flow from ``{"config", "state_dict"}`` (e.g. ``torch.load`` of a model file)."""
-    # files written before seam shifts existed have every seam at +-pi
-    config = checkpoint["config"]
-    flow = build_flow(config if config.get("kind") == "cnf" else {"torsion_shifts": "none", **config})
-    state = checkpoint["state_dict"]
-    dtypes = [v.dtype for v in state.values() if v.is_floating_point()]
-    if dtypes:
-        flow = flow.to(dtypes[0])  # a float64 flow comes back as float64
-    if map_location is not None:
-        state = {k: v.to(map_location) for k, v in state.items()}
-        flow = flow.to(map_location)
-    flow.load_state_dict(state)
-    return flow

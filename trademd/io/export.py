@@ -6,7 +6,9 @@ from pathlib import Path
 import numpy as np
 
 from trademd.errors import TradeMDError
-from trademd.io.h5io import SAMPLES_FORMAT, file_format, read_samples, read_trajectory
+from trademd.io.samples_file import read_samples
+from trademd.io.schema import SAMPLES_FORMAT, file_format
+from trademd.io.trajectory_file import read_trajectory
 
 __all__ = ["EXPORT_FORMATS", "export_file"]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from trademd.errors import TradeMDError
-from trademd.io.h5io import Trajectory
+from trademd.io.trajectory_file import Trajectory
 
 __all__ = ["MDTRAJ_FORMAT", "mdtraj_suffixes", "read_mdtraj_reference"]
 

@@ -13,20 +13,11 @@ and records its sources in ``merged_from``.
 import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from trademd.errors import TradeMDError
-from trademd.io.h5io import (
-    REPLICA_EXCHANGE_FORMAT,
-    TRAJECTORY_DATASETS,
-    TRAJECTORY_FORMAT,
-    attribute_text,
-    create_frame_datasets,
-    group_name,
-    new_file,
-    open_checked,
-)
+from trademd.io.schema import TRAJECTORY_FORMAT
+from trademd.io.trajectory_file import TRAJECTORY_DATASETS, DynamicsFile, EnsembleFrames
 
 __all__ = ["MERGE_IGNORED_SETTINGS", "merge_dynamics_files"]
 
@@ -34,83 +25,78 @@ __all__ = ["MERGE_IGNORED_SETTINGS", "merge_dynamics_files"]
 MERGE_IGNORED_SETTINGS = ("seed", "replicas", "ladders", "platform", "cpu_threads", "chunk_saves")
 
 
-def _settings(h5: h5py.File) -> dict:
-    settings = json.loads(h5.attrs["simulation_config"])
+def _settings(file: DynamicsFile) -> dict:
+    settings = json.loads(file.attrs["simulation_config"])
     return {k: v for k, v in settings.items() if k not in MERGE_IGNORED_SETTINGS}
 
 
-def _copies(h5: h5py.File) -> int:
-    return int(h5.attrs["n_replicas"])
+def _copies(file: DynamicsFile) -> int:
+    return int(file.attrs["n_replicas"])
 
 
-def _check_compatible(files: list[h5py.File], paths: list[Path]) -> None:
+def _check_compatible(files: list[DynamicsFile], paths: list[Path]) -> None:
     first = files[0]
-    for h5, path in zip(files, paths):
-        if h5.attrs["format"] != first.attrs["format"]:
-            raise TradeMDError(f"{str(path)!r} is a {h5.attrs['format']} file, {str(paths[0])!r} a "
-                               f"{first.attrs['format']} file: merge files of one kind")
-        if h5.attrs["system"] != first.attrs["system"] or attribute_text(h5["topology_pdb"][()]) != attribute_text(first["topology_pdb"][()]):
-            raise TradeMDError(f"{str(path)!r} holds another system ({h5.attrs['system']}) than "
-                               f"{str(paths[0])!r} ({first.attrs['system']}): merge shards of one run")
-        mine, theirs = _settings(h5), _settings(first)
+    for file, path in zip(files, paths):
+        attrs, theirs_attrs = file.attrs, first.attrs
+        if attrs["format"] != theirs_attrs["format"]:
+            raise TradeMDError(f"{str(path)!r} is a {attrs['format']} file, {str(paths[0])!r} a "
+                               f"{theirs_attrs['format']} file: merge files of one kind")
+        if attrs["system"] != theirs_attrs["system"] or file.topology_pdb != first.topology_pdb:
+            raise TradeMDError(f"{str(path)!r} holds another system ({attrs['system']}) than "
+                               f"{str(paths[0])!r} ({theirs_attrs['system']}): merge shards of one run")
+        mine, theirs = _settings(file), _settings(first)
         differing = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if differing:
             raise TradeMDError(f"{str(path)!r} was simulated with other settings than {str(paths[0])!r} "
                                f"({', '.join(differing)}): merge shards of the same settings")
-        if "checkpoint" in h5:
-            done = int(h5["checkpoint"].attrs["n_saves"])
-            wanted = int(round(json.loads(h5.attrs["simulation_config"])["time_ps"]
-                               / float(h5.attrs["save_every_ps"])))
+        if file.has_checkpoint:
+            done = file.checkpoint_saves
+            wanted = int(round(json.loads(attrs["simulation_config"])["time_ps"]
+                               / float(attrs["save_every_ps"])))
             if done < wanted:
                 raise TradeMDError(f"{str(path)!r} is unfinished ({done} of {wanted} saves): resume it "
                                    "with `trade-md simulate --resume` before merging")
-        elif "merged_from" not in h5.attrs:
+        elif "merged_from" not in attrs:
             raise TradeMDError(f"{str(path)!r} holds no finished chunk: finish it before merging")
-    seeds = [json.loads(h5.attrs["simulation_config"])["seed"] for h5 in files if "merged_from" not in h5.attrs]
+    seeds = [json.loads(f.attrs["simulation_config"])["seed"] for f in files if "merged_from" not in f.attrs]
     if len(set(seeds)) < len(seeds):
         raise TradeMDError(f"two of the files were run with the same seed ({sorted(seeds)}): they are "
                            "copies, not independent shards")
 
 
-def _merge_ensemble(groups: list[h5py.Group], copies: list[int], out: h5py.Group) -> None:
+def _merge_ensemble(ensembles: list[EnsembleFrames], copies: list[int], out: EnsembleFrames) -> None:
     """Interleave the frames of one ensemble save by save; offset replica numbers."""
-    saves = [g["positions_nm"].shape[0] // c for g, c in zip(groups, copies)]
+    saves = [e.n_frames // c for e, c in zip(ensembles, copies)]
     if len(set(saves)) != 1:
         raise TradeMDError(f"the files hold different numbers of saves ({saves}): merge shards of "
                            "equal --time")
     n_saves, offsets = saves[0], np.cumsum([0, *copies[:-1]])
+    columns = [e.columns() for e in ensembles]
+    merged = {}
     for name in TRAJECTORY_DATASETS:
         parts = []
-        for group, c, offset in zip(groups, copies, offsets):
-            values = group[name][: n_saves * c]
+        for column, c, offset in zip(columns, copies, offsets):
+            values = column[name][: n_saves * c]
             values = values.reshape(n_saves, c, *values.shape[1:])
             parts.append(values + offset if name == "replica" else values)
-        merged = np.concatenate(parts, axis=1).reshape(n_saves * sum(copies), *parts[0].shape[2:])
-        out[name].resize(len(merged), axis=0)
-        out[name][:] = merged
-    kinetic = sum(g["kinetic_temperature_k"][:n_saves] * c for g, c in zip(groups, copies)) / sum(copies)
-    out["kinetic_temperature_k"].resize(n_saves, axis=0)
-    out["kinetic_temperature_k"][:] = kinetic
+        merged[name] = np.concatenate(parts, axis=1).reshape(n_saves * sum(copies), *parts[0].shape[2:])
+    kinetic = sum(column["kinetic_temperature_k"][:n_saves] * c for column, c in zip(columns, copies)) / sum(copies)
+    out.append(merged["positions_nm"], merged["energy_kj_mol"], merged["replica"], merged["time_ps"], kinetic)
 
 
-def _merge_exchange(files: list[h5py.File], copies: list[int], out: h5py.File) -> None:
-    groups = [h5["exchange"] for h5 in files]
-    attempts = sum(g["attempts"][()] for g in groups)
-    accepted = sum(g["accepted"][()] for g in groups)
-    exchange = out["exchange"]
-    exchange.create_dataset("attempts", data=attempts)
-    exchange.create_dataset("accepted", data=accepted)
-    n_rungs = groups[0]["walker_at_rung"].shape[2]
-    n_saves = min(g["walker_at_rung"].shape[0] for g in groups)
+def _merge_exchange(files: list[DynamicsFile], copies: list[int], out: DynamicsFile) -> None:
+    """Add the exchange statistics; offset walker ids like the ladders."""
+    records = [f.read_exchange_statistics() for f in files]
+    attempts = sum(r["attempts"] for r in records)
+    accepted = sum(r["accepted"] for r in records)
+    n_rungs = records[0]["walker_at_rung"].shape[2]
+    n_saves = min(r["walker_at_rung"].shape[0] for r in records)
     offsets = np.cumsum([0, *copies[:-1]]) * n_rungs
-    walkers = np.concatenate([g["walker_at_rung"][:n_saves] + o for g, o in zip(groups, offsets)], axis=1)
-    dataset = exchange.create_dataset("walker_at_rung", data=walkers.astype(np.int32),
-                                      maxshape=(None, *walkers.shape[1:]))
-    dataset.attrs["description"] = groups[0]["walker_at_rung"].attrs["description"]
+    walkers = np.concatenate([r["walker_at_rung"][:n_saves] + o for r, o in zip(records, offsets)], axis=1)
     rates = np.where(attempts > 0, accepted / np.maximum(attempts, 1), np.nan)
-    exchange.attrs["acceptance_rate"] = json.dumps([None if np.isnan(r) else float(r) for r in rates])
-    exchange.attrs["round_trips"] = int(sum(int(g.attrs["round_trips"]) for g in groups))
-    exchange.attrs["exchange_rounds"] = int(groups[0].attrs["exchange_rounds"])
+    out.write_exchange_statistics(attempts, accepted, [float(r) for r in rates],
+                                  int(sum(r["round_trips"] for r in records)),
+                                  records[0]["exchange_rounds"], walkers.astype(np.int32))
 
 
 def merge_dynamics_files(paths: list[str | Path], out: str | Path, provenance_attrs: dict,
@@ -133,38 +119,28 @@ def merge_dynamics_files(paths: list[str | Path], out: str | Path, provenance_at
     out = Path(out)
     if any(p.resolve() == out.resolve() for p in paths if p.exists()):
         raise TradeMDError(f"--out {str(out)!r} is one of the files to merge: write to a new file")
-    files = [open_checked(p, (TRAJECTORY_FORMAT, REPLICA_EXCHANGE_FORMAT)) for p in paths]
+    files = []
     try:
+        for p in paths:
+            files.append(DynamicsFile.open(p))
         _check_compatible(files, paths)
         first = files[0]
-        copies = [_copies(h5) for h5 in files]
+        copies = [_copies(f) for f in files]
         attrs = {k: v for k, v in first.attrs.items() if k not in provenance_attrs}
         settings = json.loads(first.attrs["simulation_config"])
         settings["ladders" if "ladders" in settings else "replicas"] = sum(copies)
-        sources = [{"path": str(p.resolve()), "seed": json.loads(h5.attrs["simulation_config"])["seed"],
-                    "copies": c} for p, h5, c in zip(paths, files, copies)]
+        sources = [{"path": str(p.resolve()), "seed": json.loads(f.attrs["simulation_config"])["seed"],
+                    "copies": c} for p, f, c in zip(paths, files, copies)]
         attrs.update({"n_replicas": sum(copies), "simulation_config": json.dumps(settings),
-                      "wall_time_s": float(sum(float(h5.attrs.get("wall_time_s", 0.0)) for h5 in files)),
+                      "wall_time_s": float(sum(float(f.attrs.get("wall_time_s", 0.0)) for f in files)),
                       "merged_from": json.dumps(sources), **provenance_attrs})
-        h5 = new_file(out, first.attrs["format"], {}, attribute_text(first["topology_pdb"][()]), overwrite)
-        try:
-            for key, value in attrs.items():
-                h5.attrs[key] = value
-            if first.attrs["format"] == TRAJECTORY_FORMAT:
-                create_frame_datasets(h5, first["positions_nm"].shape[1])
-                _merge_ensemble(files, copies, h5)
-            else:
-                for temperature_k in json.loads(first.attrs["temperatures_k"]):
-                    name = group_name(temperature_k)
-                    group = h5.create_group(name)
-                    group.attrs["temperature_k"] = float(temperature_k)
-                    create_frame_datasets(group, files[0][name]["positions_nm"].shape[1])
-                    _merge_ensemble([f[name] for f in files], copies, group)
-                h5.create_group("exchange")
-                _merge_exchange(files, copies, h5)
-        finally:
-            h5.close()
+        with DynamicsFile.create(out, attrs, first.topology_pdb, first.ensembles[0].n_atoms,
+                                 first.temperatures_k, overwrite=overwrite) as merged:
+            for k, ensemble in enumerate(merged.ensembles):
+                _merge_ensemble([f.ensembles[k] for f in files], copies, ensemble)
+            if first.attrs["format"] != TRAJECTORY_FORMAT:
+                _merge_exchange(files, copies, merged)
     finally:
-        for h5 in files:
-            h5.close()
+        for file in files:
+            file.close()
     return out

@@ -16,7 +16,7 @@ import numpy as np
 from openmm import unit
 
 from trademd.errors import TradeMDError
-from trademd.io.h5io import Trajectory
+from trademd.io.trajectory_file import Trajectory
 from trademd.progress import quiet_loggers
 from trademd.units import BOLTZMANN_KJ_MOL_K
 

@@ -2,7 +2,7 @@
 format, chosen by the file name (docs/formats.md):
 
 - ``.h5``/``.hdf5``: a trade-md trajectory (one temperature) or replica-exchange file
-  (:mod:`trademd.io.h5io`);
+  (:mod:`trademd.io.trajectory_file`);
 - ``.nc`` with a multistate reporter's variables: an openmmtools storage file, a temperature
   ladder (:mod:`trademd.io.openmmtools_storage`);
 - any other suffix mdtraj loads (``.dcd``, ``.xtc``, ``.pdb``, an AMBER ``.nc``, ...): one
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trademd.errors import TradeMDError
-from trademd.io.h5io import Trajectory, ensemble_temperatures, read_trajectory
+from trademd.io.trajectory_file import Trajectory, ensemble_temperatures, read_trajectory
 
 __all__ = ["ReferenceEnsembles", "read_reference"]
 

@@ -12,23 +12,25 @@
   swapped configuration moves to the other copy's lattice point with the same offset (so its
   restraint energy moves with it) and its velocities are rescaled by sqrt(T_new / T_old).
 
-Both offer what the chunk loop of :mod:`trademd.md.driver` needs: ``prepare``, ``advance``,
-``snapshot`` (frames and kinetic temperatures of every ensemble), ``checkpoint_state`` /
-``restore_state`` for what a resume needs beyond the OpenMM checkpoint, and the file
-attributes that describe the method.
+Both satisfy :class:`MDEngine`, what the chunk loop of :mod:`trademd.md.driver` needs:
+``prepare``, ``advance``, ``snapshot`` (frames and kinetic temperatures of every ensemble),
+``checkpoint_state`` / ``restore_state`` for what a resume needs beyond the OpenMM checkpoint,
+``exchange_statistics`` for the reporters of :mod:`trademd.md.reporters`, and the file
+attributes that describe the method. Engines know no files.
 """
 
+from dataclasses import dataclass
 import json
 import math
+from typing import Protocol
 
 import numpy as np
 import openmm
 from openmm import unit
 
+from trademd.energy.copies import CopyLayout, com_restraint_energies, replicate_system
 from trademd.energy.molecule import MoleculeEnergy
 from trademd.energy.structure import minimised_positions
-from trademd.io.h5io import DynamicsFile
-from trademd.energy.copies import com_restraint_energies, replicate_system
 from trademd.md.exchange import ExchangeState
 from trademd.md.settings import (
     COM_RESTRAINT_NM,
@@ -39,7 +41,75 @@ from trademd.md.settings import (
 from trademd.platforms import openmm_platform
 from trademd.units import BOLTZMANN_KJ_MOL_K
 
-__all__ = ["PlainEngine", "LadderEngine", "langevin_middle_per_dof", "build_engine", "openmm_seed"]
+__all__ = ["MDEngine", "ExchangeStatistics", "PlainEngine", "LadderEngine", "langevin_middle_per_dof",
+           "build_engine", "openmm_seed"]
+
+
+@dataclass(frozen=True)
+class ExchangeStatistics:
+    """The exchange statistics of a replica-exchange run so far, and the walkers of the saves
+    since they were last taken.
+
+    Attributes:
+        attempts, accepted: int [K - 1], per neighbour pair, over all ladders.
+        acceptance_rates: [K - 1] accepted / attempts (NaN: no attempt yet).
+        round_trips: walkers' trips from the lowest rung to the highest and back.
+        rounds: exchange rounds done.
+        walkers: int [saves, ladders, K], the walker at every rung at each new save.
+    """
+
+    attempts: np.ndarray
+    accepted: np.ndarray
+    acceptance_rates: list[float]
+    round_trips: int
+    rounds: int
+    walkers: np.ndarray
+
+
+class MDEngine(Protocol):
+    """What the chunk loop of :mod:`trademd.md.driver` and its reporters need of an engine.
+
+    Attributes:
+        temperatures_k: float64 [K], the temperature of each ensemble (K).
+        copies_per_ensemble: frames each ensemble gets per save.
+        platform_name: the OpenMM platform the Context runs on.
+        context: the OpenMM Context of all copies (checkpoints are taken from it).
+        layout: the copies' lattice in the Context.
+        molecule_energy: exact single-molecule energies of frames.
+    """
+
+    temperatures_k: np.ndarray
+    copies_per_ensemble: int
+    platform_name: str
+    context: openmm.Context
+    layout: CopyLayout
+    molecule_energy: MoleculeEnergy
+
+    def prepare(self, positions_nm: np.ndarray, equilibration_steps: int, seed: int) -> None:
+        """Put every copy at ``positions_nm`` [atoms, 3] (nm), minimise, draw velocities and
+        run the (discarded) equilibration."""
+
+    def advance(self, n_steps: int) -> None:
+        """Run ``n_steps`` steps of dynamics."""
+
+    def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
+        """(frames [K, copies, atoms, 3] in nm, kinetic temperature of each ensemble [K] in K)."""
+
+    def checkpoint_state(self) -> dict[str, str]:
+        """What a resume needs beyond the OpenMM checkpoint, as text."""
+
+    def restore_state(self, state: dict, steps_done: int) -> None:
+        """Continue from a :meth:`checkpoint_state` taken after ``steps_done`` steps."""
+
+    def exchange_statistics(self) -> ExchangeStatistics | None:
+        """The exchange statistics (None: the engine exchanges nothing)."""
+
+    def progress_fields(self) -> dict[str, str]:
+        """Extra fields of the progress line."""
+
+    @staticmethod
+    def method_attrs(config: SimulationConfig | ExchangeConfig) -> dict:
+        """File attributes that describe the run."""
 
 
 def langevin_middle_per_dof(timestep_ps: float, friction_per_ps: float) -> openmm.CustomIntegrator:
@@ -149,8 +219,8 @@ class PlainEngine(_ReplicatedContext):
     def restore_state(self, state: dict, steps_done: int) -> None:
         """Nothing beyond the OpenMM checkpoint."""
 
-    def write_chunk_statistics(self, file: DynamicsFile) -> None:
-        """Nothing beyond the frames."""
+    def exchange_statistics(self) -> None:
+        """No exchanges."""
 
     def progress_fields(self) -> dict[str, str]:
         return {}
@@ -265,12 +335,13 @@ class LadderEngine(_ReplicatedContext):
         self.rng.bit_generator.state = json.loads(state["rng_state"])
         self.steps_done = steps_done
 
-    def write_chunk_statistics(self, file: DynamicsFile) -> None:
-        """Exchange statistics and the walkers of the saves since the last call."""
+    def exchange_statistics(self) -> ExchangeStatistics:
+        """Exchange statistics so far and the walkers of the saves since the last call."""
         state = self.exchange_state
-        file.write_exchange_statistics(state.attempts, state.accepted, state.acceptance_rates,
-                                       state.round_trips, state.n_rounds, np.stack(self._walkers))
+        statistics = ExchangeStatistics(state.attempts, state.accepted, state.acceptance_rates,
+                                        state.round_trips, state.n_rounds, np.stack(self._walkers))
         self._walkers = []
+        return statistics
 
     def progress_fields(self) -> dict[str, str]:
         rates = ", ".join(f"{r:.2f}" for r in self.exchange_state.acceptance_rates)
@@ -284,7 +355,7 @@ class LadderEngine(_ReplicatedContext):
                 "exchange_every_ps": config.exchange_every_ps, "n_replicas": config.ladders}
 
 
-def build_engine(system: openmm.System, config: SimulationConfig | ExchangeConfig):
+def build_engine(system: openmm.System, config: SimulationConfig | ExchangeConfig) -> MDEngine:
     """The engine a config asks for."""
     if isinstance(config, ExchangeConfig):
         return LadderEngine(system, config)

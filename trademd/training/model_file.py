@@ -6,7 +6,8 @@ from pathlib import Path
 import torch
 
 from trademd.errors import TradeMDError
-from trademd.flow.conditional import TemperatureFlow, load_flow
+from trademd.flow.conditional import TemperatureFlow
+from trademd.flow.factory import load_flow
 from trademd.training.targets import MoleculeTarget
 
 __all__ = ["MODEL_FORMAT", "MODEL_FORMAT_VERSION", "TrainedModel", "write_model", "load_model"]

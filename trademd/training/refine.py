@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from trademd.errors import TradeMDError
-from trademd.training.trade import kish_ess
+from trademd.weights import kish_ess_torch
 
 __all__ = ["RefinementBuffer", "resampling_probabilities"]
 
@@ -79,7 +79,7 @@ class RefinementBuffer:
                      log_weights: Tensor, clip_fraction: float) -> "RefinementBuffer":
         """Weigh samples drawn at a set of temperatures (labels: equal temperatures)."""
         _, group = torch.unique(temperatures, return_inverse=True)
-        ess = [float(kish_ess(log_weights[group == g].double())) / int((group == g).sum())
+        ess = [float(kish_ess_torch(log_weights[group == g].double())) / int((group == g).sum())
                for g in range(int(group.max()) + 1)]
         probabilities = resampling_probabilities(log_weights, group, clip_fraction)
         return cls(round_index, features.detach(), temperatures.detach(), probabilities,

@@ -24,7 +24,7 @@ from trademd.analysis.chirality import chirality_restraint
 from trademd.energy.bridge import EnergyBridge, potential_energy
 from trademd.errors import TradeMDError
 from trademd.flow.coordinates import InternalCoordinates, constrained_bonds_from_openmm
-from trademd.io.h5io import read_trajectory
+from trademd.io.trajectory_file import read_trajectory
 from trademd.systems import system_from_attrs
 from trademd.systems.analytic import AnalyticSystem
 from trademd.units import BOLTZMANN_KJ_MOL_K
@@ -189,7 +189,7 @@ class MoleculeTarget:
         """Fit the coordinates on the training frames of a trajectory file; sets ``split``,
         ``data_features`` and ``validation_features``. ``temperature_k`` picks the ensemble
         of a replica-exchange file (required there; it becomes T0), see
-        :func:`~trademd.io.h5io.read_trajectory`."""
+        :func:`~trademd.io.trajectory_file.read_trajectory`."""
         trajectory = read_trajectory(data_path, temperature_k)
         molecule = system_from_attrs(trajectory.attrs, trajectory.topology_pdb)
         n_replicas = int(trajectory.attrs.get("n_replicas", 1))

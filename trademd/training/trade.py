@@ -17,7 +17,7 @@ log T, in exactly one place (:func:`dlogp_dlogt`): multiplying the identity by T
 
 a dimensionless residual of order one at every temperature, which is what the loss uses.
 Expectations under p(.|T) are estimated by self-normalised importance sampling from model
-samples (:func:`snis_mean`) and, in grid mode, cached per grid temperature with an
+samples (:func:`trademd.weights.snis_mean_torch`) and, in grid mode, cached per grid temperature with an
 exponential moving average (:class:`ExpectationCache`).
 """
 
@@ -34,8 +34,6 @@ __all__ = [
     "trade_target",
     "trade_residual",
     "residual_loss",
-    "snis_mean",
-    "kish_ess",
     "log_importance_weights",
     "ExpectationCache",
     "log_spaced_grid",
@@ -84,26 +82,6 @@ def residual_loss(residual: Tensor, kind: str = "huber", delta: float = 1.0) -> 
 def log_importance_weights(reduced_energy: Tensor, model_log_prob: Tensor) -> Tensor:
     """Unnormalised log weights of model samples for the Boltzmann target: -u - log p [B]."""
     return -reduced_energy - model_log_prob
-
-
-def snis_mean(values: Tensor, log_weights: Tensor) -> Tensor:
-    """Self-normalised importance-sampling estimate sum(w v) / sum(w) over the last axis.
-
-    Non-finite log weights (samples with infinite energy) get zero weight; if no weight is
-    finite the result is NaN, which callers treat as a bad batch.
-    """
-    log_weights = torch.where(torch.isfinite(log_weights), log_weights,
-                              torch.full_like(log_weights, -math.inf))
-    weights = torch.softmax(log_weights, dim=-1)
-    values = torch.where(weights > 0, values, torch.zeros_like(values))
-    return (weights * values).sum(dim=-1)
-
-
-def kish_ess(log_weights: Tensor) -> Tensor:
-    """Kish effective sample size (sum w)^2 / sum w^2 over the last axis (absolute)."""
-    log_weights = torch.where(torch.isfinite(log_weights), log_weights,
-                              torch.full_like(log_weights, -math.inf))
-    return torch.exp(2 * torch.logsumexp(log_weights, -1) - torch.logsumexp(2 * log_weights, -1))
 
 
 def log_spaced_grid(t_min: float, t_max: float, n: int) -> Tensor:

@@ -34,7 +34,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from trademd import distributed
 from trademd.distributed import Ranks
 from trademd.errors import TradeMDError
-from trademd.flow.conditional import TemperatureFlow, build_flow
+from trademd.flow.conditional import TemperatureFlow
+from trademd.flow.factory import build_flow
+from trademd.seeds import stream_seed
 from trademd.training.batches import MinibatchSource
 from trademd.training.checkpoint import load_checkpoint, save_checkpoint
 from trademd.training.config import TrainConfig
@@ -108,7 +110,7 @@ class Trainer:
         self.flow = build_flow(self.objective.flow_config(self)).to(self.device)
         distributed.broadcast_parameters(self.flow)
         if ranks.rank > 0:  # every rank draws its own flow samples
-            torch.manual_seed(_rank_seed(config.seed, ranks.rank, 0))
+            torch.manual_seed(stream_seed(config.seed, ranks.rank, 0))
         self.optimizer = torch.optim.Adam(self.flow.parameters(), lr=config.optimiser.learning_rate)
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
             self.optimizer, max_lr=config.optimiser.learning_rate, total_steps=config.steps,
@@ -270,7 +272,7 @@ class Trainer:
         """Continue from ``checkpoint.pt`` in ``run_dir``, on the same or another number of
         ranks (a rank the checkpoint has no random state for starts a fresh stream)."""
         if not load_checkpoint(self, self.run_dir / "checkpoint.pt"):
-            torch.manual_seed(_rank_seed(self.config.seed, self.ranks.rank, self.step))
+            torch.manual_seed(stream_seed(self.config.seed, self.ranks.rank, self.step))
 
     def save_model(self) -> Path:
         """Write ``model.pt`` (the selected EMA parameters) and ``selection.json`` (which step
@@ -287,7 +289,3 @@ class Trainer:
         (self.run_dir / "selection.json").write_text(json.dumps(selection, indent=2))
         return path
 
-
-def _rank_seed(seed: int, rank: int, step: int) -> int:
-    """Seed of the flow-sample stream of a rank > 0 (rank 0 keeps the run's own seed)."""
-    return (seed * 1_000_003 + rank * 7919 + step) % (2 ** 63)

@@ -15,9 +15,9 @@ from trademd.training.trade import (
     dlogp_dlogt,
     log_importance_weights,
     residual_loss,
-    snis_mean,
     trade_residual,
 )
+from trademd.weights import snis_mean_torch
 
 __all__ = ["TradeTerm", "Trade"]
 
@@ -97,7 +97,7 @@ class TradeTerm:
                 u_s, log_det_s = run.target.reduced_energy(z_s, temperature)
             if t.trade_mode == "continuous":
                 log_w = log_importance_weights(u_s, log_p_s) + log_det_s
-                expected_u = snis_mean(u_s, log_w).expand(n)
+                expected_u = snis_mean_torch(u_s, log_w).expand(n)
             if use_samples:
                 points.append((z_s, u_s))
         if t.evaluation_points in ("data", "both"):
