@@ -9,7 +9,7 @@ from torch import Tensor
 
 from trademd.errors import TradeMDError
 from trademd.training.config import TrainConfig
-from trademd.training.objectives.base import Objective, TrainingRun, ess_selection_score
+from trademd.training.objectives.base import Objective, TrainingRun
 from trademd.training.objectives.prior_fit import StructurePriorFit
 from trademd.training.objectives.reverse_kl import reverse_kl_loss
 from trademd.training.objectives.trade import TradeTerm
@@ -95,10 +95,7 @@ class DataFree(Objective):
         return loss, parts
 
     def selection_score(self, values: dict, run: TrainingRun) -> tuple[float | None, str]:
-        """ESS, once the TRADE weight is fully on."""
-        if self.trade.ramping(run.step):
-            return None, "TRADE weight still ramping up"
-        return ess_selection_score(values, run)
+        return self.trade.selection_score(values, run)
 
     def state_dict(self) -> dict:
         buffer = self.boundary.buffer

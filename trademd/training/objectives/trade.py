@@ -51,6 +51,12 @@ class TradeTerm:
         t = self.config.trade
         return step < (t.warmup_fraction + t.ramp_fraction) * self.config.steps
 
+    def selection_score(self, values: dict, run: TrainingRun) -> tuple[float | None, str]:
+        """The score of an objective with this term: ESS, once the TRADE weight is fully on."""
+        if self.ramping(run.step):
+            return None, "TRADE weight still ramping up"
+        return ess_selection_score(values, run)
+
     def refresh(self, run: TrainingRun) -> None:
         """Re-estimate E_T[u] at every grid temperature by SNIS from flow samples."""
         for index, temperature in enumerate(self.cache.temperatures.tolist()):
@@ -146,10 +152,7 @@ class Trade(Objective):
         return loss, parts
 
     def selection_score(self, values: dict, run: TrainingRun) -> tuple[float | None, str]:
-        """ESS, once the TRADE weight is fully on."""
-        if self.trade.ramping(run.step):
-            return None, "TRADE weight still ramping up"
-        return ess_selection_score(values, run)
+        return self.trade.selection_score(values, run)
 
     def state_dict(self) -> dict:
         return self.trade.state_dict()
