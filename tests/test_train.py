@@ -290,6 +290,7 @@ def test_trade_points_come_only_from_trusted_temperatures(tmp_path):
 
 
 
+@pytest.mark.slow
 def test_resume_before_the_first_checkpoint_starts_again_as_simulate_does(tmp_path):
     """A run killed before its first checkpoint holds nothing to keep: ``--resume`` starts it
     again and says so (simulate does the same with a file stopped before its first chunk); a
