@@ -162,3 +162,17 @@ def test_the_trainer_names_no_objective():
     modules = {f"trademd.training.objectives.{f.stem}" for f in (PACKAGE / "training" / "objectives").glob("*.py")}
     assert sorted(_imports(path) & modules) == []
     assert len(OBJECTIVES) >= 6 and len(modules) >= 7  # the objectives were found
+
+
+def test_setup_cfg_installs_every_package():
+    """A subpackage missing from setup.cfg's explicit ``packages`` works in an editable install
+    and is absent from a real one (``pip install .``, what CI and users run)."""
+    import configparser
+
+    setup = configparser.ConfigParser()
+    setup.read(PACKAGE.parent / "setup.cfg")
+    listed = set(setup["options"]["packages"].split())
+    found = {".".join(("trademd", *init.parent.relative_to(PACKAGE).parts)).rstrip(".")
+             for init in PACKAGE.rglob("__init__.py")}
+    assert "trademd.training.objectives" in found
+    assert found - listed == set()
