@@ -1,6 +1,7 @@
 """Pinning: a fixed-seed CPU training run of every objective (and one with refinement rounds)
-gives exactly the ``model.pt`` parameters and ``metrics.csv`` rows recorded from the code before
-the training core was split into objective classes (issue 23). A refactor of the training core
+gives the ``model.pt`` parameters and ``metrics.csv`` rows recorded from the code before the
+training core was split into objective classes (issue 23): bit for bit on the recording machine,
+to 1e-5 relative on another CPU. A refactor of the training core
 must leave these numbers unchanged; a change of behaviour re-records them on purpose with
 ``TRADEMD_RECORD_PINNING=1 pytest tests/test_objective_pinning.py`` and says why in its commit.
 
@@ -77,5 +78,33 @@ def test_training_reproduces_the_recorded_run(tmp_path, name):
     assert sorted(parameters) == sorted(recorded.files)
     for key, value in parameters.items():
         assert value.dtype == recorded[key].dtype and value.shape == recorded[key].shape, key
-        assert np.array_equal(value, recorded[key]), (key, np.abs(value - recorded[key]).max())
-    assert record == json.loads(record_file.read_text())
+        assert np.allclose(value, recorded[key], rtol=RELATIVE, atol=1e-7), (key, np.abs(value - recorded[key]).max())
+    assert _same(record, json.loads(record_file.read_text()))
+
+
+#: Bit for bit on the machine that recorded the runs; another CPU (other SIMD paths in torch
+#: and OpenMM) may differ in the last digits, far below what any change of behaviour moves.
+RELATIVE = 1e-5
+
+
+def _same(value, recorded) -> bool:
+    """Equal records, numbers (also as metrics.csv's strings) to :data:`RELATIVE`."""
+    if isinstance(value, dict) and isinstance(recorded, dict):
+        return value.keys() == recorded.keys() and all(_same(value[k], recorded[k]) for k in value)
+    if isinstance(value, list) and isinstance(recorded, list):
+        return len(value) == len(recorded) and all(_same(a, b) for a, b in zip(value, recorded))
+    try:
+        number, expected = float(value), float(recorded)
+    except (TypeError, ValueError):
+        return value == recorded
+    if isinstance(value, bool) or isinstance(recorded, bool) or np.isnan(expected):
+        return value == recorded or (np.isnan(expected) and np.isnan(number))
+    return number == pytest.approx(expected, rel=RELATIVE, abs=1e-9)
+
+
+def test_the_comparison_sees_a_change():
+    assert _same({"a": ["1.0", 2, "x"]}, {"a": ["1.000001", 2, "x"]})
+    assert not _same({"a": ["1.0", 2, "x"]}, {"a": ["1.001", 2, "x"]})
+    assert not _same({"a": ["1.0", 2, "x"]}, {"a": ["1.0", 3, "x"]})
+    assert not _same({"a": ["1.0", 2, "x"]}, {"a": ["1.0", 2, "y"]})
+    assert not _same({"a": ["1.0", 2]}, {"a": ["1.0", 2, "x"]})
