@@ -135,11 +135,12 @@ def run_openmmtools(molecule, ladder: list[float], args, work: Path) -> dict:
 
 
 def _inefficiency(series: np.ndarray) -> float:
-    """Statistical inefficiency g = 1 + 2 tau (pymbar); 1 for a constant series."""
+    """Statistical inefficiency g = 1 + 2 tau (pymbar); NaN for a constant series (e.g. no
+    visit to the positive-phi basin: its autocorrelation time is not measured)."""
     from pymbar import timeseries
 
     if np.ptp(series) == 0:
-        return 1.0
+        return math.nan
     return float(timeseries.statistical_inefficiency(series.astype(np.float64)))
 
 
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   f"{row['effective_per_s_positive_phi']:6.3f}  eff/s (U) {row['effective_per_s_energy']:6.3f}  "
                   f"lowest rung replaced {row['lowest_rung_replaced_fraction']:.2f}", flush=True)
     base = rows[0]
-    for row in rows[1:]:
+    for row in rows[1:]:  # NaN where a sampler never left one basin in the window
         print(f"{base['sampler']} / {row['sampler']}: eff/s (phi>0) "
               f"{base['effective_per_s_positive_phi'] / row['effective_per_s_positive_phi']:.2f}x, eff/s (U) "
               f"{base['effective_per_s_energy'] / row['effective_per_s_energy']:.2f}x, wall "
