@@ -7,9 +7,10 @@ reader of file summaries."""
 import ast
 from pathlib import Path
 
-import trademd
-
-PACKAGE = Path(trademd.__file__).resolve().parent
+#: The checkout these tests belong to: its source tree is what they read (an installed
+#: package puts systems/ and cli/ inside trademd/, an editable one leaves them beside it).
+REPOSITORY = Path(__file__).resolve().parent.parent
+PACKAGE = REPOSITORY / "trademd"
 STAGES = {"simulate", "train", "sample", "evaluate", "pipeline", "recompute"}
 KERNELS = ("io", "md", "energy", "flow", "training", "analysis")
 #: The modules of the file layer that touch HDF5 files (provenance only reads h5py's version).
@@ -19,8 +20,8 @@ HDF5_MODULES = {"trademd.io.schema", "trademd.io.trajectory_file", "trademd.io.s
 
 #: Where each package of trademd lives (setup.cfg's package_dir: systems/ and cli/ sit
 #: beside trademd/).
-ROOTS = {"trademd": PACKAGE, "trademd.systems": PACKAGE.parent / "systems",
-         "trademd.cli": PACKAGE.parent / "cli"}
+ROOTS = {"trademd": PACKAGE, "trademd.systems": REPOSITORY / "systems",
+         "trademd.cli": REPOSITORY / "cli"}
 
 
 def _module_name(path: Path) -> str:
@@ -170,7 +171,7 @@ def test_setup_cfg_installs_every_package():
     import configparser
 
     setup = configparser.ConfigParser()
-    setup.read(PACKAGE.parent / "setup.cfg")
+    setup.read(REPOSITORY / "setup.cfg")
     listed = set(setup["options"]["packages"].split())
     found = {".".join(("trademd", *init.parent.relative_to(PACKAGE).parts)).rstrip(".")
              for init in PACKAGE.rglob("__init__.py")}

@@ -13,7 +13,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import trademd
 import trademd.platforms as platforms
 from trademd.cli.app import app
 from trademd.energy.bridge import EnergyBridge
@@ -213,7 +212,7 @@ def _platformless_calls(path: Path) -> list[int]:
 def test_every_openmm_context_names_its_platform():
     """With an OpenCL implementation installed, OpenMM picks OpenCL for a Context that names
     no platform (the minimiser and addHydrogens segfaulted so under pocl)."""
-    root = Path(trademd.__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parent.parent  # the checkout: its source tree
     files = [*root.joinpath("trademd").rglob("*.py"), *root.joinpath("systems").rglob("*.py"),
              *root.joinpath("benchmarks").glob("*.py"), *root.joinpath("tests").glob("*.py")]
     assert len(files) > 50
