@@ -46,10 +46,15 @@ DRY = dict(batches=[32], bridge_copies=4, kernel_copies=[4], md_copies=[4], md_s
 SYSTEMS = ("ala2-implicit", "ala4-implicit")
 
 
+#: Where child interpreters start: outside the checkout, whose source folder trademd/ (without
+#: cli/ and systems/ inside it) would otherwise shadow the installed package.
+OUTSIDE = tempfile.gettempdir()
+
+
 def _cli(*args: str, timeout_s: float = 600) -> str:
     """Run ``trade-md ARGS`` in a fresh interpreter; its stdout (raises with its stderr)."""
     result = subprocess.run([sys.executable, "-m", "trademd", *args], capture_output=True, text=True,
-                            timeout=timeout_s)
+                            timeout=timeout_s, cwd=OUTSIDE)
     if result.returncode != 0:
         tail = [line for line in result.stderr.splitlines() if "unsupported OpenCL" not in line][-5:]
         raise RuntimeError(f"trade-md {' '.join(args)} failed ({result.returncode}): {' | '.join(tail)}")
@@ -83,8 +88,9 @@ def check_install() -> dict:
 
 def check_tests() -> dict:
     root = Path(__file__).resolve().parent.parent
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda or opencl", "tests"],
-                            capture_output=True, text=True, timeout=420, cwd=root)
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-c", str(root / "setup.cfg"), "--rootdir",
+                             str(root), "-m", "cuda or opencl", str(root / "tests")],
+                            capture_output=True, text=True, timeout=420, cwd=OUTSIDE)
     return {"returncode": result.returncode, "summary": result.stdout.strip().splitlines()[-1:]}
 
 
@@ -260,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                      "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])}
     with tempfile.TemporaryDirectory() as scratch:
-        work = args.work or Path(scratch)
+        work = (args.work or Path(scratch)).resolve()
         work.mkdir(parents=True, exist_ok=True)
         if not args.dry_run:  # both compile every kernel: minutes on pocl, seconds on a GPU
             _section("install", results, check_install)
