@@ -16,7 +16,7 @@ import openmm
 
 from trademd.errors import TradeMDError
 
-__all__ = ["openmm_platform", "available_openmm_platforms", "gpu_platform", "opencl_gpu_present",
+__all__ = ["openmm_platform", "available_openmm_platforms", "opencl_gpu_present",
            "resolve_platform", "torch_device", "PLATFORM_CHOICES", "GPU_PLATFORMS"]
 
 PLATFORM_CHOICES = ("auto", "CPU", "CUDA", "OpenCL", "Reference")
@@ -82,11 +82,6 @@ def resolve_platform(name: str = "auto") -> str:
             f"use --platform auto or CPU{fixes.get(name, '')}"
         )
     return name
-
-
-def gpu_platform(name: str = "auto") -> bool:
-    """Whether ``name`` resolves to a platform whose kernels run on a device (CUDA, OpenCL)."""
-    return resolve_platform(name) in GPU_PLATFORMS
 
 
 def openmm_platform(name: str = "auto", threads: int | None = None,
