@@ -35,6 +35,10 @@ class MolecularSystem:
         constraints: ``"HBonds"``: bonds to hydrogen are rigid in MD (2 fs steps) and held
             fixed at their constraint lengths by the internal coordinates downstream;
             ``"None"``: every bond is flexible (and a flow dimension).
+        ring_closures: bool [n_atoms], True for the Z-matrix rows placed by two ring bonds
+            (:func:`trademd.systems.zmatrix.close_rings`); None: no rings.
+        implied_ring_bonds: ring-closing bonds (i, j) that no coordinate holds (the flow
+            cannot keep them near their length; :func:`trademd.systems.zmatrix.close_rings`).
         openmm_factory: builds the OpenMM system when it does not come from
             ``forcefield_files`` (e.g. an openmmtools test system); takes the hydrogen mass in
             amu (None: force-field masses). Its particles follow the PDB's atom order.
@@ -50,6 +54,8 @@ class MolecularSystem:
     backbone_dihedrals: tuple[tuple[tuple[int, int, int, int], tuple[int, int, int, int]], ...]
     chiral_centres: np.ndarray
     constraints: str = "HBonds"
+    ring_closures: np.ndarray | None = None
+    implied_ring_bonds: tuple[tuple[int, int], ...] = ()
     openmm_factory: Callable[[float | None], openmm.System] | None = None
     force_field: str = ""
 

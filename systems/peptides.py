@@ -1,10 +1,15 @@
-"""Capped alanine peptides Ace-(Ala)n-Nme from standard geometry: how the shipped
-``ala4``/``ala6`` structures were made.
+"""Capped peptides: how the shipped ``ala4``/``ala6`` and ring dipeptide structures were made.
+
+**Ace-(Ala)n-Nme from standard geometry.**
 
 Heavy atoms are placed one by one from ideal bond lengths, angles and torsions (trans
 peptide bonds, L-alanine, an extended backbone), OpenMM's ``Modeller`` adds the hydrogens of
 its residue templates, and the structure is minimised in the force field it will be simulated
 with. ``python -m trademd.systems.peptides 4 OUT.pdb`` writes one.
+
+**Ace-X-Nme with any standard residue X** (``pro2``, ``trp2``): the shipped alanine
+dipeptide with its alanine mutated by pdbfixer (hydrogens at pH 7), minimised the same way.
+``python -m trademd.systems.peptides PRO OUT.pdb`` writes one.
 """
 
 import io
@@ -16,7 +21,7 @@ import openmm
 from openmm import unit
 import openmm.app as app
 
-__all__ = ["capped_alanine_pdb", "EXTENDED_PHI_PSI_DEG"]
+__all__ = ["capped_alanine_pdb", "capped_dipeptide_pdb", "EXTENDED_PHI_PSI_DEG"]
 
 #: Backbone dihedrals (degrees) every alanine is built with: the polyproline-II/beta region.
 EXTENDED_PHI_PSI_DEG = (-75.0, 145.0)
@@ -82,19 +87,46 @@ def capped_alanine_pdb(n_alanines: int, forcefield_files=("amber99sbildn.xml", "
     # is installed, and addHydrogens' minimiser crashed there (segmentation fault)
     modeller.addHydrogens(forcefield, platform=openmm.Platform.getPlatformByName("CPU"))
     if minimise:
-        system = forcefield.createSystem(modeller.topology, nonbondedMethod=app.NoCutoff,
-                                         constraints=app.HBonds)
-        context = openmm.Context(system, openmm.VerletIntegrator(0.001),
-                                 openmm.Platform.getPlatformByName("Reference"))
-        context.setPositions(modeller.positions)
-        openmm.LocalEnergyMinimizer.minimize(context, 1.0, 0)
-        modeller.positions = context.getState(getPositions=True).getPositions()
+        return _minimised_pdb(modeller.topology, modeller.positions, forcefield_files)
     text = io.StringIO()
     app.PDBFile.writeFile(modeller.topology, modeller.positions, text)
     return text.getvalue()
 
 
+def capped_dipeptide_pdb(residue: str,
+                         forcefield_files=("amber99sbildn.xml", "amber96_obc.xml")) -> str:
+    """PDB text of Ace-``residue``-Nme (three-letter code, e.g. ``PRO``), minimised in
+    ``forcefield_files`` (NoCutoff, HBonds constraints). Needs pdbfixer."""
+    from importlib import resources
+
+    from pdbfixer import PDBFixer
+
+    dipeptide = resources.files("trademd.systems").joinpath("data", "alanine-dipeptide.pdb").read_text()
+    # a named platform: pdbfixer's minimisers use OpenMM's default (OpenCL where pocl is installed)
+    fixer = PDBFixer(pdbfile=io.StringIO(dipeptide), platform=openmm.Platform.getPlatformByName("CPU"))
+    fixer.applyMutations([f"ALA-2-{residue.upper()}"], next(fixer.topology.chains()).id)
+    fixer.findMissingResidues()
+    fixer.findMissingAtoms()
+    fixer.addMissingAtoms(seed=0)
+    fixer.addMissingHydrogens(7.0)
+    return _minimised_pdb(fixer.topology, fixer.positions, forcefield_files)
+
+
+def _minimised_pdb(topology: app.Topology, positions, forcefield_files) -> str:
+    """PDB text of ``topology`` at ``positions`` minimised in ``forcefield_files`` (NoCutoff,
+    HBonds constraints, Reference platform)."""
+    forcefield = app.ForceField(*forcefield_files)
+    system = forcefield.createSystem(topology, nonbondedMethod=app.NoCutoff, constraints=app.HBonds)
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001),
+                             openmm.Platform.getPlatformByName("Reference"))
+    context.setPositions(positions)
+    openmm.LocalEnergyMinimizer.minimize(context, 1.0, 0)
+    text = io.StringIO()
+    app.PDBFile.writeFile(topology, context.getState(getPositions=True).getPositions(), text)
+    return text.getvalue()
+
+
 if __name__ == "__main__":
-    count, out = int(sys.argv[1]), sys.argv[2]
+    what, out = sys.argv[1], sys.argv[2]
     with open(out, "w") as handle:
-        handle.write(capped_alanine_pdb(count))
+        handle.write(capped_alanine_pdb(int(what)) if what.isdigit() else capped_dipeptide_pdb(what))

@@ -13,7 +13,7 @@ from trademd.errors import TradeMDError
 
 from .molecule import MolecularSystem, build_openmm_system
 from .published import alanine_dipeptide_openmmtools_system
-from .zmatrix import order_zmatrix, zmatrix_from_bonds
+from .zmatrix import close_rings, order_zmatrix, zmatrix_from_bonds
 
 __all__ = ["BUILTIN_SYSTEMS", "get_system", "user_system", "list_systems", "record_attrs",
            "system_from_attrs", "system_from_record"]
@@ -55,10 +55,10 @@ def _alanine(name: str, forcefield: tuple[str, ...], solvent: str, description: 
     )
 
 
-def _capped_alanines(name: str, pdb_file: str, description: str) -> MolecularSystem:
-    """A capped alanine peptide shipped as PDB (made by :mod:`trademd.systems.peptides`) in the
-    force field of ``ala2-implicit``: Z-matrix from the bond graph, every residue's phi/psi
-    and every chiral C-alpha from the topology."""
+def _shipped_peptide(name: str, pdb_file: str, description: str) -> MolecularSystem:
+    """A capped peptide shipped as PDB (made by :mod:`trademd.systems.peptides`) in the
+    force field of ``ala2-implicit``: Z-matrix from the bond graph (ring-closing bonds as
+    coordinates), every residue's phi/psi and every chiral centre from the topology."""
     pdb_text = resources.files("trademd.systems").joinpath("data", pdb_file).read_text()
     molecule = _user_system_from_text(pdb_text, pdb_file, _ALA2_IMPLICIT)
     return replace(molecule, name=name, description=description)
@@ -81,12 +81,18 @@ BUILTIN_SYSTEMS = {
         constraints="None", openmm_factory=alanine_dipeptide_openmmtools_system,
         force_field="Amber ff96 + OBC1 (openmmtools prmtop)",
     ),
-    "ala4-implicit": lambda: _capped_alanines(
+    "ala4-implicit": lambda: _shipped_peptide(
         "ala4-implicit", "ala4-capped.pdb",
         "alanine tetrapeptide Ace-(Ala)3-Nme, AMBER99SB-ILDN + OBC implicit solvent"),
-    "ala6-implicit": lambda: _capped_alanines(
+    "ala6-implicit": lambda: _shipped_peptide(
         "ala6-implicit", "ala6-capped.pdb",
         "alanine hexapeptide Ace-(Ala)5-Nme, AMBER99SB-ILDN + OBC implicit solvent"),
+    "pro2-implicit": lambda: _shipped_peptide(
+        "pro2-implicit", "pro2-capped.pdb",
+        "proline dipeptide Ace-Pro-Nme (5-ring), AMBER99SB-ILDN + OBC implicit solvent"),
+    "trp2-implicit": lambda: _shipped_peptide(
+        "trp2-implicit", "trp2-capped.pdb",
+        "tryptophan dipeptide Ace-Trp-Nme (indole), AMBER99SB-ILDN + OBC implicit solvent"),
 }
 
 
@@ -165,15 +171,18 @@ def _user_system_from_text(pdb_text: str, file_name: str, forcefield_files) -> M
     )
     bonds = [(b[0].index, b[1].index) for b in topology.bonds()]
     heavy = [a.element is None or a.element.symbol != "H" for a in topology.atoms()]
+    rings = close_rings(zmatrix_from_bonds(topology.getNumAtoms(), bonds, heavy), bonds)
     return MolecularSystem(
         name=f"user:{file_name}",
         description=f"user system from {file_name}",
         pdb_text=pdb_text,
         forcefield_files=tuple(forcefield_files),
         solvent=solvent,
-        zmatrix=zmatrix_from_bonds(topology.getNumAtoms(), bonds, heavy),
+        zmatrix=rings.zmatrix,
         backbone_dihedrals=_backbone_dihedrals(topology),
         chiral_centres=_chiral_centres(bonds, heavy),
+        ring_closures=rings.closures if rings.closures.any() else None,
+        implied_ring_bonds=tuple(rings.implied),
     )
 
 

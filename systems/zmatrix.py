@@ -6,15 +6,21 @@ three rows are the seed atoms, with -1 where a partner does not exist:
 (s0, -1, -1, -1), (s1, s0, -1, -1), (s2, s1, s0, -1). The remaining n_atoms - 3 rows define
 3 (n_atoms - 3) internal coordinates; with the seeds' two bonds and one angle that is
 3 n_atoms - 6, the internal degrees of freedom.
+
+A Z-matrix built from a bond graph is a spanning tree: in a molecule with rings, each
+ring-closing bond is not one of its bonds. :func:`close_rings` turns the row of the atom that
+closes a ring into a *closure row* (atom, bond partner, ring partner, torsion partner), whose
+second coordinate is the ring-closing bond (see :mod:`trademd.flow.coordinates`).
 """
 
 from collections import deque
+from typing import NamedTuple
 
 import numpy as np
 
 from trademd.errors import TradeMDError
 
-__all__ = ["order_zmatrix", "zmatrix_from_bonds", "validate_zmatrix"]
+__all__ = ["RingClosures", "close_rings", "order_zmatrix", "zmatrix_from_bonds", "validate_zmatrix"]
 
 
 def order_zmatrix(seeds: tuple[int, int, int], rows: list[tuple[int, int, int, int]]) -> np.ndarray:
@@ -143,3 +149,59 @@ def _bfs_distances(neighbours: list[list[int]], start: int) -> list[int]:
                 distance[nb] = distance[atom] + 1
                 queue.append(nb)
     return distance
+
+
+class RingClosures(NamedTuple):
+    """What :func:`close_rings` returns.
+
+    Attributes:
+        zmatrix: int64 [n_atoms, 4], closure rows rewritten (same placement order).
+        closures: bool [n_atoms], True for closure rows.
+        implied: ring-closing bonds (i, j) that stay implied by the other coordinates (an atom
+            that closes two rings holds one of them; a seed atom none).
+    """
+
+    zmatrix: np.ndarray
+    closures: np.ndarray
+    implied: list[tuple[int, int]]
+
+
+def close_rings(zmatrix: np.ndarray, bonds: list[tuple[int, int]]) -> RingClosures:
+    """Make every ring-closing bond a coordinate where the Z-matrix allows.
+
+    A bond (i, j) that is no Z-matrix bond closes a ring. The row of whichever of i, j is
+    placed later, c, becomes (c, A, B, D): A its bond partner as before, B the earlier atom of
+    the ring-closing bond, D a placed atom bonded to A or B (the torsion is then the position
+    of c on the circle about the A-B axis). Placement order is unchanged.
+
+    Args:
+        zmatrix: int [n_atoms, 4] in placement order (e.g. :func:`zmatrix_from_bonds`).
+        bonds: pairs of bonded atom indices.
+
+    Returns:
+        :class:`RingClosures`.
+    """
+    z = np.array(zmatrix, dtype=np.int64)
+    n_atoms = len(z)
+    order = {int(z[k, 0]): k for k in range(n_atoms)}
+    tree = {frozenset((int(z[k, 0]), int(z[k, 1]))) for k in range(1, n_atoms)}
+    neighbours: list[set[int]] = [set() for _ in range(n_atoms)]
+    for i, j in bonds:
+        neighbours[i].add(j)
+        neighbours[j].add(i)
+    closures = np.zeros(n_atoms, dtype=bool)
+    implied = []
+    for i, j in sorted({tuple(sorted(b)) for b in bonds if frozenset(b) not in tree}):
+        early, late = sorted((i, j), key=order.__getitem__)
+        k = order[late]
+        if k < 3 or closures[k]:
+            implied.append((i, j))
+            continue
+        bond_partner = int(z[k, 1])
+        placed = {int(a) for a in z[:k, 0]}
+        candidates = [int(z[k, 2]), int(z[k, 3])] + sorted(neighbours[bond_partner]) + sorted(neighbours[early])
+        torsion = next(a for a in candidates if a in placed and a not in (late, bond_partner, early))
+        z[k] = (late, bond_partner, early, torsion)
+        closures[k] = True
+    validate_zmatrix(z, n_atoms)
+    return RingClosures(z, closures, implied)

@@ -11,7 +11,8 @@ from trademd.systems.zmatrix import validate_zmatrix, zmatrix_from_bonds
 
 def test_builtin_systems_are_listed():
     names = [s.name for s in list_systems()]
-    assert names == ["ala2-implicit", "ala2-vacuum", "ala2-openmmtools", "ala4-implicit", "ala6-implicit"]
+    assert names == ["ala2-implicit", "ala2-vacuum", "ala2-openmmtools", "ala4-implicit", "ala6-implicit",
+                     "pro2-implicit", "trp2-implicit"]
 
 
 def test_alanine_zmatrix_is_valid_and_places_every_atom(molecule):

@@ -56,9 +56,10 @@ def _harmonic_terms(system: openmm.System) -> tuple[dict, dict]:
 
 
 def harmonic_widths(system: openmm.System, zmatrix: np.ndarray, free_bond_rows: np.ndarray,
-                    temperature_k: float) -> Tensor:
+                    temperature_k: float, ring_closures: np.ndarray | None = None) -> Tensor:
     """Thermal widths sqrt(k_B T / k) of the free bonds (Z-matrix rows ``free_bond_rows``, nm) and
-    of every angle (rows 2.., rad), in the order of the bounded features of
+    of every angle (rows 2.., rad; at ring-closure rows, ``ring_closures`` True, the ring bond
+    atom - angle partner, nm), in the order of the bounded features of
     :class:`~trademd.flow.coordinates.InternalCoordinates` (float64 [n_free + atoms - 2]).
 
     A bond or angle with no harmonic term gets a default width (0.003 nm, 0.05 rad at 300 K,
@@ -72,7 +73,12 @@ def harmonic_widths(system: openmm.System, zmatrix: np.ndarray, free_bond_rows: 
     for row in np.asarray(free_bond_rows):
         k = bonds.get((min(z[row, 0], z[row, 1]), max(z[row, 0], z[row, 1])))
         widths.append(math.sqrt(kt / k) if k else _DEFAULT_BOND_WIDTH_300K * scale)
+    closing = np.zeros(len(z), dtype=bool) if ring_closures is None else np.asarray(ring_closures)
     for row in range(2, len(z)):
+        if closing[row]:
+            k = bonds.get((min(z[row, 0], z[row, 2]), max(z[row, 0], z[row, 2])))
+            widths.append(math.sqrt(kt / k) if k else _DEFAULT_BOND_WIDTH_300K * scale)
+            continue
         k = angles.get((min(z[row, 0], z[row, 2]), z[row, 1], max(z[row, 0], z[row, 2])))
         widths.append(math.sqrt(kt / k) if k else _DEFAULT_ANGLE_WIDTH_300K * scale)
     return torch.tensor(widths, dtype=torch.float64)

@@ -62,6 +62,22 @@ groups, by about 1e-3 in log) and is neglected here. ``forward`` ignores the dat
 constrained bonds (the inverse uses the constraint lengths); :meth:`InternalCoordinates.fit`
 checks that the training data obey the constraints.
 
+**Ring closures.** A Z-matrix row may be a *closure row* (``closures[k]`` True): its angle
+partner B is bonded to the row's atom c (not to the bond partner A), and the row's second
+coordinate is the distance ``r2 = |x_c - x_B|`` (nm) instead of the angle c-A-B. Both bonds
+of c into a ring are then coordinates, so errors in the ring's torsions no longer stretch the
+ring-closing bond (a spanning-tree Z-matrix leaves it implied); they bend angles instead, which
+are about 50x softer. The torsion is ``dihedral(c, A, B, D)``; c lies on the circle where the
+spheres of radius r1 = |cA| about A and r2 about B meet, and the torsion is its position on
+that circle. The inverse recovers the angle at A from r1, r2 and ``d = |x_A - x_B|``
+(``cos a = (r1^2 + d^2 - r2^2) / (2 r1 d)``) and places c by NeRF; the volume element is
+``r1 r2 / d dr1 dr2 dt`` (bipolar coordinates about the A-B axis), so a closure row
+contributes ``log r1 + log r2 - log d`` to log J instead of ``2 log r1 + log sin a``. Where
+the three lengths violate the triangle inequality (|r1 - r2| < d < r1 + r2), which a flow can
+propose but no molecule has, c is placed on the A-B axis (the angle at A clamped to 0 or pi):
+such a configuration bends a ring angle flat, its energy is far above kT and its importance
+weight vanishes.
+
 **Out-of-range values.** Bounded features outside ``[-bound, bound]`` (a configuration beyond
 ``n_std`` training standard deviations) are outside the flow's support. ``forward`` returns a
 per-sample flag ``out_of_range`` and, by the ``out_of_range`` option, keeps the values
@@ -107,6 +123,7 @@ __all__ = [
     "InternalCoordinates",
     "cartesian_to_internal",
     "constrained_bonds_from_openmm",
+    "closure_axis_lengths",
     "internal_log_det",
     "internal_to_cartesian",
 ]
@@ -167,37 +184,82 @@ def _placement_levels(zmatrix: np.ndarray) -> list[np.ndarray]:
 # Functional transform
 
 
-def cartesian_to_internal(x: Tensor, zmatrix) -> tuple[Tensor, Tensor, Tensor]:
+def cartesian_to_internal(x: Tensor, zmatrix, closures=None) -> tuple[Tensor, Tensor, Tensor]:
     """Bonds, angles and torsions of the Z-matrix rows.
 
     Args:
         x: Cartesian coordinates [..., n_atoms, 3], nm.
         zmatrix: int [n_atoms, 4] (array or tensor).
+        closures: bool [n_atoms] (array or tensor), True for closure rows (module docstring);
+            None: none.
 
     Returns:
         bonds [..., n_atoms - 1] nm (rows 1..), angles [..., n_atoms - 2] rad in [0, pi]
-        (rows 2..), torsions [..., n_atoms - 3] rad in [-pi, pi) (rows 3..).
+        (rows 2..; at closure rows the distance atom - angle partner, nm), torsions
+        [..., n_atoms - 3] rad in [-pi, pi) (rows 3..).
     """
     z = zmatrix if isinstance(zmatrix, Tensor) else _zmatrix_tensor(zmatrix, x.device)
     atom, bond, angle, torsion = z.unbind(-1)
     bonds = torch.linalg.vector_norm(x[..., atom[1:], :] - x[..., bond[1:], :], dim=-1)
     angles = _angle(x[..., atom[2:], :], x[..., bond[2:], :], x[..., angle[2:], :])
+    closing = _closure_mask(closures, z.shape[0], x.device)
+    if closing is not None:
+        ring_bonds = torch.linalg.vector_norm(x[..., atom[2:], :] - x[..., angle[2:], :], dim=-1)
+        angles = torch.where(closing[2:], ring_bonds, angles)
     torsions = _dihedral(
         x[..., atom[3:], :], x[..., bond[3:], :], x[..., angle[3:], :], x[..., torsion[3:], :]
     )
     return bonds, angles, torsions
 
 
+def closure_axis_lengths(x: Tensor, zmatrix) -> Tensor:
+    """Distances bond partner - angle partner of rows 2.. (nm), [..., n_atoms - 2]: the ``d``
+    of a closure row's log-det (module docstring)."""
+    z = zmatrix if isinstance(zmatrix, Tensor) else _zmatrix_tensor(zmatrix, x.device)
+    return torch.linalg.vector_norm(x[..., z[2:, 1], :] - x[..., z[2:, 2], :], dim=-1)
+
+
+def _closure_mask(closures, n_atoms: int, device) -> Tensor | None:
+    """bool [n_atoms] tensor of closure rows, or None where there are none."""
+    if closures is None:
+        return None
+    if isinstance(closures, Tensor):
+        mask = closures.to(device=device, dtype=torch.bool)
+    else:
+        mask = torch.as_tensor(np.asarray(closures, dtype=bool), device=device)
+    if mask.shape != (n_atoms,):
+        raise TradeMDError(f"ring-closure flags must have shape ({n_atoms},), got {tuple(mask.shape)}")
+    if bool(mask[:3].any()):
+        raise TradeMDError("the three seed rows of a Z-matrix cannot be ring-closure rows")
+    return mask if bool(mask.any()) else None
+
+
+def _closure_angle(r1: Tensor, r2: Tensor, axis: Tensor) -> Tensor:
+    """Angle at A (rad) of the triangle with sides r1 = |cA|, r2 = |cB|, axis = |AB|; clamped
+    to 0 or pi where the sides violate the triangle inequality. [...] -> [...]."""
+    along = (axis**2 + r1**2 - r2**2) / (2 * axis)
+    height = (r1**2 - along**2).clamp_min(_MIN_CLOSURE_HEIGHT_NM2).sqrt()
+    return torch.atan2(height, along)
+
+
+#: Smallest squared height of a closure atom above its A-B axis (nm^2) the inverse uses:
+#: keeps gradients finite for the infeasible triangles a flow may propose.
+_MIN_CLOSURE_HEIGHT_NM2 = 1e-8
+
+
 def internal_to_cartesian(
-    bonds: Tensor, angles: Tensor, torsions: Tensor, zmatrix, levels: list[Tensor] | None = None
+    bonds: Tensor, angles: Tensor, torsions: Tensor, zmatrix, levels: list[Tensor] | None = None,
+    closures=None,
 ) -> Tensor:
     """Cartesian coordinates in the canonical frame (see module docstring).
 
     Args:
-        bonds: [..., n_atoms - 1] nm; angles: [..., n_atoms - 2] rad; torsions:
-            [..., n_atoms - 3] rad (any real value; periodic).
+        bonds: [..., n_atoms - 1] nm; angles: [..., n_atoms - 2] rad (at closure rows the
+            distance atom - angle partner, nm); torsions: [..., n_atoms - 3] rad (any real
+            value; periodic).
         zmatrix: int [n_atoms, 4].
         levels: precomputed placement groups (row indices); computed if None.
+        closures: bool [n_atoms], True for closure rows; None: none.
 
     Returns:
         x [..., n_atoms, 3] nm, s1 at the origin, s0 on +x, s2 in the xy-plane (y > 0).
@@ -206,6 +268,8 @@ def internal_to_cartesian(
     if levels is None:
         levels = [torch.as_tensor(g, device=z.device) for g in _placement_levels(z.cpu().numpy())]
     n_atoms = z.shape[0]
+    closing = _closure_mask(closures, n_atoms, bonds.device)
+    closing_rows = set() if closing is None else set(np.flatnonzero(closing.cpu().numpy()).tolist())
     atom, bond, angle, torsion = z.unbind(-1)
     batch = bonds.shape[:-1]
     zero = torch.zeros(batch, dtype=bonds.dtype, device=bonds.device)
@@ -221,23 +285,34 @@ def internal_to_cartesian(
     x = torch.zeros(*batch, n_atoms, 3, dtype=bonds.dtype, device=bonds.device)
     x = x.index_copy(-2, atom[:3], seeds)
     for rows in levels:
-        new = _place(
-            x[..., torsion[rows], :],
-            x[..., angle[rows], :],
-            x[..., bond[rows], :],
-            bonds[..., rows - 1],
-            angles[..., rows - 2],
-            torsions[..., rows - 3],
-        )
+        p_bond, p_angle = x[..., bond[rows], :], x[..., angle[rows], :]
+        r1, theta = bonds[..., rows - 1], angles[..., rows - 2]
+        if closing_rows and not closing_rows.isdisjoint(rows.tolist()):
+            ring = closing[rows]
+            axis = torch.linalg.vector_norm(p_bond - p_angle, dim=-1)
+            theta = torch.where(ring, _closure_angle(r1, torch.where(ring, theta, r1), axis), theta)
+        new = _place(x[..., torsion[rows], :], p_angle, p_bond, r1, theta, torsions[..., rows - 3])
         x = x.index_copy(-2, atom[rows], new)
     return x
 
 
-def internal_log_det(bonds: Tensor, angles: Tensor) -> Tensor:
-    """``log J = sum 2 log b + sum log sin a`` (module docstring): log|dx / (d^3t dR d(ic))|.
+def internal_log_det(bonds: Tensor, angles: Tensor, closures=None, axis_nm: Tensor | None = None) -> Tensor:
+    """``log J = sum 2 log b + sum log sin a`` (module docstring): log|dx / (d^3t dR d(ic))|;
+    a closure row contributes ``log r1 + log r2 - log d`` instead.
 
-    Args: bonds [..., n_atoms - 1] nm, angles [..., n_atoms - 2] rad. Returns [...]."""
-    return 2 * torch.log(bonds).sum(-1) + torch.log(torch.sin(angles)).sum(-1)
+    Args: bonds [..., n_atoms - 1] nm, angles [..., n_atoms - 2] rad (closure rows: nm);
+    closures bool [n_atoms] or None; axis_nm [..., n_atoms - 2] the distances bond partner -
+    angle partner (:func:`closure_axis_lengths`), needed only with closures. Returns [...]."""
+    closing = _closure_mask(closures, bonds.shape[-1] + 1, bonds.device)
+    if closing is None:
+        return 2 * torch.log(bonds).sum(-1) + torch.log(torch.sin(angles)).sum(-1)
+    if axis_nm is None:
+        raise TradeMDError("the log-det of ring-closure rows needs the axis lengths (closure_axis_lengths)")
+    ring = closing[2:]
+    r1 = bonds[..., 1:]
+    standard = 2 * torch.log(r1) + torch.log(torch.sin(torch.where(ring, torch.ones_like(angles), angles)))
+    closed = torch.log(r1) + torch.log(torch.where(ring, angles, r1)) - torch.log(axis_nm)
+    return 2 * torch.log(bonds[..., 0]) + torch.where(ring, closed, standard).sum(-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,6 +374,8 @@ class InternalCoordinates(nn.Module):
         bound: the bounded features live in ``[-bound, bound]``.
         n_std: that interval holds ``mean +- n_std std`` of the training data.
         out_of_range: ``"flag"``, ``"clamp"`` or ``"raise"`` (module docstring).
+        closures: bool [n_atoms], True for the Z-matrix rows placed by two ring bonds
+            (module docstring); None: none.
     """
 
     def __init__(
@@ -306,6 +383,7 @@ class InternalCoordinates(nn.Module):
         zmatrix,
         constrained_bonds=None,
         *,
+        closures=None,
         bound: float = 1.0,
         n_std: float = 5.0,
         out_of_range: str = "flag",
@@ -343,6 +421,9 @@ class InternalCoordinates(nn.Module):
         n_bonded = n_free + n_atoms - 2
 
         self.register_buffer("zmatrix", torch.as_tensor(z))
+        closing = _closure_mask(closures, n_atoms, torch.device("cpu"))
+        self.register_buffer(
+            "closures", torch.zeros(n_atoms, dtype=torch.bool) if closing is None else closing.clone())
         self.register_buffer("bond_fixed", torch.as_tensor(fixed))
         self.register_buffer("fixed_lengths", torch.as_tensor(lengths))
         self.bound = float(bound)
@@ -377,7 +458,11 @@ class InternalCoordinates(nn.Module):
             for k in np.flatnonzero(fixed)
         }
         extra = state["_extra_state"]
-        module = cls(z, constraints, bound=extra["bound"], n_std=extra["n_std"], **kwargs)
+        state = dict(state)
+        # files written before ring closures existed hold none
+        state.setdefault("closures", torch.zeros(len(z), dtype=torch.bool))
+        module = cls(z, constraints, closures=state["closures"], bound=extra["bound"],
+                     n_std=extra["n_std"], **kwargs)
         module.load_state_dict(state)
         return module
 
@@ -405,7 +490,7 @@ class InternalCoordinates(nn.Module):
         worst = torch.zeros((), dtype=torch.float64, device=device)
         for start in range(0, x.shape[0], chunk):
             part = x[start : start + chunk].to(device=device, dtype=torch.float64)
-            bonds, angles, _ = cartesian_to_internal(part, self.zmatrix)
+            bonds, angles, _ = cartesian_to_internal(part, self.zmatrix, self._closures())
             v = self._bounded_values(bonds, angles)
             if shift is None:
                 shift = v[0]
@@ -450,7 +535,8 @@ class InternalCoordinates(nn.Module):
         std = torch.as_tensor(std, dtype=torch.float64, device=self.mean.device)
         if std.shape != self.std.shape or not bool((std > 0).all()):
             raise TradeMDError(f"the widths must be {tuple(self.std.shape)} positive values")
-        bonds, angles, _ = cartesian_to_internal(x.to(self.mean.device, torch.float64)[None], self.zmatrix)
+        bonds, angles, _ = cartesian_to_internal(x.to(self.mean.device, torch.float64)[None], self.zmatrix,
+                                                 self._closures())
         self.mean.copy_(self._bounded_values(bonds, angles)[0])
         self.std.copy_(std)
         self.fitted = True
@@ -496,7 +582,8 @@ class InternalCoordinates(nn.Module):
 
     @property
     def n_angles(self) -> int:
-        """Angles (n_atoms - 2): the last ``n_angles`` bounded features."""
+        """Angles (n_atoms - 2; at ring-closure rows the second ring bond, nm): the last
+        ``n_angles`` bounded features."""
         return self.n_atoms - 2
 
     @property
@@ -510,7 +597,18 @@ class InternalCoordinates(nn.Module):
             row = z[int(self._free_rows[k]) + 1]
             return f"bond {row[0]}-{row[1]}"
         row = z[k - self.n_bonds + 2]
+        if bool(self.closures[k - self.n_bonds + 2]):
+            return f"ring-closure bond {row[0]}-{row[2]}"
         return f"angle {row[0]}-{row[1]}-{row[2]}"
+
+    def _closures(self) -> Tensor | None:
+        """The closure-row flags, or None for a Z-matrix without ring closures."""
+        return self.closures if bool(self.closures.any()) else None
+
+    @property
+    def n_ring_closures(self) -> int:
+        """Z-matrix rows placed by two ring bonds."""
+        return int(self.closures.sum())
 
     def _levels(self) -> list[Tensor]:
         return [getattr(self, f"_level_{i}") for i in range(self._n_levels)]
@@ -528,12 +626,14 @@ class InternalCoordinates(nn.Module):
         ``log_det = -log J(ic) - sum log scale``: ``log q_X(x) = log q_Z(z) + log_det``.
         """
         scale = self._scale(x)
-        bonds, angles, torsions = cartesian_to_internal(x, self.zmatrix)
+        closures = self._closures()
+        bonds, angles, torsions = cartesian_to_internal(x, self.zmatrix, closures)
         fixed_lengths = self.fixed_lengths.to(x)
         bonds_model = torch.where(self.bond_fixed, fixed_lengths, bonds)
         v = self._bounded_values(bonds, angles)
         bounded = (v - self.mean.to(x)) / scale
-        log_det = -internal_log_det(bonds_model, angles) - torch.log(scale).sum()
+        axis = None if closures is None else closure_axis_lengths(x, self.zmatrix)
+        log_det = -internal_log_det(bonds_model, angles, closures, axis) - torch.log(scale).sum()
         bound = self.bound
         out_of_range = (bounded.abs() > bound).any(-1)
         if self.out_of_range == "raise" and bool(out_of_range.any()):
@@ -553,13 +653,16 @@ class InternalCoordinates(nn.Module):
         base = torch.where(self.bond_fixed, self.fixed_lengths, 0.0).to(bounded)
         bonds = base.expand(*bounded.shape[:-1], -1).index_copy(-1, self._free_rows, v[..., : self.n_bonds])
         angles = v[..., self.n_bonds :]
-        x = internal_to_cartesian(bonds, angles, torsions, self.zmatrix, self._levels())
-        log_det = internal_log_det(bonds, angles) + torch.log(scale).sum()
+        closures = self._closures()
+        x = internal_to_cartesian(bonds, angles, torsions, self.zmatrix, self._levels(), closures)
+        axis = None if closures is None else closure_axis_lengths(x, self.zmatrix)
+        log_det = internal_log_det(bonds, angles, closures, axis) + torch.log(scale).sum()
         return x, log_det
 
     def extra_repr(self) -> str:
         return (
             f"n_atoms={self.n_atoms}, n_torsions={self.n_torsions}, n_bonds={self.n_bonds}, "
-            f"n_angles={self.n_angles}, constrained={int(self.bond_fixed.sum())}, "
+            f"n_angles={self.n_angles}, ring_closures={self.n_ring_closures}, "
+            f"constrained={int(self.bond_fixed.sum())}, "
             f"bound={self.bound:g}, n_std={self.n_std:g}, fitted={self.fitted}"
         )

@@ -197,7 +197,8 @@ class MoleculeTarget:
         positions = torch.as_tensor(trajectory.positions_nm, dtype=torch.float64)
         system = molecule.create_openmm_system()
         coordinates = InternalCoordinates.from_data(
-            molecule.zmatrix, positions[split.train], constrained_bonds_from_openmm(system))
+            molecule.zmatrix, positions[split.train], constrained_bonds_from_openmm(system),
+            closures=molecule.ring_closures)
         target = cls(molecule, coordinates, trajectory.temperature_k, platform, workers, openmm_system=system)
         target.split = split
         target.data_features = target.features(positions[split.train])
@@ -215,9 +216,10 @@ class MoleculeTarget:
 
         system = molecule.create_openmm_system()
         constraints = constrained_bonds_from_openmm(system)
-        coordinates = InternalCoordinates(molecule.zmatrix, constraints)
+        coordinates = InternalCoordinates(molecule.zmatrix, constraints, closures=molecule.ring_closures)
         reference = minimised_positions(system, molecule.positions_nm())
-        widths = harmonic_widths(system, molecule.zmatrix, coordinates.free_bond_rows, temperature_k)
+        widths = harmonic_widths(system, molecule.zmatrix, coordinates.free_bond_rows, temperature_k,
+                                 molecule.ring_closures)
         coordinates.fit_structure(reference, widths)
         target = cls(molecule, coordinates, temperature_k, platform, workers, openmm_system=system)
         target._structure_features = target.features(torch.as_tensor(reference)[None])[0]

@@ -1,0 +1,184 @@
+"""Ring closures: Z-matrix rows placed by two ring bonds (round trips, log-dets against
+autograd, every ring bond a coordinate, the bonds a flow keeps near their MD spread)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from trademd.errors import TradeMDError
+from trademd.flow.coordinates import (
+    InternalCoordinates,
+    cartesian_to_internal,
+    closure_axis_lengths,
+    internal_log_det,
+    internal_to_cartesian,
+)
+from trademd.systems import get_system
+from trademd.systems.zmatrix import close_rings, zmatrix_from_bonds
+
+from test_coordinates import _random_rotation, _rigid, canonical_frame
+
+RING_SYSTEMS = ("pro2-implicit", "trp2-implicit")
+
+
+def _bonds(molecule) -> list[tuple[int, int]]:
+    return [(b[0].index, b[1].index) for b in molecule.pdb().topology.bonds()]
+
+
+def _ring_bonds(molecule) -> set[frozenset]:
+    """Bonds on a cycle of the bond graph: those whose removal leaves their ends connected."""
+    bonds = _bonds(molecule)
+    rings = set()
+    for cut in bonds:
+        reached, frontier = {cut[0]}, [cut[0]]
+        while frontier:
+            atom = frontier.pop()
+            for i, j in bonds:
+                if (i, j) != cut and atom in (i, j) and (other := j if atom == i else i) not in reached:
+                    reached.add(other)
+                    frontier.append(other)
+        if cut[1] in reached:
+            rings.add(frozenset(cut))
+    return rings
+
+
+@pytest.fixture(scope="module", params=RING_SYSTEMS)
+def ring(request):
+    """(molecule, float64 configurations [8, n, 3] near the PDB, randomly moved)."""
+    molecule = get_system(request.param)
+    rng = np.random.default_rng(7)
+    x = molecule.positions_nm()[None] + rng.normal(0.0, 0.005, size=(8, molecule.n_atoms, 3))
+    rotations = np.stack([_random_rotation(rng) for _ in range(8)])
+    return molecule, torch.as_tensor(x @ rotations.transpose(0, 2, 1) + rng.normal(size=(8, 1, 3)))
+
+
+def test_every_ring_bond_is_a_coordinate(ring):
+    """Each ring bond is a Z-matrix bond (atom, bond partner) or a closure row's second bond
+    (atom, angle partner); a spanning-tree Z-matrix leaves one per ring out."""
+    molecule, _ = ring
+    z, closures = molecule.zmatrix, molecule.ring_closures
+    coordinates = {frozenset(row[:2]) for row in z[1:].tolist()}
+    coordinates |= {frozenset((row[0], row[2])) for row in z[closures].tolist()}
+    ring_bonds = _ring_bonds(molecule)
+    assert ring_bonds and ring_bonds <= coordinates
+    assert molecule.implied_ring_bonds == ()
+    tree = zmatrix_from_bonds(molecule.n_atoms, _bonds(molecule), [True] * molecule.n_atoms)
+    assert not ring_bonds <= {frozenset(row[:2]) for row in tree[1:].tolist()}
+    # a closure row's torsion partner is placed and not on the axis
+    order = {int(a): k for k, a in enumerate(z[:, 0])}
+    for k in np.flatnonzero(closures):
+        atom, bond, angle, torsion = z[k]
+        assert max(order[bond], order[angle], order[torsion]) < k
+        assert len({atom, bond, angle, torsion}) == 4
+
+
+def test_closure_coordinates_are_the_ring_bonds(ring):
+    molecule, x = ring
+    z, closures = molecule.zmatrix, molecule.ring_closures
+    _, angles, _ = cartesian_to_internal(x, z, closures)
+    for k in np.flatnonzero(closures):
+        atom, _, partner, _ = z[k]
+        expected = torch.linalg.vector_norm(x[:, atom] - x[:, partner], dim=-1)
+        torch.testing.assert_close(angles[:, k - 2], expected)
+        assert 0.12 < float(expected.min()) and float(expected.max()) < 0.16  # C-C, C-N ring bonds
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+def test_round_trip_is_exact(ring, dtype, tol):
+    molecule, x = ring
+    z, closures = molecule.zmatrix, molecule.ring_closures
+    x = x.to(dtype)
+    back = internal_to_cartesian(*cartesian_to_internal(x, z, closures), z, closures=closures)
+    assert (back - canonical_frame(x, z)).abs().max() < tol
+
+
+def test_log_det_equals_autograd_jacobian_with_rigid_motions(ring):
+    """log J with closure rows = log|det d x / d(ic, omega, t)|: the square 3n x 3n Jacobian."""
+    molecule, x = ring
+    z, closures = molecule.zmatrix, molecule.ring_closures
+    n = len(z)
+    base = torch.as_tensor(_random_rotation(np.random.default_rng(5)))
+    for frame in x[:3]:
+        bonds, angles, torsions = cartesian_to_internal(frame, z, closures)
+        inputs = torch.cat([bonds, angles, torsions, torch.zeros(3, dtype=x.dtype), frame[0]])
+
+        def to_cartesian(v):
+            b, a, t = v[: n - 1], v[n - 1 : 2 * n - 3], v[2 * n - 3 : 3 * n - 6]
+            y = internal_to_cartesian(b, a, t, z, closures=closures)
+            return _rigid(y, v[3 * n - 6 : 3 * n - 3], v[3 * n - 3 :], base).reshape(-1)
+
+        jacobian = torch.autograd.functional.jacobian(to_cartesian, inputs)
+        _, logabsdet = torch.linalg.slogdet(jacobian)
+        log_j = internal_log_det(bonds, angles, closures, closure_axis_lengths(frame, z))
+        assert abs(float(logabsdet - log_j)) < 1e-8
+        # without the closure term the tree's log J is a different number
+        assert abs(float(logabsdet - internal_log_det(*cartesian_to_internal(frame, z)[:2]))) > 1e-3
+
+
+def test_module_round_trip_and_inverse_log_det_against_autograd(ring):
+    molecule, x = ring
+    constraints = molecule.create_openmm_system()
+    ic = InternalCoordinates(molecule.zmatrix, None, closures=molecule.ring_closures).fit(x)
+    assert ic.n_ring_closures == int(molecule.ring_closures.sum())
+    features, log_det = ic(x)
+    back, log_det_back = ic.inverse(features.torsions, features.bounded)
+    assert (back - canonical_frame(x, molecule.zmatrix)).abs().max() < 1e-10
+    assert (log_det + log_det_back).abs().max() < 1e-8
+    n_t, n_b = ic.n_torsions, ic.n_bonded_dims
+    inputs = torch.cat([features.torsions[0], features.bounded[0], torch.zeros(6, dtype=x.dtype)])
+
+    def to_cartesian(v):
+        y, _ = ic.inverse(v[None, :n_t], v[None, n_t : n_t + n_b])
+        return _rigid(y[0], v[n_t + n_b : n_t + n_b + 3], v[n_t + n_b + 3 :], torch.eye(3, dtype=x.dtype)).reshape(-1)
+
+    _, logabsdet = torch.linalg.slogdet(torch.autograd.functional.jacobian(to_cartesian, inputs))
+    assert abs(float(logabsdet - log_det_back[0])) < 1e-8
+    assert constraints.getNumConstraints() > 0  # the systems' HBonds leave ring bonds free
+
+
+def test_saved_module_keeps_its_closures_and_old_files_load(ring):
+    molecule, x = ring
+    ic = InternalCoordinates(molecule.zmatrix, closures=molecule.ring_closures).fit(x)
+    again = InternalCoordinates.from_state_dict(ic.state_dict())
+    assert torch.equal(again.closures, ic.closures)
+    old = {k: v for k, v in ic.state_dict().items() if k != "closures"}  # before closures existed
+    assert InternalCoordinates.from_state_dict(old).n_ring_closures == 0
+
+
+def test_infeasible_triangle_stays_finite(ring):
+    """A flow may propose ring bonds that cannot close (r1 + r2 < d): the atom lands on the
+    axis, positions and gradients stay finite."""
+    molecule, x = ring
+    z, closures = molecule.zmatrix, molecule.ring_closures
+    bonds, angles, torsions = cartesian_to_internal(x[:1], z, closures)
+    k = int(np.flatnonzero(closures)[0])
+    angles = angles.clone()
+    angles[:, k - 2] = 0.01  # far too short to reach the partner
+    angles.requires_grad_(True)
+    y = internal_to_cartesian(bonds, angles, torsions, z, closures=closures)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(angles.grad).all()
+
+
+def test_bad_closure_flags_are_refused(ring):
+    molecule, _ = ring
+    with pytest.raises(TradeMDError, match="shape"):
+        InternalCoordinates(molecule.zmatrix, closures=np.ones(3, dtype=bool))
+    seeds = np.zeros(molecule.n_atoms, dtype=bool)
+    seeds[1] = True
+    with pytest.raises(TradeMDError, match="seed"):
+        InternalCoordinates(molecule.zmatrix, closures=seeds)
+
+
+def test_close_rings_on_fused_and_small_rings():
+    """Naphthalene-like fused rings (two closures) and a cyclopropane (a 3-ring whose closing
+    atom's angle partner is its ring partner)."""
+    fused = [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 0), (4, 6), (6, 7), (7, 8), (8, 9), (9, 3)]
+    z = zmatrix_from_bonds(10, fused, [True] * 10)
+    rings = close_rings(z, fused)
+    assert rings.closures.sum() + len(rings.implied) == 2
+    triangle = [(0, 1), (1, 2), (2, 0), (2, 3), (3, 4)]
+    rings = close_rings(zmatrix_from_bonds(5, triangle, [True] * 5), triangle)
+    assert rings.closures.sum() + len(rings.implied) == 1
