@@ -11,10 +11,13 @@ import openmm.app as app
 
 from trademd.errors import TradeMDError
 
-__all__ = ["MolecularSystem", "SOLVENTS"]
+__all__ = ["LARGEST_MEASURED_RING", "MolecularSystem", "SOLVENTS"]
 
 #: Solvent models a system may use.
 SOLVENTS = ("implicit-obc", "vacuum")
+
+#: Largest ring (atoms) whose closure the flow has been measured to keep (indole's rings: 6).
+LARGEST_MEASURED_RING = 6
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class MolecularSystem:
             (:func:`trademd.systems.zmatrix.close_rings`); None: no rings.
         implied_ring_bonds: ring-closing bonds (i, j) that no coordinate holds (the flow
             cannot keep them near their length; :func:`trademd.systems.zmatrix.close_rings`).
+        ring_sizes: atoms of the smallest ring through each ring-closing bond.
         openmm_factory: builds the OpenMM system when it does not come from
             ``forcefield_files`` (e.g. an openmmtools test system); takes the hydrogen mass in
             amu (None: force-field masses). Its particles follow the PDB's atom order.
@@ -56,6 +60,7 @@ class MolecularSystem:
     constraints: str = "HBonds"
     ring_closures: np.ndarray | None = None
     implied_ring_bonds: tuple[tuple[int, int], ...] = ()
+    ring_sizes: tuple[int, ...] = ()
     openmm_factory: Callable[[float | None], openmm.System] | None = None
     force_field: str = ""
 
@@ -68,6 +73,27 @@ class MolecularSystem:
     def psi_atoms(self) -> tuple[int, int, int, int] | None:
         """The first residue's psi dihedral (four atom indices), or None."""
         return self.backbone_dihedrals[0][1] if self.backbone_dihedrals else None
+
+    def ring_warning(self) -> str | None:
+        """One line on rings the flow cannot hold well, or None.
+
+        Ring closures (:func:`trademd.systems.zmatrix.close_rings`) make each ring-closing bond
+        a coordinate; the ring's angles still depend on all its torsions, which small rings
+        keep few and stiff (prolines, aromatic rings: measured, docs/results.md). A ring bond no
+        coordinate holds, or a ring of more than :data:`LARGEST_MEASURED_RING` atoms (a
+        macrocycle, a cyclic peptide), is outside what has been measured to work."""
+        problems = []
+        if self.implied_ring_bonds:
+            problems.append(f"{len(self.implied_ring_bonds)} ring-closing bond(s) "
+                            f"{list(self.implied_ring_bonds)} held by no coordinate (an atom closing two rings)")
+        large = [size for size in self.ring_sizes if size > LARGEST_MEASURED_RING]
+        if large:
+            problems.append(f"ring(s) of {', '.join(map(str, sorted(large)))} atoms (measured up to "
+                            f"{LARGEST_MEASURED_RING})")
+        if not problems:
+            return None
+        return ("; ".join(problems) + ": the flow keeps such rings closed only approximately, expect a far "
+                "lower ESS than for alanine dipeptide and check the samples' ring bonds")
 
     @property
     def md_timestep_ps(self) -> float:

@@ -183,6 +183,7 @@ def _user_system_from_text(pdb_text: str, file_name: str, forcefield_files) -> M
         chiral_centres=_chiral_centres(bonds, heavy),
         ring_closures=rings.closures if rings.closures.any() else None,
         implied_ring_bonds=tuple(rings.implied),
+        ring_sizes=tuple(rings.ring_sizes.values()),
     )
 
 

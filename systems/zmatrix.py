@@ -159,11 +159,13 @@ class RingClosures(NamedTuple):
         closures: bool [n_atoms], True for closure rows.
         implied: ring-closing bonds (i, j) that stay implied by the other coordinates (an atom
             that closes two rings holds one of them; a seed atom none).
+        ring_sizes: per ring-closing bond (i, j), the atoms of the smallest ring through it.
     """
 
     zmatrix: np.ndarray
     closures: np.ndarray
     implied: list[tuple[int, int]]
+    ring_sizes: dict[tuple[int, int], int]
 
 
 def close_rings(zmatrix: np.ndarray, bonds: list[tuple[int, int]]) -> RingClosures:
@@ -191,7 +193,9 @@ def close_rings(zmatrix: np.ndarray, bonds: list[tuple[int, int]]) -> RingClosur
         neighbours[j].add(i)
     closures = np.zeros(n_atoms, dtype=bool)
     implied = []
+    ring_sizes = {}
     for i, j in sorted({tuple(sorted(b)) for b in bonds if frozenset(b) not in tree}):
+        ring_sizes[(i, j)] = _path_length(neighbours, i, j, without=(i, j)) + 1
         early, late = sorted((i, j), key=order.__getitem__)
         k = order[late]
         if k < 3 or closures[k]:
@@ -204,4 +208,17 @@ def close_rings(zmatrix: np.ndarray, bonds: list[tuple[int, int]]) -> RingClosur
         z[k] = (late, bond_partner, early, torsion)
         closures[k] = True
     validate_zmatrix(z, n_atoms)
-    return RingClosures(z, closures, implied)
+    return RingClosures(z, closures, implied, ring_sizes)
+
+
+def _path_length(neighbours: list[set[int]], start: int, end: int, without: tuple[int, int]) -> int:
+    """Bonds on the shortest path start -> end that does not use the bond ``without``."""
+    distance = {start: 0}
+    queue = deque([start])
+    while queue:
+        atom = queue.popleft()
+        for nb in neighbours[atom]:
+            if {atom, nb} != set(without) and nb not in distance:
+                distance[nb] = distance[atom] + 1
+                queue.append(nb)
+    return distance[end]

@@ -72,11 +72,13 @@ def test_run_pipeline_then_reuse(tmp_path):
 
 @pytest.mark.parametrize("name, timestep_ps, flow_dims", [
     ("ala2-openmmtools", 0.002, 60), ("ala4-implicit", 0.004, 3 * 42 - 6 - 22),
-    ("ala6-implicit", 0.004, 3 * 62 - 6 - 32)])
+    ("ala6-implicit", 0.004, 3 * 62 - 6 - 32), ("pro2-implicit", 0.004, 3 * 26 - 6 - 14),
+    ("trp2-implicit", 0.004, 3 * 36 - 6 - 17)])
 def test_new_builtin_systems_run_every_stage(tmp_path, name, timestep_ps, flow_dims):
     """The published benchmark system (no constraints: `run` picks 2 fs and force-field
     masses, every bond a flow dimension: 60, as in the published benchmarks) and the capped
-    tetra- and hexapeptides (bonds to hydrogen rigid): MD, training and sampling run."""
+    tetra- and hexapeptides and the ring dipeptides Ace-Pro-Nme, Ace-Trp-Nme (bonds to hydrogen
+    rigid): MD, training and sampling run."""
     import h5py
     import numpy as np
     import torch

@@ -1,6 +1,7 @@
 """Ring closures: Z-matrix rows placed by two ring bonds (round trips, log-dets against
 autograd, every ring bond a coordinate, the bonds a flow keeps near their MD spread)."""
 
+import json
 import math
 
 import numpy as np
@@ -182,3 +183,111 @@ def test_close_rings_on_fused_and_small_rings():
     triangle = [(0, 1), (1, 2), (2, 0), (2, 3), (3, 4)]
     rings = close_rings(zmatrix_from_bonds(5, triangle, [True] * 5), triangle)
     assert rings.closures.sum() + len(rings.implied) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# rings the flow cannot hold: one warning line
+
+
+def cyclic_alanine_pdb(n_residues: int = 4) -> str:
+    """PDB text of head-to-tail cyclo-(Ala)n (a 3n-atom backbone ring), backbone on a circle,
+    hydrogens by OpenMM, minimised in amber99sbildn; the ring-closing peptide bond is a
+    CONECT record."""
+    import io
+
+    import openmm
+    import openmm.app as app
+    from openmm import unit
+
+    topology = app.Topology()
+    chain = topology.addChain("A")
+    positions, residues = [], []
+    n_ring = 3 * n_residues
+    radius = 0.145 * n_ring / (2 * math.pi)
+    for k in range(n_residues):
+        residue = topology.addResidue("ALA", chain)
+        atoms = {}
+        for j, name in enumerate(("N", "CA", "C")):
+            angle = 2 * math.pi * (3 * k + j) / n_ring
+            at = np.array([radius * math.cos(angle), radius * math.sin(angle), 0.0])
+            atoms[name] = topology.addAtom(name, app.Element.getBySymbol(name[0]), residue)
+            positions.append(at)
+            if name == "C":
+                atoms["O"] = topology.addAtom("O", app.Element.getBySymbol("O"), residue)
+                positions.append(at * (1 + 0.123 / radius))
+            if name == "CA":
+                atoms["CB"] = topology.addAtom("CB", app.Element.getBySymbol("C"), residue)
+                positions.append(at * (1 + 0.1 / radius) + np.array([0.0, 0.0, 0.11]))
+        residues.append(atoms)
+    for k, atoms in enumerate(residues):
+        for a, b in (("N", "CA"), ("CA", "C"), ("C", "O"), ("CA", "CB")):
+            topology.addBond(atoms[a], atoms[b])
+        topology.addBond(atoms["C"], residues[(k + 1) % n_residues]["N"])
+    cpu = openmm.Platform.getPlatformByName("CPU")
+    modeller = app.Modeller(topology, np.array(positions) * unit.nanometer)
+    modeller.addHydrogens(platform=cpu)  # the first residue gets an N-terminus: make it H
+    first = next(modeller.topology.residues())
+    modeller.delete([a for a in first.atoms() if a.name in ("H2", "H3")])
+    for atom in first.atoms():
+        atom.name = "H" if atom.name == "H1" else atom.name
+    forcefield = app.ForceField("amber99sbildn.xml")
+    system = forcefield.createSystem(modeller.topology, nonbondedMethod=app.NoCutoff, constraints=app.HBonds)
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001), cpu)
+    context.setPositions(modeller.positions)
+    openmm.LocalEnergyMinimizer.minimize(context, 1.0, 0)
+    text = io.StringIO()
+    app.PDBFile.writeFile(modeller.topology, context.getState(getPositions=True).getPositions(), text)
+    out = list(modeller.topology.residues())
+    c = next(a for a in out[-1].atoms() if a.name == "C").index + 1
+    n = next(a for a in out[0].atoms() if a.name == "N").index + 1
+    return text.getvalue().replace("END\n", f"CONECT{c:5d}{n:5d}\nCONECT{n:5d}{c:5d}\nEND\n")
+
+
+@pytest.fixture(scope="module")
+def macrocycle(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cyclic") / "cyclo-ala4.pdb"
+    path.write_text(cyclic_alanine_pdb(4))
+    return path
+
+
+def test_ring_warning_names_macrocycles_and_implied_bonds(macrocycle):
+    from trademd.systems import user_system
+
+    cyclic = user_system(macrocycle, ["amber99sbildn.xml"])
+    assert cyclic.ring_sizes == (12,)
+    warning = cyclic.ring_warning()
+    assert warning is not None and "\n" not in warning and "12 atoms" in warning
+    for name in RING_SYSTEMS:
+        molecule = get_system(name)
+        assert molecule.ring_warning() is None
+        assert sorted(molecule.ring_sizes) == ([5] if name.startswith("pro") else [5, 6])
+    from dataclasses import replace
+
+    implied = replace(get_system("pro2-implicit"), implied_ring_bonds=((9, 17),))
+    assert "held by no coordinate" in implied.ring_warning()
+
+
+@pytest.mark.slow
+def test_train_warns_about_a_user_pdb_with_a_macrocycle(macrocycle, tmp_path):
+    from typer.testing import CliRunner
+
+    from trademd.cli.app import app
+
+    runner = CliRunner()
+    data = tmp_path / "cyclic.h5"
+    simulated = runner.invoke(app, [
+        "simulate", "--pdb", str(macrocycle), "--forcefield", "amber99sbildn.xml", "--temperature", "600",
+        "--time", "6ps", "--replicas", "2", "--save-every", "0.5ps", "--equilibration", "0",
+        "--platform", "CPU", "--quiet", "--out", str(data)])
+    assert simulated.exit_code == 0, simulated.output
+    tiny = tmp_path / "tiny.json"
+    tiny.write_text(json.dumps({"cache_samples": 64, "grid_size": 3, "trade_points": 32, "batch_size": 32,
+                                "metrics_every": 2, "checkpoint_every": 2, "warmup_fraction": 0.0,
+                                "metrics_samples": 200, "refine_samples": 200, "flow": {"width": 16}}))
+    trained = runner.invoke(app, ["train", "--data", str(data), "--tmin", "300", "--tmax", "660",
+                                  "--objective", "nll", "--steps", "4", "--config", str(tiny),
+                                  "--platform", "CPU", "--device", "cpu", "--quiet",
+                                  "--out", str(tmp_path / "train")])
+    assert trained.exit_code == 0, trained.output
+    warnings = [line for line in trained.output.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "12 atoms" in warnings[0], trained.output

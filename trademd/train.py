@@ -149,6 +149,9 @@ def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | No
                            "drop it (data fix T0; analytic systems have their own)")
     boundary = t_max if boundary_temperature_k is None else float(boundary_temperature_k)
     target = _target(data, system, platform, temperature_k, objective, boundary)
+    molecule = getattr(target, "molecule", None)
+    if molecule is not None and (warning := molecule.ring_warning()):
+        print(f"trade-md train: warning: {molecule.name}: {warning}", file=sys.stderr, flush=True)
     try:
         trainer = Trainer(target, config, out, device=device,
                           validation_features=target.validation_features, ranks=ranks)
