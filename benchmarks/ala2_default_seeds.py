@@ -135,6 +135,11 @@ def _training_ess(metrics_csv: Path) -> dict:
             "main_end_step": int(main["step"]), "final_step": int(last["step"])}
 
 
+def _value(value: float | None) -> str:
+    """A number to 2 decimals, "n/a" for None (e.g. dF of a basin the samples never visit)."""
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def _mean_se(values: list[float]) -> str:
     values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
@@ -162,8 +167,7 @@ def aggregate(out: Path) -> str:
                 f"| {r['seed']} | {t:g} K | {100 * s['relative_ess']:.1f} % | "
                 f"{100 * s['relative_ess_batch_min']:.1f}-{100 * s['relative_ess_batch_max']:.1f} % | "
                 f"{s['top10_weight_share']:.3f} | {'n/a' if k is None else f'{k:.2f}'} | "
-                f"{s.get('delta_f_positive_phi_kt', float('nan')):.2f} +- "
-                f"{s.get('delta_f_positive_phi_kt_error') or float('nan'):.2f} | "
+                f"{_value(s.get('delta_f_positive_phi_kt'))} +- {_value(s.get('delta_f_positive_phi_kt_error'))} | "
                 f"{100 * s['fraction_flagged']:.2f} % |")
     lines += ["", "| T | relative ESS, mean +- s.e. over seeds (%) | worst seed (%) | dF(phi>0) / kT, mean +- s.e. |",
               "| --- | --- | --- | --- |"]

@@ -73,8 +73,9 @@ def zmatrix_from_bonds(n_atoms: int, bonds: list[tuple[int, int]], heavy: list[b
     The seed s1 is the most central heavy atom (smallest eccentricity), s0 and s2 two of its
     neighbours; every other atom is placed in breadth-first order from s1 with its bond
     partner the atom it was reached from, its angle partner that atom's parent (or a placed
-    neighbour of it) and its torsion partner one bond further (or a placed neighbour of the
-    angle or bond partner).
+    neighbour of it) and its torsion partner a placed sibling (another neighbour of the bond
+    partner: an improper torsion, as the hand-made alanine dipeptide Z-matrix has for its
+    methyl hydrogens) or else one bond further (or a placed neighbour of the angle partner).
 
     Args:
         n_atoms: number of atoms.
@@ -126,12 +127,17 @@ def zmatrix_from_bonds(n_atoms: int, bonds: list[tuple[int, int]], heavy: list[b
 
 
 def _row(atom: int, parent: dict, neighbours: list[list[int]], placed: set[int]) -> tuple:
+    """(atom, bond, angle, torsion): the torsion partner is a placed sibling (another
+    neighbour of the bond partner) where there is one, else an atom one bond further."""
     bond = parent[atom]
     angle = parent.get(bond)
     if angle is None:  # bond partner is the central seed: use another placed neighbour
         angle = next(a for a in neighbours[bond] if a in placed and a != atom)
     used = {atom, bond, angle}
-    options = [parent.get(angle)] + neighbours[angle] + neighbours[bond]
+    # a sibling reference makes the torsion a near-constant offset (a methyl's second and
+    # third hydrogens: +-120 degrees from the first), so a rotor or a branch point is one
+    # multimodal torsion, not three that must move together
+    options = neighbours[bond] + [parent.get(angle)] + neighbours[angle]
     torsion = next((a for a in options if a is not None and a in placed and a not in used), None)
     if torsion is None:
         torsion = next(a for a in sorted(placed) if a not in used)

@@ -341,11 +341,11 @@ def _ring_bond_spread_ratio(molecule, frames: np.ndarray, z, closures, error: fl
 @pytest.mark.parametrize("name", RING_SYSTEMS)
 def test_samples_keep_every_ring_bond_within_its_md_spread(name):
     """With ring closures every ring bond is a coordinate: a flow that gets each frame's angles
-    and torsions wrong by 0.2 of their MD spread keeps each ring bond at its MD spread (the
+    and torsions wrong by 0.3 of their MD spread keeps each ring bond at its MD spread (the
     ring's closure no longer hangs on its torsions). The spanning-tree Z-matrix, same errors on
-    the same frames, spreads a ring bond 2x or more (pro 2.1x, trp 2.7x), as the flows of
-    issue 24 did (2-2.4x). At 0.3 closures keep indole's ring bonds within 1.09x (2026-12-07)."""
-    error = 0.2
+    the same frames, spreads a ring bond 2x or more (pro 3.3x, trp 2.8x; 2026-12-07), as the
+    flows of issue 24 did (2-2.4x)."""
+    error = 0.3
     molecule = get_system(name)
     frames = _md_frames(molecule, 400)
     with_closures = _ring_bond_spread_ratio(molecule, frames, molecule.zmatrix, molecule.ring_closures, error)
