@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_AUTHOR",
     "fixed_string",
     "write_h5md_metadata",
+    "ordered_group",
     "extendable_dataset",
     "create_particle_group",
     "create_observable",
@@ -59,6 +60,13 @@ def write_h5md_metadata(h5: h5py.File, creator_version: str) -> None:
     units.attrs["system"] = fixed_string("SI")
 
 
+def ordered_group(parent: h5py.Group, name: str) -> h5py.Group:
+    """``parent[name]``, created if absent with its members listed in creation order (so that
+    readers that take the first particle group, like MDAnalysis, get the first temperature
+    written, not the first by name: ``T300`` before ``T1000``)."""
+    return parent[name] if name in parent else parent.create_group(name, track_order=True)
+
+
 def extendable_dataset(group: h5py.Group, name: str, data: np.ndarray,
                        compression: str | None = None) -> h5py.Dataset:
     """A dataset holding ``data`` [rows, ...] whose first axis can grow (H5MD's
@@ -82,7 +90,7 @@ def create_particle_group(h5: h5py.File, name: str, positions_nm: np.ndarray, st
     Returns:
         The ``position`` group (``value``, ``step``, ``time``).
     """
-    group = h5.require_group("particles").create_group(name)
+    group = ordered_group(h5, "particles").create_group(name)
     box = group.create_group("box")
     box.attrs["dimension"] = np.int32(3)
     box.attrs["boundary"] = np.array([fixed_string("none")] * 3)
@@ -104,7 +112,7 @@ def create_observable(h5: h5py.File, group_name: str, name: str, values: np.ndar
         The ``value`` dataset.
     """
     position = h5[f"particles/{group_name}/position"]
-    element = h5.require_group("observables").require_group(group_name).create_group(name)
+    element = ordered_group(ordered_group(h5, "observables"), group_name).create_group(name)
     value = extendable_dataset(element, "value", values)
     if unit:
         value.attrs["unit"] = unit

@@ -20,7 +20,7 @@ import numpy as np
 
 from trademd import __version__
 from trademd.errors import TradeMDError
-from trademd.io.h5md import write_h5md_metadata
+from trademd.io.h5md import ordered_group, write_h5md_metadata
 from trademd.io.h5md_rules import h5md_problems
 
 __all__ = [
@@ -143,11 +143,11 @@ def create_file(path: Path, file_format: str, attrs: dict, units: dict[str, str]
     :data:`FORMAT_VERSION`, open for writing: ``format`` and ``format_version`` at the root,
     the ``h5md`` metadata, and in ``parameters`` the ``attrs``, the ``units`` of its
     quantities (name -> unit, as JSON) and the ``topology_pdb`` dataset."""
-    h5 = h5py.File(path, "w", track_order=True)  # groups list in creation order (ladder order)
+    h5 = h5py.File(path, "w", track_order=True)
     h5.attrs["format"] = file_format
     h5.attrs["format_version"] = FORMAT_VERSION
     write_h5md_metadata(h5, __version__)
-    parameters = h5.create_group("parameters")
+    parameters = ordered_group(h5, "parameters")
     write_attrs(parameters, {k: v for k, v in attrs.items() if k not in SCHEMA_ATTRS})
     parameters.attrs["units"] = json.dumps(units)
     parameters.create_dataset("topology_pdb", data=topology_pdb)
