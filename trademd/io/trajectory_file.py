@@ -125,7 +125,8 @@ class EnsembleFrames:
         return int(self.datasets.columns["positions_nm"].shape[1])
 
     def columns(self) -> dict[str, np.ndarray]:
-        """Every stored column, unchecked: those of :data:`~trademd.io.trajectory_layout.FRAME_COLUMNS` [frames, ...] and
+        """Every stored column, unchecked: those of
+        :data:`~trademd.io.trajectory_layout.FRAME_COLUMNS` [frames, ...] and
         ``kinetic_temperature_k`` [saves] (K)."""
         return {**{name: dataset[()] for name, dataset in self.datasets.columns.items()},
                 "kinetic_temperature_k": self.datasets.kinetic_temperature_k[()]}
@@ -263,7 +264,8 @@ class DynamicsFile:
                     "file simulated at that temperature"
                 )
             return ensemble_datasets(self.h5, available[0], path)
-        matching = [t for t in available if temperature_k is not None and abs(t - temperature_k) < _SAME_TEMPERATURE_K]
+        matching = [t for t in available
+                    if temperature_k is not None and abs(t - temperature_k) < _SAME_TEMPERATURE_K]
         if not matching:
             asked = "no temperature was given" if temperature_k is None else f"{temperature_k:g} K is not one"
             raise TradeMDError(
