@@ -315,3 +315,15 @@ def test_files_in_neither_layout_get_one_line_errors(tmp_path, make, words):
     _one_line_error(runner.invoke(app, ["export", str(path), "--format", "npz"]), *words)
     with pytest.raises(TradeMDError):
         read_samples(path)
+
+
+def test_a_file_that_lost_a_dataset_is_refused_in_one_line(trajectory, tmp_path):
+    samples = write_samples(tmp_path / "s.h5", [_synthetic_samples(300.0, 4, 0)], {}, "PDB")
+    plain = shutil.copy(trajectory, tmp_path / "t.h5")
+    with h5py.File(samples, "a") as h5, h5py.File(plain, "a") as t:
+        del h5["observables/T300/weights"]
+        del t["observables/T600/replica"]
+    _one_line_error(runner.invoke(app, ["export", str(samples), "--format", "npz"]),
+                    "lacks the weights of its T300 samples: the file is damaged")
+    _one_line_error(runner.invoke(app, ["export", str(plain), "--format", "npz"]),
+                    "lacks the datasets of its 600 K ensemble", "the file is damaged")

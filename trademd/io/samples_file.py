@@ -230,13 +230,19 @@ class SamplesHDF5File:
         """The per-sample arrays of the temperature whose metadata is ``group`` (version 1:
         the group holds them; version 2: its particle group and observables)."""
         names = (*SAMPLE_DATASETS, *RESIDUE_DATASETS)
-        if file_version(self.h5) == 1:
-            return {k: group[k][()] for k in names if k in group}
         temperature = group.name.rsplit("/", 1)[-1]
-        observables = self.h5[f"observables/{temperature}"]
-        arrays = {k: observables[f"{_element_name(k)}/value"][()] for k in names
-                  if _element_name(k) in observables}
-        arrays["positions_nm"] = self.h5[f"particles/{temperature}/position/value"][()]
+        if file_version(self.h5) == 1:
+            arrays = {k: group[k][()] for k in names if k in group}
+        else:
+            observables = self.h5.get(f"observables/{temperature}", {})
+            arrays = {k: observables[f"{_element_name(k)}/value"][()] for k in names
+                      if _element_name(k) in observables and k != "positions_nm"}
+            position = self.h5.get(f"particles/{temperature}/position/value")
+            arrays.update({} if position is None else {"positions_nm": position[()]})
+        missing = [k for k in SAMPLE_DATASETS if k not in arrays]
+        if missing:
+            raise TradeMDError(f"{self.h5.filename!r} lacks the {', '.join(map(_element_name, missing))} "
+                               f"of its {temperature} samples: the file is damaged")
         return arrays
 
     def close(self) -> None:
