@@ -33,7 +33,6 @@ import math
 from pathlib import Path
 import time
 
-import h5py
 import numpy as np
 
 #: Replica-exchange reference at 300 K of ala2-implicit (docs/results.md, 2 ladders x 6 ns,
@@ -45,7 +44,7 @@ TEMPERATURES_K = (300.0, 600.0)
 def run_seed(seed: int, out: Path, platform: str, device: str, reference: Path | None,
              overrides: dict | None = None, progress: bool = True) -> dict:
     from trademd.evaluate import evaluate_samples
-    from trademd.io.trajectory_file import frame_count
+    from trademd.io.trajectory_file import DynamicsFile, frame_count
     from trademd.pipeline import RunConfig
     from trademd.sample import sample_run
     from trademd.simulate import simulate
@@ -60,8 +59,8 @@ def run_seed(seed: int, out: Path, platform: str, device: str, reference: Path |
     settings = config.simulation(platform)
     if not data.exists() or frame_count(data) < settings.n_saves * settings.replicas:
         simulate(settings, data, resume=data.exists(), show_progress=progress)
-    with h5py.File(data) as h5:  # the file's own record: set-up and every resume included
-        wall["simulate_s"] = float(h5.attrs["wall_time_s"])
+    with DynamicsFile.open(data) as file:  # the file's own record: set-up and every resume included
+        wall["simulate_s"] = float(file.attrs["wall_time_s"])
     data_check = _data_check(data)
     print(f"seed {seed}: simulate done in {wall['simulate_s']:.0f} s; {data_check}", flush=True)
     start = time.perf_counter()

@@ -35,8 +35,7 @@ from trademd.analysis.statistics import (
 )
 from trademd.errors import TradeMDError
 from trademd.evaluate import evaluate_samples
-from trademd.io.schema import open_hdf5
-from trademd.io.trajectory_file import ensemble_temperatures, frame_count, read_trajectory
+from trademd.io.trajectory_file import DynamicsFile, ensemble_temperatures, frame_count, read_trajectory
 from trademd.sample import sample_run
 from trademd.simulate import ExchangeConfig, SimulationConfig, simulate
 from trademd.systems import system_from_attrs
@@ -92,8 +91,8 @@ def training_seconds(run_dir: Path) -> float:
     return float(np.sum(steps / np.atleast_1d(rows["steps_per_s"])))
 
 def simulation_seconds(path: Path) -> float | None:
-    with open_hdf5(path) as h5:
-        value = h5.attrs.get("wall_time_s")
+    with DynamicsFile.open(path) as file:
+        value = file.attrs.get("wall_time_s")
     return None if value is None else float(value)
 
 def phi_tau_frames(path: Path, temperature_k: float) -> dict:
@@ -151,11 +150,10 @@ def run(scale: str, settings: dict, out: Path, platform: str, device: str) -> di
                "stages_s": {"data_600K": simulation_seconds(data),
                             "reference_remd": simulation_seconds(reference),
                             "md_300K": simulation_seconds(md300)}}
-    with open_hdf5(reference) as h5:
-        exchange = h5["exchange"]
-        results["remd"] = {"acceptance_rate": json.loads(exchange.attrs["acceptance_rate"]),
-                           "round_trips": int(exchange.attrs["round_trips"]),
-                           "ladder_k": ensemble_temperatures(reference)}
+    with DynamicsFile.open(reference) as file:
+        exchange = file.read_exchange_statistics()
+    results["remd"] = {"acceptance_rate": exchange["acceptance_rate"], "round_trips": exchange["round_trips"],
+                       "ladder_k": ensemble_temperatures(reference)}
     for objective in OBJECTIVES:
         run_dir = out / f"train_{objective}"
         model = run_dir / "model.pt"

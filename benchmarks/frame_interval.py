@@ -14,30 +14,30 @@ import json
 from pathlib import Path
 import time
 
-import h5py
 import numpy as np
 
 
 def subsample(source: Path, stride: int, out: Path) -> Path:
     """A copy of a plain trajectory file keeping every ``stride``-th save (all replicas)."""
-    from trademd.io.trajectory_file import TRAJECTORY_DATASETS
+    from trademd.io.schema import SCHEMA_ATTRS
+    from trademd.io.trajectory_file import DynamicsFile
 
-    with h5py.File(source) as src, h5py.File(out, "w") as dst:
+    with DynamicsFile.open(source) as src:
         replicas = int(src.attrs["n_replicas"])
-        n = src["energy_kj_mol"].shape[0]
-        keep = np.flatnonzero((np.arange(n) // replicas) % stride == 0)
-        for key, value in src.attrs.items():
-            dst.attrs[key] = value
-        dst.attrs["save_every_ps"] = float(src.attrs["save_every_ps"]) * stride
-        dst.create_dataset("topology_pdb", data=src["topology_pdb"][()])
-        for name in TRAJECTORY_DATASETS:
-            dataset = dst.create_dataset(name, data=src[name][()][keep])
-            for key, value in src[name].attrs.items():
-                dataset.attrs[key] = value
+        columns = src.ensembles[0].columns()
+        keep = np.flatnonzero((np.arange(len(columns["energy_kj_mol"])) // replicas) % stride == 0)
+        attrs = {k: v for k, v in src.attrs.items() if k not in SCHEMA_ATTRS}
+        attrs["save_every_ps"] = float(src.attrs["save_every_ps"]) * stride
+        with DynamicsFile.create(out, attrs, src.topology_pdb, src.ensembles[0].n_atoms,
+                                 src.temperatures_k, overwrite=True) as dst:
+            dst.ensembles[0].append(columns["positions_nm"][keep], columns["energy_kj_mol"][keep],
+                                    columns["replica"][keep], columns["time_ps"][keep],
+                                    columns["kinetic_temperature_k"][::stride])
     return out
 
 
 def main() -> None:
+    from trademd.io.trajectory_file import read_trajectory
     from trademd.sample import sample_run
     from trademd.train import train_run
 
@@ -51,9 +51,9 @@ def main() -> None:
     rows = []
     for stride in args.strides:
         data = subsample(args.data, stride, args.out / f"data_stride{stride}.h5")
-        with h5py.File(data) as h5:
-            t0, frames = float(h5.attrs["temperature_k"]), h5["energy_kj_mol"].shape[0]
-            interval_ps = float(h5.attrs["save_every_ps"])
+        trajectory = read_trajectory(data)
+        t0, frames = trajectory.temperature_k, trajectory.n_frames
+        interval_ps = float(trajectory.attrs["save_every_ps"])
         start = time.perf_counter()
         model = train_run(args.out / f"train_stride{stride}", 0.8 * t0, 1.1 * t0, data=data,
                           overrides={"objective": "nll", "refine_rounds": 0}, show_progress=False)

@@ -139,7 +139,7 @@ def record_attrs(molecule: MolecularSystem) -> dict:
 
 
 def system_from_attrs(attrs, topology_pdb: str) -> MolecularSystem:
-    """The system a trade-md file records in its root attributes (``system``,
+    """The system a trade-md file records in its attributes (``system``,
     ``forcefield_files`` as JSON text) and topology: built-in by name, a user system from
     its PDB text."""
     return system_from_record(str(attrs["system"]), topology_pdb, json.loads(attrs["forcefield_files"]))

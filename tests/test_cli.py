@@ -77,7 +77,8 @@ def test_simulate_info_export(tmp_path):
 
     info = runner.invoke(app, ["info", str(out)])
     assert info.exit_code == 0
-    assert "trade-md/trajectory" in info.output and "/positions_nm" in info.output
+    assert "trade-md/trajectory (version 2)" in info.output and "H5MD 1.1: follows the rules" in info.output
+    assert "/particles/T300/position/value: float32 (4, 22, 3) [nm]" in info.output
 
     for fmt in ("dcd", "xtc", "pdb"):
         exported = runner.invoke(app, ["export", str(out), "--format", fmt])

@@ -428,6 +428,11 @@ def test_cuda_bridge_equals_single_molecule_context(molecule, references):
     _assert_exact(energy.cpu(), forces.cpu(), *references[1](x), relative=1e-5, force_relative=1e-5)
 
 
+#: The energies and positions of a 300 K trajectory file (H5MD layout).
+ENERGY = "observables/T300/potential_energy/value"
+POSITIONS = "particles/T300/position/value"
+
+
 @pytest.fixture(scope="module")
 def trajectory(tmp_path_factory):
     """A tiny ala2-vacuum trajectory: 2 replicas, 2 saves, 4 frames."""
@@ -447,12 +452,12 @@ def test_energy_command_recomputes_and_writes(trajectory):
     assert lines["frames"] == "4"
     assert float(lines["max |recomputed - stored|"].split()[0]) < 1e-3
     with h5py.File(trajectory, "r") as h5:
-        stored = h5["energy_kj_mol"][()]
-        positions = h5["positions_nm"][()]
+        stored = h5[ENERGY][()]
+        positions = h5[POSITIONS][()]
     assert float(lines["mean energy"].split()[0]) == pytest.approx(stored.mean(), abs=1e-3)
 
     with h5py.File(trajectory, "a") as h5:  # spoil one stored energy
-        h5["energy_kj_mol"][1] += 5.0
+        h5[ENERGY][1] += 5.0
     result = runner.invoke(app, ["energy", str(trajectory), "--write", "--platform", "Reference"])
     assert result.exit_code == 0, result.output
     lines = dict(line.split(": ", 1) for line in result.output.strip().splitlines() if ": " in line)
@@ -462,7 +467,7 @@ def test_energy_command_recomputes_and_writes(trajectory):
 
     expected, _ = MoleculeEnergy(get_system("ala2-vacuum").create_openmm_system(), "Reference")(positions)
     with h5py.File(trajectory, "r") as h5:
-        assert np.allclose(h5["energy_kj_mol"][()], expected, rtol=1e-12, atol=1e-9)
+        assert np.allclose(h5[ENERGY][()], expected, rtol=1e-12, atol=1e-9)
 
 
 def test_energy_command_bad_input(tmp_path):
@@ -490,7 +495,7 @@ def test_energy_command_repairs_non_finite_stored_energies(tmp_path):
                                      replicas=2, save_every_ps=1, equilibration_ps=0,
                                      platform="CPU"), tmp_path / "t.h5", show_progress=False)
     with h5py.File(path, "a") as h5:
-        h5["energy_kj_mol"][0] = float("nan")
+        h5[ENERGY][0] = float("nan")
     with pytest.raises(TradeMDError, match="--write"):
         read_trajectory(path)
     result = CliRunner().invoke(app, ["energy", str(path), "--write", "--platform", "CPU"])

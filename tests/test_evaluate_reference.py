@@ -22,6 +22,7 @@ from trademd.energy.molecule import MoleculeEnergy
 from trademd.errors import TradeMDError
 from trademd.evaluate import evaluate_samples, load_reference
 from trademd.io.samples_file import TemperatureSamples, read_samples, write_samples
+from trademd.io.schema import group_name
 from trademd.io.trajectory_file import read_trajectory
 from trademd.io.openmmtools_storage import read_openmmtools_storage
 from trademd.io.references import read_reference
@@ -105,13 +106,15 @@ def _mirror_odd_saves(path, n_ladders: int) -> None:
     Boltzmann distribution, now with phi > 0 populated."""
     energy = MoleculeEnergy(get_system("ala2-vacuum").create_openmm_system(), "Reference")
     with h5py.File(path, "a") as h5:
-        for temperature in json.loads(h5.attrs["temperatures_k"]):
-            group = h5[f"T{temperature:g}"]
-            positions = group["positions_nm"][()]
+        for temperature in json.loads(h5["parameters"].attrs["temperatures_k"]):
+            name = group_name(temperature)
+            value = h5[f"particles/{name}/position/value"]
+            positions = value[()]
             odd = (np.arange(len(positions)) // n_ladders) % 2 == 1
             positions[odd, :, 0] *= -1
-            group["positions_nm"][...] = positions
-            assert np.allclose(energy(positions[odd][:3])[0], group["energy_kj_mol"][odd][:3], atol=1e-2)
+            value[...] = positions
+            stored = h5[f"observables/{name}/potential_energy/value"][()]
+            assert np.allclose(energy(positions[odd][:3])[0], stored[odd][:3], atol=1e-2)
 
 
 @pytest.fixture(scope="module")

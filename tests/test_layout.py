@@ -15,6 +15,7 @@ STAGES = {"simulate", "train", "sample", "evaluate", "pipeline", "recompute"}
 KERNELS = ("io", "md", "energy", "flow", "training", "analysis")
 #: The modules of the file layer that touch HDF5 files (provenance only reads h5py's version).
 HDF5_MODULES = {"trademd.io.schema", "trademd.io.trajectory_file", "trademd.io.samples_file",
+                "trademd.io.trajectory_layout", "trademd.io.h5md", "trademd.io.h5md_rules",
                 "trademd.io.provenance"}
 
 

@@ -79,11 +79,12 @@ def test_new_builtin_systems_run_every_stage(tmp_path, name, timestep_ps, flow_d
     masses, every bond a flow dimension: 60, as in the published benchmarks) and the capped
     tetra- and hexapeptides and the ring dipeptides Ace-Pro-Nme, Ace-Trp-Nme (bonds to hydrogen
     rigid): MD, training and sampling run."""
-    import h5py
     import numpy as np
     import torch
 
     from trademd.evaluate import evaluate_samples
+    from trademd.io.samples_file import read_samples
+    from trademd.io.trajectory_file import read_trajectory
     from trademd.pipeline import RunConfig
     from trademd.sample import sample_run
     from trademd.simulate import simulate
@@ -96,8 +97,7 @@ def test_new_builtin_systems_run_every_stage(tmp_path, name, timestep_ps, flow_d
     assert settings.timestep_ps == timestep_ps
     assert settings.hydrogen_mass_amu == (None if name == "ala2-openmmtools" else 1.5)
     data = simulate(settings, tmp_path / "data.h5", show_progress=False)
-    with h5py.File(data) as h5:
-        assert h5.attrs["system"] == name
+    assert read_trajectory(data).attrs["system"] == name
     small = {"steps": 4, "batch_size": 16, "trade_points": 16, "cache_samples": 100,
              "metrics_every": 2, "metrics_samples": 100, "refine_rounds": 1, "refine_steps": 2,
              "refine_samples": 200}
@@ -115,16 +115,16 @@ def test_new_builtin_systems_run_every_stage(tmp_path, name, timestep_ps, flow_d
                             platform="CPU", show_progress=False)
     assert summary["n"] == 512 and summary["temperature_k"] == 600.0 and summary["fraction_flagged"] < 1
     residues = len(get_system(name).backbone_dihedrals)
-    with h5py.File(tmp_path / "samples.h5") as h5:
-        group = h5["T600"]
-        if residues > 1:  # every residue's angles, histograms and Ramachandran panel
-            assert group["phi_residues"].shape == group["psi_residues"].shape == (512, residues)
-            assert np.array_equal(group["phi_residues"][:, 0], group["phi"][()])
-            assert group["histograms/phi_psi_weighted_residues"].shape == (residues, 60, 60)
-            assert np.allclose(group["histograms/phi_psi_weighted_residues"][0], group["histograms/phi_psi_weighted"][()])
-            assert len(summary["delta_f_positive_phi_kt_residues"]) == residues
-        else:
-            assert "phi_residues" not in group
+    samples = read_samples(tmp_path / "samples.h5").by_temperature[600.0]
+    histograms = samples.histograms
+    if residues > 1:  # every residue's angles, histograms and Ramachandran panel
+        assert samples.phi_residues.shape == samples.psi_residues.shape == (512, residues)
+        assert np.array_equal(samples.phi_residues[:, 0], samples.phi)
+        assert histograms["phi_psi_weighted_residues"].shape == (residues, 60, 60)
+        assert np.allclose(histograms["phi_psi_weighted_residues"][0], histograms["phi_psi_weighted"])
+        assert len(summary["delta_f_positive_phi_kt_residues"]) == residues
+    else:
+        assert samples.phi_residues.size == 0
     metrics = evaluate_samples(tmp_path / "samples.h5", data, 600.0)
     if residues > 1:  # residue 1's numbers are the first-residue metrics, computed again
         assert len(metrics["js_phi_psi_weighted_residues"]) == residues

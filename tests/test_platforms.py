@@ -6,7 +6,6 @@ that need it are marked ``opencl`` and skip with that hint where no OpenCL platf
 import ast
 from pathlib import Path
 
-import h5py
 import numpy as np
 import openmm
 import pytest
@@ -19,6 +18,7 @@ from trademd.energy.bridge import EnergyBridge
 from trademd.energy.copies import copy_energy_parameter, replicate_system
 from trademd.energy.molecule import MoleculeEnergy
 from trademd.errors import TradeMDError
+from trademd.io.trajectory_file import DynamicsFile
 from trademd.platforms import available_openmm_platforms, openmm_platform, resolve_platform
 from trademd.systems import get_system
 
@@ -114,9 +114,9 @@ def test_energy_command_on_opencl_agrees_with_stored_energies(tmp_path):
 def _mean_energy(path: Path) -> tuple[float, float, float]:
     """(mean frame energy kJ/mol, its standard error from the replicas' means, mean kinetic
     temperature K) of a simulate file."""
-    with h5py.File(path, "r") as h5:
-        energy, replica = h5["energy_kj_mol"][()], h5["replica"][()]
-        kinetic = h5["kinetic_temperature_k"][()]
+    with DynamicsFile.open(path) as file:
+        columns = file.ensembles[0].columns()
+    energy, replica, kinetic = columns["energy_kj_mol"], columns["replica"], columns["kinetic_temperature_k"]
     means = np.array([energy[replica == r].mean() for r in np.unique(replica)])
     return float(means.mean()), float(means.std(ddof=1) / np.sqrt(len(means))), float(kinetic.mean())
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from trademd.cli.app import app, expand_multi_value_options
 from trademd.errors import TradeMDError
-from trademd.io.trajectory_file import ensemble_temperatures, read_trajectory
+from trademd.io.trajectory_file import DynamicsFile, ensemble_temperatures, read_trajectory
 from trademd.energy.copies import com_restraint_energies, replicate_system
 from trademd.md.engines import LadderEngine
 from trademd.md.exchange import ExchangeState, log_acceptance
@@ -172,11 +172,12 @@ def test_file_holds_one_ensemble_per_temperature(tmp_path):
         assert np.allclose(energy(trajectory.positions_nm)[0], trajectory.energy_kj_mol, atol=1e-2)
         assert trajectory.attrs["system"] == "ala2-vacuum" and trajectory.attrs["command"] == "test"
     with h5py.File(path, "r") as h5:
-        assert h5["exchange/attempts"][()].sum() == 10 * 2  # 10 rounds, one pair each, 2 ladders
-        assert h5["exchange/walker_at_rung"].shape == (4, 2, 3)
-        rates = json.loads(h5["exchange"].attrs["acceptance_rate"])
+        exchange = h5["parameters/exchange"]
+        assert exchange["attempts"][()].sum() == 10 * 2  # 10 rounds, one pair each, 2 ladders
+        assert exchange["walker_at_rung"].shape == (4, 2, 3)
+        rates = json.loads(exchange.attrs["acceptance_rate"])
         assert len(rates) == 2 and all(0 <= r <= 1 for r in rates)
-        assert h5.attrs["n_replicas"] == 2 and h5.attrs["wall_time_s"] > 0
+        assert h5["parameters"].attrs["n_replicas"] == 2 and h5["parameters"].attrs["wall_time_s"] > 0
     with pytest.raises(TradeMDError, match="pick one with --temperature"):
         read_trajectory(path)
     with pytest.raises(TradeMDError, match="450 K is not one"):
@@ -209,9 +210,10 @@ def test_resume_continues_exactly(tmp_path):
         a, b = read_trajectory(straight, temperature), read_trajectory(resumed, temperature)
         assert np.array_equal(a.positions_nm, b.positions_nm)
         assert np.array_equal(a.energy_kj_mol, b.energy_kj_mol)
-    with h5py.File(straight, "r") as ha, h5py.File(resumed, "r") as hb:
+    with DynamicsFile.open(straight) as ha, DynamicsFile.open(resumed) as hb:
+        a, b = ha.read_exchange_statistics(), hb.read_exchange_statistics()
         for name in ("attempts", "accepted", "walker_at_rung"):
-            assert np.array_equal(ha["exchange"][name][()], hb["exchange"][name][()])
+            assert np.array_equal(a[name], b[name])
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -234,7 +236,7 @@ def test_cli_replica_exchange_and_reference_selection(tmp_path):
     result = runner.invoke(app, words)  # the app spells out the list itself
     assert result.exit_code == 0, result.output
     with h5py.File(out, "r") as h5:
-        assert "--temperatures 300.0 --temperatures 450.0" in h5.attrs["command"]
+        assert "--temperatures 300.0 --temperatures 450.0" in h5["parameters"].attrs["command"]
     result = runner.invoke(app, ["export", str(out), "--format", "npz", "--temperature", "450",
                                  "--out", str(tmp_path / "f.npz")])
     assert result.exit_code == 0, result.output

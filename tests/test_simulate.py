@@ -9,7 +9,7 @@ import pytest
 
 from trademd.energy.molecule import MoleculeEnergy
 from trademd.errors import TradeMDError
-from trademd.io.trajectory_file import frame_count, read_trajectory
+from trademd.io.trajectory_file import DynamicsFile, frame_count, read_trajectory
 from trademd.simulate import SimulationConfig, merge, simulate, simulate_shards
 from trademd.systems import get_system
 
@@ -31,8 +31,8 @@ def test_kinetic_temperature_matches_target(tmp_path, timestep_ps, hydrogen_mass
                      equilibration_ps=2.0, chunk_saves=50, timestep_ps=timestep_ps,
                      hydrogen_mass_amu=hydrogen_mass_amu)
     path = simulate(config, tmp_path / "t.h5", show_progress=False)
-    with h5py.File(path) as h5:
-        kinetic = h5["kinetic_temperature_k"][()]
+    with DynamicsFile.open(path) as file:
+        kinetic = file.ensembles[0].columns()["kinetic_temperature_k"]
     blocks = kinetic.reshape(10, -1).mean(axis=1)
     standard_error = blocks.std(ddof=1) / np.sqrt(len(blocks))
     assert abs(kinetic.mean() - 400.0) < 4 * standard_error + 2.0
@@ -62,8 +62,8 @@ def test_file_layout_and_attributes(tmp_path):
                 "friction_per_ps", "seed", "forcefield_files", "units"):
         assert key in attrs
     with h5py.File(path) as h5:
-        assert h5["positions_nm"].attrs["unit"] == "nm"
-        assert h5["energy_kj_mol"].attrs["unit"] == "kJ/mol"
+        assert h5["particles/T300/position/value"].attrs["unit"] == "nm"
+        assert h5["observables/T300/potential_energy/value"].attrs["unit"] == "kJ mol-1"
     # frames stay whole molecules: bond lengths of the constrained C-H bonds are exact
     bond = np.linalg.norm(trajectory.positions_nm[:, 0] - trajectory.positions_nm[:, 1], axis=-1)
     assert np.allclose(bond, bond[0], atol=1e-4)
@@ -197,9 +197,10 @@ def test_merge_interleaves_the_shards_frames_save_by_save(tmp_path):
         assert np.array_equal(merged.positions_nm[mine], part.positions_nm)
         assert np.array_equal(merged.energy_kj_mol[mine], part.energy_kj_mol)
         assert np.array_equal(merged.time_ps[mine], part.time_ps)
-    with h5py.File(tmp_path / "data.h5") as h5, h5py.File(paths[0]) as a, h5py.File(paths[1]) as b:
-        expected = 0.5 * (a["kinetic_temperature_k"][()] + b["kinetic_temperature_k"][()])
-        assert np.allclose(h5["kinetic_temperature_k"][()], expected)
+    with DynamicsFile.open(tmp_path / "data.h5") as h5, DynamicsFile.open(paths[0]) as a, \
+            DynamicsFile.open(paths[1]) as b:
+        kinetic = [f.ensembles[0].columns()["kinetic_temperature_k"] for f in (h5, a, b)]
+        assert np.allclose(kinetic[0], 0.5 * (kinetic[1] + kinetic[2]))
         sources = json.loads(h5.attrs["merged_from"])
         assert [s["seed"] for s in sources] == [11, 12] and h5.attrs["command"] == "trade-md merge test"
     with pytest.raises(TradeMDError, match="cannot be resumed"):
@@ -237,11 +238,12 @@ def test_merge_of_replica_exchange_shards(tmp_path):
         parts = [read_trajectory(p, temperature_k) for p in paths]
         assert whole.n_frames == 8 and sorted(set(whole.replica.tolist())) == [0, 1]
         assert np.array_equal(whole.positions_nm[whole.replica == 1], parts[1].positions_nm)
-    with h5py.File(merged) as h5, h5py.File(paths[0]) as a, h5py.File(paths[1]) as b:
-        assert np.array_equal(h5["exchange/attempts"][()], a["exchange/attempts"][()] + b["exchange/attempts"][()])
-        walkers = h5["exchange/walker_at_rung"][()]
+    with DynamicsFile.open(merged) as h5, DynamicsFile.open(paths[0]) as a, DynamicsFile.open(paths[1]) as b:
+        whole, first, second = (f.read_exchange_statistics() for f in (h5, a, b))
+        assert np.array_equal(whole["attempts"], first["attempts"] + second["attempts"])
+        walkers = whole["walker_at_rung"]
         assert walkers.shape[1:] == (2, 2) and set(np.unique(walkers[:, 1])) <= {2, 3}
-        assert h5["exchange"].attrs["round_trips"] == a["exchange"].attrs["round_trips"] + b["exchange"].attrs["round_trips"]
+        assert whole["round_trips"] == first["round_trips"] + second["round_trips"]
 
 
 def test_a_file_interrupted_while_created_never_appears_half_made(tmp_path, monkeypatch):
@@ -256,10 +258,10 @@ def test_a_file_interrupted_while_created_never_appears_half_made(tmp_path, monk
     assert out.is_file() and not (tmp_path / "data.h5.partial").exists()
     assert schema.file_format(out) == schema.TRAJECTORY_FORMAT
 
-    def broken(group, n_atoms):
+    def broken(h5, temperature_k, n_atoms):
         raise OSError("disk full")
 
-    monkeypatch.setattr(trajectory_file, "create_frame_datasets", broken)
+    monkeypatch.setattr(trajectory_file, "create_ensemble", broken)
     other = tmp_path / "other.h5"
     with pytest.raises(OSError):
         trajectory_file.DynamicsFile.create(other, {"system": "x"}, "PDB", 3, [300.0, 400.0])

@@ -6,8 +6,9 @@ the first file, then those of the second, ..., with replica (ladder) numbers off
 they stay unique; each file's frames appear unchanged. Per-save kinetic temperatures are
 averaged with the files' replica counts as weights. In a replica-exchange file the exchange
 attempts, acceptances and round trips are added and walker ids are offset like the ladders.
-The merged file has no checkpoint (it cannot be resumed: resume the shards and merge again)
-and records its sources in ``merged_from``.
+The merged file has no checkpoint (it cannot be resumed: resume the shards and merge again),
+records its sources in ``merged_from`` and is written in today's layout (format version 2)
+whatever the layout of its sources.
 """
 
 import json
@@ -16,8 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from trademd.errors import TradeMDError
-from trademd.io.schema import TRAJECTORY_FORMAT
-from trademd.io.trajectory_file import TRAJECTORY_DATASETS, DynamicsFile, EnsembleFrames
+from trademd.io.schema import SCHEMA_ATTRS, TRAJECTORY_FORMAT
+from trademd.io.trajectory_file import DynamicsFile, EnsembleFrames
+from trademd.io.trajectory_layout import FRAME_COLUMNS
 
 __all__ = ["MERGE_IGNORED_SETTINGS", "merge_dynamics_files"]
 
@@ -73,7 +75,7 @@ def _merge_ensemble(ensembles: list[EnsembleFrames], copies: list[int], out: Ens
     n_saves, offsets = saves[0], np.cumsum([0, *copies[:-1]])
     columns = [e.columns() for e in ensembles]
     merged = {}
-    for name in TRAJECTORY_DATASETS:
+    for name in FRAME_COLUMNS:
         parts = []
         for column, c, offset in zip(columns, copies, offsets):
             values = column[name][: n_saves * c]
@@ -126,7 +128,7 @@ def merge_dynamics_files(paths: list[str | Path], out: str | Path, provenance_at
         _check_compatible(files, paths)
         first = files[0]
         copies = [_copies(f) for f in files]
-        attrs = {k: v for k, v in first.attrs.items() if k not in provenance_attrs}
+        attrs = {k: v for k, v in first.attrs.items() if k not in provenance_attrs and k not in SCHEMA_ATTRS}
         settings = json.loads(first.attrs["simulation_config"])
         settings["ladders" if "ladders" in settings else "replicas"] = sum(copies)
         sources = [{"path": str(p.resolve()), "seed": json.loads(f.attrs["simulation_config"])["seed"],

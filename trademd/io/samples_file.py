@@ -1,6 +1,12 @@
-"""The ``trade-md sample`` files (``trade-md/samples``, docs/formats.md): one
-``T<temperature>`` group of weighted samples per temperature, the model's record in the root
-attributes and the topology.
+"""The ``trade-md sample`` files (``trade-md/samples``, docs/formats.md): weighted samples
+at each temperature, the model's record and the topology.
+
+Written in the H5MD layout (format version 2): per temperature ``T<temperature>`` the
+positions in ``particles/T<temperature>/position`` (``step`` = ``time`` = the sample index:
+samples have no time), every per-sample quantity in ``observables/T<temperature>/<name>``,
+and the summary, histograms and Ramachandran plot in ``parameters/T<temperature>``; the
+model's record and the topology in ``parameters``. Version-1 files (one ``T<temperature>``
+group of datasets per temperature at the root) are read too.
 
 :class:`SamplesHDF5File` owns the open file and every read and write of it;
 :func:`write_samples` and :func:`read_samples` open one for a single call.
@@ -13,12 +19,23 @@ import h5py
 import numpy as np
 
 from trademd.errors import TradeMDError
-from trademd.io.schema import SAMPLES_FORMAT, attribute_text, create_file, group_name, open_checked
+from trademd.io.h5md import create_observable, create_particle_group
+from trademd.io.schema import (
+    SAMPLES_FORMAT,
+    attribute_text,
+    create_file,
+    file_attrs,
+    file_version,
+    group_name,
+    metadata_group,
+    open_checked,
+)
 from trademd.weights import kish_ess_of_normalised
 
 __all__ = [
     "SAMPLE_DATASETS",
     "RESIDUE_DATASETS",
+    "OBSERVABLE_NAMES",
     "TemperatureSamples",
     "SamplesFile",
     "SamplesHDF5File",
@@ -26,11 +43,12 @@ __all__ = [
     "read_samples",
 ]
 
-#: Per-sample datasets of each temperature group of a samples file: name -> (unit, description).
+#: Per-sample quantities of each temperature: name -> (unit in H5MD notation, description).
+#: ``positions_nm`` is ``particles/T<temperature>/position``, each other one an observable.
 SAMPLE_DATASETS = {
     "positions_nm": ("nm", "sample positions in the canonical frame [n, atoms, 3]"),
     "log_prob": ("", "log density of the model at the sample, log p(x|T) [n]"),
-    "energy_kj_mol": ("kJ/mol", "OpenMM potential energy [n] (+inf: overflow)"),
+    "energy_kj_mol": ("kJ mol-1", "OpenMM potential energy [n] (+inf: overflow)"),
     "log_weights": ("", "unnormalised log importance weights -U/kT - log p [n] (-inf: flagged)"),
     "weights": ("", "self-normalised importance weights, sum 1 [n]"),
     "wrong_chirality": ("", "flag: a chiral centre has the wrong handedness [n]"),
@@ -38,11 +56,16 @@ SAMPLE_DATASETS = {
     "phi": ("rad", "backbone phi dihedral of the first residue [n]"),
     "psi": ("rad", "backbone psi dihedral of the first residue [n]"),
 }
-#: Per-sample datasets only systems with several residues have: name -> (unit, description).
+#: Per-sample quantities only systems with several residues have: name -> (unit, description).
 RESIDUE_DATASETS = {
     "phi_residues": ("rad", "phi of every residue with phi and psi, in chain order [n, residues]"),
     "psi_residues": ("rad", "psi of every residue with phi and psi, in chain order [n, residues]"),
 }
+#: Version 2: the observable name of each per-sample quantity whose name differs.
+OBSERVABLE_NAMES = {"energy_kj_mol": "potential_energy"}
+#: What the ``time`` of a samples file's positions is.
+_SAMPLE_TIME = ("the sample index (equal to step): samples have no time; the unit is there "
+                "because MDAnalysis wants one")
 
 
 @dataclass
@@ -109,7 +132,7 @@ class TemperatureSamples:
 
 @dataclass
 class SamplesFile:
-    """A samples file's contents: root attributes (model, provenance), the topology and the
+    """A samples file's contents: attributes (model, provenance), the topology and the
     samples of every temperature (K)."""
 
     attrs: dict
@@ -128,8 +151,14 @@ class SamplesFile:
         return self.by_temperature[temperature_k]
 
 
+def _element_name(quantity: str) -> str:
+    """The H5MD element of a per-sample quantity in version 2 (``position`` or an observable)."""
+    return "position" if quantity == "positions_nm" else OBSERVABLE_NAMES.get(quantity, quantity)
+
+
 class SamplesHDF5File:
-    """An open samples file; every read and write of one goes through this class.
+    """An open samples file, in either layout (format version 2, H5MD, or 1); every read and
+    write of one goes through this class.
 
     Open one with :meth:`create` (a new file, then :meth:`write` each temperature) or
     :meth:`open` (then :meth:`read`); use it as a context manager.
@@ -144,13 +173,13 @@ class SamplesHDF5File:
     @classmethod
     def create(cls, path: str | Path, attrs: dict, topology_pdb: str,
                overwrite: bool = False) -> "SamplesHDF5File":
-        """A new samples file at ``path`` with the root ``attrs`` (model, provenance) and the
+        """A new samples file at ``path`` with the ``attrs`` (model, provenance) and the
         topology, and no samples yet."""
         path = Path(path)
         if path.exists() and not overwrite:
             raise TradeMDError(f"{str(path)!r} exists: pass --overwrite to replace it")
         path.parent.mkdir(parents=True, exist_ok=True)
-        units = {k: v[0] for k, v in {**SAMPLE_DATASETS, **RESIDUE_DATASETS}.items() if v[0]}
+        units = {_element_name(k): v[0] for k, v in {**SAMPLE_DATASETS, **RESIDUE_DATASETS}.items() if v[0]}
         return cls(create_file(path, SAMPLES_FORMAT, attrs, units, topology_pdb))
 
     @classmethod
@@ -159,36 +188,62 @@ class SamplesHDF5File:
         return cls(open_checked(path, SAMPLES_FORMAT))
 
     def write(self, entry: TemperatureSamples) -> None:
-        """Store the samples of one temperature as its ``T<temperature>`` group."""
-        group = self.h5.create_group(group_name(entry.temperature_k))
+        """Store the samples of one temperature: its particle group, observables and
+        ``parameters/T<temperature>`` group (summary attributes, histograms, plot)."""
+        name = group_name(entry.temperature_k)
+        index = np.arange(entry.n)
+        position = create_particle_group(self.h5, name, entry.positions_nm, index, index.astype(np.float64),
+                                         compression="gzip")
+        position["value"].attrs["description"] = SAMPLE_DATASETS["positions_nm"][1]
+        position["time"].attrs["description"] = _SAMPLE_TIME
+        stored = {**SAMPLE_DATASETS, **(RESIDUE_DATASETS if entry.phi_residues.size else {})}
+        for quantity, (unit, description) in stored.items():
+            if quantity != "positions_nm":
+                create_observable(self.h5, name, _element_name(quantity),
+                                  getattr(entry, quantity), unit, description)
+        group = self.h5["parameters"].create_group(name)
         for key, value in entry.summary.items():
             group.attrs[key] = value
         group.attrs["temperature_k"] = entry.temperature_k
-        stored = {**SAMPLE_DATASETS, **(RESIDUE_DATASETS if entry.phi_residues.size else {})}
-        for name, (unit, description) in stored.items():
-            dataset = group.create_dataset(name, data=getattr(entry, name), compression="gzip"
-                                           if name == "positions_nm" else None)
-            dataset.attrs["unit"] = unit
-            dataset.attrs["description"] = description
         histograms = group.create_group("histograms")
-        for name, value in entry.histograms.items():
-            histograms.create_dataset(name, data=value)
+        for key, value in entry.histograms.items():
+            histograms.create_dataset(key, data=value)
         group.create_dataset("ramachandran_png", data=np.void(entry.ramachandran_png))
 
     def read(self) -> SamplesFile:
-        """The whole file: root attributes, topology and the samples of every temperature."""
+        """The whole file: attributes, topology and the samples of every temperature."""
+        metadata = metadata_group(self.h5)
         by_temperature = {}
-        for group in self.h5.values():
-            if not isinstance(group, h5py.Group):
+        for group in metadata.values():
+            if not isinstance(group, h5py.Group) or "temperature_k" not in group.attrs:
                 continue
-            arrays = {k: group[k][()] for k in (*SAMPLE_DATASETS, *RESIDUE_DATASETS) if k in group}
+            arrays = self._arrays(group)
             summary = dict(group.attrs)
             temperature_k = float(summary["temperature_k"])
             by_temperature[temperature_k] = TemperatureSamples(
                 temperature_k=temperature_k, summary=summary,
                 histograms={k: v[()] for k, v in group["histograms"].items()},
                 ramachandran_png=group["ramachandran_png"][()].tobytes(), **arrays)
-        return SamplesFile(dict(self.h5.attrs), attribute_text(self.h5["topology_pdb"][()]), by_temperature)
+        return SamplesFile(file_attrs(self.h5), attribute_text(metadata["topology_pdb"][()]), by_temperature)
+
+    def _arrays(self, group: h5py.Group) -> dict[str, np.ndarray]:
+        """The per-sample arrays of the temperature whose metadata is ``group`` (version 1:
+        the group holds them; version 2: its particle group and observables)."""
+        names = (*SAMPLE_DATASETS, *RESIDUE_DATASETS)
+        temperature = group.name.rsplit("/", 1)[-1]
+        if file_version(self.h5) == 1:
+            arrays = {k: group[k][()] for k in names if k in group}
+        else:
+            observables = self.h5.get(f"observables/{temperature}", {})
+            arrays = {k: observables[f"{_element_name(k)}/value"][()] for k in names
+                      if _element_name(k) in observables and k != "positions_nm"}
+            position = self.h5.get(f"particles/{temperature}/position/value")
+            arrays.update({} if position is None else {"positions_nm": position[()]})
+        missing = [k for k in SAMPLE_DATASETS if k not in arrays]
+        if missing:
+            raise TradeMDError(f"{self.h5.filename!r} lacks the {', '.join(map(_element_name, missing))} "
+                               f"of its {temperature} samples: the file is damaged")
+        return arrays
 
     def close(self) -> None:
         self.h5.close()
@@ -202,7 +257,7 @@ class SamplesHDF5File:
 
 def write_samples(path: str | Path, samples: list[TemperatureSamples], attrs: dict,
                   topology_pdb: str, overwrite: bool = False) -> Path:
-    """Write a samples file: one group per temperature, the root ``attrs`` (model,
+    """Write a samples file: the samples of each temperature, the ``attrs`` (model,
     provenance) and the topology."""
     with SamplesHDF5File.create(path, attrs, topology_pdb, overwrite) as file:
         for entry in samples:

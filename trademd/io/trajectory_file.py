@@ -1,7 +1,9 @@
 """The ``trade-md simulate`` files (docs/formats.md): a plain trajectory
-(``trade-md/trajectory``, one ensemble at the root) or a replica-exchange file
-(``trade-md/replica-exchange``, one ``T<temperature>`` group per ensemble plus ``exchange/``),
-with the checkpoint a resume needs.
+(``trade-md/trajectory``, one ensemble) or a replica-exchange file
+(``trade-md/replica-exchange``, one ensemble per temperature plus the exchange statistics),
+with the checkpoint a resume needs. Written in the H5MD layout (format version 2); version-1
+files are read, and continued by ``--resume``, in their own layout
+(:mod:`trademd.io.trajectory_layout` says where each dataset lives in both).
 
 :class:`DynamicsFile` owns the open file and every read and write of it; the functions
 :func:`read_trajectory`, :func:`frame_count`, :func:`ensemble_temperatures` and
@@ -23,17 +25,17 @@ from trademd.io.schema import (
     TRAJECTORY_FORMAT,
     attribute_text,
     create_file,
-    group_name,
+    file_attrs,
+    metadata_group,
     open_checked,
 )
+from trademd.io.trajectory_layout import EnsembleDatasets, create_ensemble, ensemble_datasets
 
 __all__ = [
     "DYNAMICS_FORMATS",
-    "TRAJECTORY_DATASETS",
     "Trajectory",
     "EnsembleFrames",
     "DynamicsFile",
-    "create_frame_datasets",
     "new_dynamics_file",
     "read_trajectory",
     "write_energies",
@@ -43,14 +45,8 @@ __all__ = [
 
 #: The formats a simulate file may have.
 DYNAMICS_FORMATS = (TRAJECTORY_FORMAT, REPLICA_EXCHANGE_FORMAT)
-
-#: Per-frame datasets of a trajectory file: name -> (dtype, unit, description).
-TRAJECTORY_DATASETS = {
-    "positions_nm": ("float32", "nm", "atom positions [frames, atoms, 3]"),
-    "energy_kj_mol": ("float64", "kJ/mol", "potential energy of each frame [frames]"),
-    "replica": ("int32", "", "index of the replica (copy) that made each frame [frames]"),
-    "time_ps": ("float64", "ps", "simulation time of each frame after equilibration [frames]"),
-}
+#: Temperatures closer than this (K) are the same ensemble.
+_SAME_TEMPERATURE_K = 1e-6
 
 
 @dataclass
@@ -90,24 +86,6 @@ class Trajectory:
         return mdtraj.Trajectory(self.positions_nm, topology, time=self.time_ps)
 
 
-def create_frame_datasets(group: h5py.Group, n_atoms: int) -> None:
-    """The empty, extendable per-frame datasets of :data:`TRAJECTORY_DATASETS` and the
-    per-save kinetic temperature in ``group``."""
-    for name, (dtype, unit, description) in TRAJECTORY_DATASETS.items():
-        shape = (0, n_atoms, 3) if name == "positions_nm" else (0,)
-        chunks = (256, n_atoms, 3) if name == "positions_nm" else (4096,)
-        dataset = group.create_dataset(
-            name, shape=shape, maxshape=(None, *shape[1:]), dtype=dtype, chunks=chunks
-        )
-        dataset.attrs["unit"] = unit
-        dataset.attrs["description"] = description
-    kinetic = group.create_dataset(
-        "kinetic_temperature_k", shape=(0,), maxshape=(None,), dtype="float64", chunks=(1024,)
-    )
-    kinetic.attrs["unit"] = "K"
-    kinetic.attrs["description"] = "instantaneous kinetic temperature of the replicas [saves]"
-
-
 def _check_new_path(path: Path, overwrite: bool) -> None:
     """Refuse to replace an existing file unless ``overwrite``; make its folder."""
     if path.exists() and not overwrite:
@@ -120,68 +98,75 @@ def _check_new_path(path: Path, overwrite: bool) -> None:
 def new_dynamics_file(path: Path, file_format: str, attrs: dict, topology_pdb: str,
                       overwrite: bool) -> h5py.File:
     """A new simulate file (``file_format``: one of :data:`DYNAMICS_FORMATS`) with format,
-    version, attributes, units and topology, and no frames yet."""
+    version, attributes, units and topology, and no ensembles yet."""
     _check_new_path(path, overwrite)
-    units = {k: v[1] for k, v in TRAJECTORY_DATASETS.items() if v[1]}
-    return create_file(path, file_format, attrs,
-                       {**units, "kinetic_temperature_k": "K", "temperature_k": "K"}, topology_pdb)
+    units = {"position": "nm", "time": "ps", "potential_energy": "kJ mol-1",
+             "kinetic_temperature_k": "K", "temperature_k": "K"}
+    return create_file(path, file_format, attrs, units, topology_pdb)
 
 
 class EnsembleFrames:
-    """The frames of one ensemble in an open simulate file (the root of a trajectory file, or
-    a ``T<temperature>`` group of a replica-exchange file): appended chunk by chunk, cut back
-    to a checkpoint, read whole.
+    """The frames of one ensemble in an open simulate file, in either layout: appended chunk
+    by chunk, cut back to a checkpoint, read whole.
 
     Args:
-        group: the root of a trajectory file, or an ensemble group.
+        datasets: the ensemble's datasets (:func:`~trademd.io.trajectory_layout.ensemble_datasets`).
     """
 
-    def __init__(self, group: h5py.Group):
-        self.h5 = group
+    def __init__(self, datasets: EnsembleDatasets):
+        self.datasets = datasets
 
     @property
     def n_frames(self) -> int:
-        return int(self.h5["positions_nm"].shape[0])
+        return int(self.datasets.columns["positions_nm"].shape[0])
 
     @property
     def n_atoms(self) -> int:
-        return int(self.h5["positions_nm"].shape[1])
+        return int(self.datasets.columns["positions_nm"].shape[1])
 
     def columns(self) -> dict[str, np.ndarray]:
-        """Every stored column, unchecked: the datasets of :data:`TRAJECTORY_DATASETS`
-        [frames, ...] and ``kinetic_temperature_k`` [saves] (K)."""
-        return {name: self.h5[name][()] for name in (*TRAJECTORY_DATASETS, "kinetic_temperature_k")}
+        """Every stored column, unchecked: those of
+        :data:`~trademd.io.trajectory_layout.FRAME_COLUMNS` [frames, ...] and
+        ``kinetic_temperature_k`` [saves] (K)."""
+        return {**{name: dataset[()] for name, dataset in self.datasets.columns.items()},
+                "kinetic_temperature_k": self.datasets.kinetic_temperature_k[()]}
 
     def append(self, positions_nm: np.ndarray, energy_kj_mol: np.ndarray, replica: np.ndarray,
                time_ps: np.ndarray, kinetic_temperature_k: np.ndarray) -> None:
         """Append frames ([n, atoms, 3] nm, [n] kJ/mol, [n], [n] ps) and per-save kinetic
-        temperatures [saves] (K); the caller flushes."""
-        columns = {
-            "positions_nm": positions_nm,
-            "energy_kj_mol": energy_kj_mol,
-            "replica": replica,
-            "time_ps": time_ps,
-            "kinetic_temperature_k": kinetic_temperature_k,
-        }
-        for name, values in columns.items():
-            dataset = self.h5[name]
-            start = dataset.shape[0]
-            dataset.resize(start + len(values), axis=0)
-            dataset[start:] = values
+        temperatures [saves] (K); the caller flushes. Version 2 also numbers the frames
+        (``step``)."""
+        start = self.n_frames
+        values = {"positions_nm": positions_nm, "energy_kj_mol": energy_kj_mol, "replica": replica,
+                  "time_ps": time_ps}
+        if self.datasets.step is not None:
+            _extend(self.datasets.step, np.arange(start, start + len(energy_kj_mol)))
+        for name, dataset in self.datasets.columns.items():
+            _extend(dataset, values[name])
+        _extend(self.datasets.kinetic_temperature_k, kinetic_temperature_k)
 
     def truncate(self, n_saves: int, frames_per_save: int) -> None:
         """Drop frames written after save ``n_saves`` (they follow the last checkpoint)."""
         keep = n_saves * frames_per_save
-        for name in TRAJECTORY_DATASETS:
-            self.h5[name].resize(keep, axis=0)
-        self.h5["kinetic_temperature_k"].resize(n_saves, axis=0)
+        datasets = [*self.datasets.columns.values()]
+        datasets += [] if self.datasets.step is None else [self.datasets.step]
+        for dataset in datasets:
+            dataset.resize(keep, axis=0)
+        self.datasets.kinetic_temperature_k.resize(n_saves, axis=0)
+
+
+def _extend(dataset: h5py.Dataset, values: np.ndarray) -> None:
+    """Append ``values`` [n, ...] along the first axis of ``dataset``."""
+    start = dataset.shape[0]
+    dataset.resize(start + len(values), axis=0)
+    dataset[start:] = values
 
 
 class DynamicsFile:
-    """An open ``trade-md simulate`` file: a plain trajectory (one ensemble at the root) or a
-    replica-exchange file (one ``T<temperature>`` group per ensemble plus ``exchange/``), with
-    the checkpoint a resume needs (docs/formats.md). Every read and write of such a file goes
-    through this class.
+    """An open ``trade-md simulate`` file: a plain trajectory (one ensemble) or a
+    replica-exchange file (one ensemble per temperature plus the exchange statistics), with
+    the checkpoint a resume needs (docs/formats.md), in either layout (format version 2,
+    H5MD, or 1). Every read and write of such a file goes through this class.
 
     Open one with :meth:`create` (a new file), :meth:`reopen` (to continue or edit it) or
     :meth:`open` (to read it); use it as a context manager. A file being written is valid
@@ -196,13 +181,14 @@ class DynamicsFile:
     def __init__(self, h5: h5py.File, path: str | Path):
         self.h5 = h5
         self.path = path
+        self.metadata = metadata_group(h5)
 
     @classmethod
     def create(cls, path: str | Path, attrs: dict, topology_pdb: str, n_atoms: int,
                temperatures_k: list[float], overwrite: bool = False) -> "DynamicsFile":
         """A new file at ``path``: a trajectory file for one temperature (K), a
-        replica-exchange file (attribute ``temperatures_k``, an ensemble group per
-        temperature, an empty ``exchange/`` group) for several.
+        replica-exchange file (attribute ``temperatures_k``, an empty ``exchange`` group) for
+        several; an ensemble per temperature.
 
         The layout is written to ``<path>.partial`` and renamed into place when complete, so a
         run killed while creating the file leaves no half-made file at ``path``."""
@@ -211,16 +197,13 @@ class DynamicsFile:
         partial = path.with_name(path.name + ".partial")
         if len(temperatures_k) == 1:
             h5 = new_dynamics_file(partial, TRAJECTORY_FORMAT, attrs, topology_pdb, overwrite=True)
-            create_frame_datasets(h5, n_atoms)
         else:
             h5 = new_dynamics_file(partial, REPLICA_EXCHANGE_FORMAT,
                                    {**attrs, "temperatures_k": [float(t) for t in temperatures_k]},
                                    topology_pdb, overwrite=True)
-            for temperature_k in temperatures_k:
-                group = h5.create_group(group_name(temperature_k))
-                group.attrs["temperature_k"] = float(temperature_k)
-                create_frame_datasets(group, n_atoms)
-            h5.create_group("exchange")
+            h5["parameters"].create_group("exchange")
+        for temperature_k in temperatures_k:
+            create_ensemble(h5, temperature_k, n_atoms)
         h5.close()
         os.replace(partial, path)
         return cls(h5py.File(path, "a"), path)
@@ -228,7 +211,7 @@ class DynamicsFile:
     @classmethod
     def reopen(cls, path: str | Path) -> "DynamicsFile":
         """Open an existing simulate file to continue or change it (``--resume``,
-        ``trade-md energy --write``)."""
+        ``trade-md energy --write``); a version-1 file is continued in its own layout."""
         return cls(open_checked(path, DYNAMICS_FORMATS, mode="a"), path)
 
     @classmethod
@@ -239,93 +222,85 @@ class DynamicsFile:
     @property
     def ensembles(self) -> list[EnsembleFrames]:
         """A writer of each ensemble, in ladder order."""
-        if self.h5.attrs["format"] == TRAJECTORY_FORMAT:
-            return [EnsembleFrames(self.h5)]
-        return [EnsembleFrames(self.h5[group_name(t)]) for t in json.loads(self.h5.attrs["temperatures_k"])]
+        return [EnsembleFrames(ensemble_datasets(self.h5, t, self.path)) for t in self.temperatures_k]
 
     @property
     def attrs(self) -> dict:
-        """The root attributes (lists and dicts as JSON text)."""
-        return dict(self.h5.attrs)
+        """All the file's attributes (lists and dicts as JSON text): ``format``,
+        ``format_version`` and the run's record."""
+        return file_attrs(self.h5)
 
     @property
     def topology_pdb(self) -> str:
-        return attribute_text(self.h5["topology_pdb"][()])
+        return attribute_text(self.metadata["topology_pdb"][()])
 
     @property
     def temperatures_k(self) -> list[float]:
         """Temperatures (K) of the ensembles: one for a plain run, the ladder for replica
         exchange."""
         if self.h5.attrs["format"] == TRAJECTORY_FORMAT:
-            return [float(self.h5.attrs["temperature_k"])]
-        return [float(t) for t in json.loads(self.h5.attrs["temperatures_k"])]
+            return [float(self.metadata.attrs["temperature_k"])]
+        return [float(t) for t in json.loads(self.metadata.attrs["temperatures_k"])]
 
     @property
     def has_checkpoint(self) -> bool:
         """Whether a chunk was finished (a run killed before that has nothing to resume)."""
-        return "checkpoint" in self.h5
+        return "checkpoint" in self.metadata
 
     @property
     def checkpoint_saves(self) -> int | None:
         """Saves done at the last checkpoint (None: no checkpoint)."""
-        return int(self.h5["checkpoint"].attrs["n_saves"]) if self.has_checkpoint else None
+        return int(self.metadata["checkpoint"].attrs["n_saves"]) if self.has_checkpoint else None
 
-    def _ensemble_group(self, temperature_k: float | None) -> h5py.Group:
-        """The group holding the frames at ``temperature_k``: the root of a plain trajectory,
-        ``T<temperature>`` of a replica-exchange file."""
+    def _ensemble(self, temperature_k: float | None) -> EnsembleDatasets:
+        """The datasets of the ensemble at ``temperature_k`` (None: the only one of a plain
+        trajectory)."""
         path = self.path
+        available = self.temperatures_k
         if self.h5.attrs["format"] == TRAJECTORY_FORMAT:
-            stored = float(self.h5.attrs["temperature_k"])
-            if temperature_k is not None and abs(temperature_k - stored) > 1e-6:
+            if temperature_k is not None and abs(temperature_k - available[0]) > _SAME_TEMPERATURE_K:
                 raise TradeMDError(
-                    f"{str(path)!r} holds frames at {stored:g} K, not {temperature_k:g} K: give the "
+                    f"{str(path)!r} holds frames at {available[0]:g} K, not {temperature_k:g} K: give the "
                     "file simulated at that temperature"
                 )
-            return self.h5
-        available = self.temperatures_k
-        if temperature_k is None or not any(abs(t - temperature_k) < 1e-6 for t in available):
+            return ensemble_datasets(self.h5, available[0], path)
+        matching = [t for t in available
+                    if temperature_k is not None and abs(t - temperature_k) < _SAME_TEMPERATURE_K]
+        if not matching:
             asked = "no temperature was given" if temperature_k is None else f"{temperature_k:g} K is not one"
             raise TradeMDError(
                 f"{str(path)!r} is a replica-exchange file with ensembles at "
                 f"{', '.join(f'{t:g}' for t in available)} K and {asked}: pick one with --temperature"
             )
-        return self.h5[group_name(temperature_k)]
+        return ensemble_datasets(self.h5, matching[0], path)
 
     def read(self, temperature_k: float | None = None,
              require_finite_energies: bool = True) -> "Trajectory":
         """The frames at one temperature (see :func:`read_trajectory`)."""
-        path = self.path
-        group = self._ensemble_group(temperature_k)
-        missing = [name for name in TRAJECTORY_DATASETS if name not in group]
-        missing += [] if "topology_pdb" in self.h5 else ["topology_pdb"]
-        if missing:
-            raise TradeMDError(f"{str(path)!r} lacks datasets {missing}: the file is damaged")
-        data = {name: group[name][()] for name in TRAJECTORY_DATASETS}
+        ensemble = self._ensemble(temperature_k)
+        data = {name: dataset[()] for name, dataset in ensemble.columns.items()}
         energy = data["energy_kj_mol"]
         if require_finite_energies and not np.all(np.isfinite(energy)):
             raise TradeMDError(
-                f"{str(path)!r} holds {int(np.sum(~np.isfinite(energy)))} non-finite energies: "
+                f"{str(self.path)!r} holds {int(np.sum(~np.isfinite(energy)))} non-finite energies: "
                 "recompute them with `trade-md energy FILE --write` or rerun the simulation"
             )
         return Trajectory(
-            topology_pdb=attribute_text(self.h5["topology_pdb"][()]),
-            temperature_k=float(group.attrs["temperature_k"]),
-            attrs={**self.h5.attrs, **group.attrs},
+            topology_pdb=self.topology_pdb,
+            temperature_k=float(ensemble.attrs["temperature_k"]),
+            attrs={**self.attrs, **ensemble.attrs},
             **data,
         )
 
     def frame_count(self, temperature_k: float | None = None) -> int:
         """Frames written so far at one temperature, read from the dataset shape (no frame
         is loaded)."""
-        group = self._ensemble_group(temperature_k)
-        if "energy_kj_mol" not in group:
-            raise TradeMDError(f"{str(self.path)!r} lacks the energy_kj_mol dataset: the file is damaged")
-        return int(group["energy_kj_mol"].shape[0])
+        return int(self._ensemble(temperature_k).columns["energy_kj_mol"].shape[0])
 
     def write_energies(self, temperature_k: float, energy_kj_mol: np.ndarray) -> None:
         """Replace the stored energies [frames] (kJ/mol) of the ensemble at ``temperature_k``
         (K); the file must be open for writing (:meth:`reopen`)."""
-        dataset = self._ensemble_group(temperature_k)["energy_kj_mol"]
+        dataset = self._ensemble(temperature_k).columns["energy_kj_mol"]
         if dataset.shape != energy_kj_mol.shape:
             raise TradeMDError(f"{str(self.path)!r} holds {dataset.shape[0]} frames, not {len(energy_kj_mol)}: "
                                "the file changed while its energies were recomputed")
@@ -335,8 +310,8 @@ class DynamicsFile:
         """Drop everything written after save ``n_saves`` (it follows the last checkpoint)."""
         for ensemble in self.ensembles:
             ensemble.truncate(n_saves, frames_per_save)
-        if "exchange/walker_at_rung" in self.h5:
-            self.h5["exchange/walker_at_rung"].resize(n_saves, axis=0)
+        if "exchange/walker_at_rung" in self.metadata:
+            self.metadata["exchange/walker_at_rung"].resize(n_saves, axis=0)
 
     def write_exchange_statistics(self, attempts: np.ndarray, accepted: np.ndarray,
                                   acceptance_rates: list[float], round_trips: int, rounds: int,
@@ -344,7 +319,7 @@ class DynamicsFile:
         """Exchange statistics of a replica-exchange file: attempts and acceptances per
         neighbour pair (datasets), acceptance rates, round trips and rounds (attributes of
         ``exchange/``), and the walker at every rung of the new saves [saves, ladders, K]."""
-        group = self.h5["exchange"]
+        group = self.metadata["exchange"]
         for name, values in (("attempts", attempts), ("accepted", accepted)):
             if name in group:
                 del group[name]
@@ -364,9 +339,11 @@ class DynamicsFile:
 
     def read_exchange_statistics(self) -> dict:
         """What :meth:`write_exchange_statistics` stored: ``attempts`` and ``accepted`` [K - 1],
-        ``walker_at_rung`` [saves, ladders, K], ``round_trips`` and ``exchange_rounds``."""
-        group = self.h5["exchange"]
+        ``acceptance_rate`` (list [K - 1], None for a pair never tried), ``walker_at_rung``
+        [saves, ladders, K], ``round_trips`` and ``exchange_rounds``."""
+        group = self.metadata["exchange"]
         return {"attempts": group["attempts"][()], "accepted": group["accepted"][()],
+                "acceptance_rate": json.loads(group.attrs["acceptance_rate"]),
                 "walker_at_rung": group["walker_at_rung"][()],
                 "round_trips": int(group.attrs["round_trips"]),
                 "exchange_rounds": int(group.attrs["exchange_rounds"])}
@@ -378,10 +355,10 @@ class DynamicsFile:
         ``wall_time_s`` (seconds since the last checkpoint or the start of this run) to the
         file's ``wall_time_s`` attribute (the run's cost, set-up and resumes included), and
         flush."""
-        self.h5.attrs["wall_time_s"] = float(self.h5.attrs.get("wall_time_s", 0.0)) + wall_time_s
-        if "checkpoint" in self.h5:
-            del self.h5["checkpoint"]
-        group = self.h5.create_group("checkpoint")
+        self.metadata.attrs["wall_time_s"] = float(self.metadata.attrs.get("wall_time_s", 0.0)) + wall_time_s
+        if "checkpoint" in self.metadata:
+            del self.metadata["checkpoint"]
+        group = self.metadata.create_group("checkpoint")
         group.create_dataset("openmm_checkpoint", data=np.void(openmm_checkpoint))
         group.create_dataset("state_xml", data=state_xml)
         group.attrs["n_saves"] = n_saves
@@ -392,12 +369,12 @@ class DynamicsFile:
 
     def load_checkpoint(self) -> tuple[bytes, str, int, str, dict]:
         """(OpenMM checkpoint bytes, state XML, saves done, platform name, the engine's state)."""
-        if "checkpoint" not in self.h5:
+        if "checkpoint" not in self.metadata:
             raise TradeMDError(
                 f"{self.h5.filename!r} has no checkpoint to resume from: start it again with "
                 "--overwrite"
             )
-        group = self.h5["checkpoint"]
+        group = self.metadata["checkpoint"]
         engine_state = {k: attribute_text(v) for k, v in group.attrs.items() if k not in ("n_saves", "platform")}
         return (
             group["openmm_checkpoint"][()].tobytes(),
