@@ -8,7 +8,8 @@ its residue templates, and the structure is minimised in the force field it will
 with. ``python -m trademd.systems.peptides 4 OUT.pdb`` writes one.
 
 **Ace-X-Nme with any standard residue X** (``pro2``, ``trp2``): the shipped alanine
-dipeptide with its alanine mutated by pdbfixer (hydrogens at pH 7), minimised the same way.
+dipeptide, turned to phi = -75 degrees (where a proline ring fits), with its alanine mutated by
+pdbfixer (hydrogens at pH 7), minimised the same way.
 ``python -m trademd.systems.peptides PRO OUT.pdb`` writes one.
 """
 
@@ -21,7 +22,7 @@ import openmm
 from openmm import unit
 import openmm.app as app
 
-__all__ = ["capped_alanine_pdb", "capped_dipeptide_pdb", "EXTENDED_PHI_PSI_DEG"]
+__all__ = ["capped_alanine_pdb", "capped_dipeptide_pdb", "EXTENDED_PHI_PSI_DEG", "peptide_bond_dihedrals"]
 
 #: Backbone dihedrals (degrees) every alanine is built with: the polyproline-II/beta region.
 EXTENDED_PHI_PSI_DEG = (-75.0, 145.0)
@@ -97,11 +98,9 @@ def capped_dipeptide_pdb(residue: str,
                          forcefield_files=("amber99sbildn.xml", "amber96_obc.xml")) -> str:
     """PDB text of Ace-``residue``-Nme (three-letter code, e.g. ``PRO``), minimised in
     ``forcefield_files`` (NoCutoff, HBonds constraints). Needs pdbfixer."""
-    from importlib import resources
-
     from pdbfixer import PDBFixer
 
-    dipeptide = resources.files("trademd.systems").joinpath("data", "alanine-dipeptide.pdb").read_text()
+    dipeptide = _alanine_dipeptide_at_phi(math.radians(EXTENDED_PHI_PSI_DEG[0]))
     # a named platform: pdbfixer's minimisers use OpenMM's default (OpenCL where pocl is installed)
     fixer = PDBFixer(pdbfile=io.StringIO(dipeptide), platform=openmm.Platform.getPlatformByName("CPU"))
     fixer.applyMutations([f"ALA-2-{residue.upper()}"], next(fixer.topology.chains()).id)
@@ -110,6 +109,63 @@ def capped_dipeptide_pdb(residue: str,
     fixer.addMissingAtoms(seed=0)
     fixer.addMissingHydrogens(7.0)
     return _minimised_pdb(fixer.topology, fixer.positions, forcefield_files)
+
+
+def _alanine_dipeptide_at_phi(phi_rad: float) -> str:
+    """PDB text of the shipped alanine dipeptide with its phi turned to ``phi_rad`` (the
+    acetyl cap and the amide hydrogen turned about N-CA). A proline ring fits only near
+    phi = -65 degrees: grown at the shipped phi, pdbfixer's CD lands 0.13 nm from the cap's
+    carbonyl carbon, and minimisation relieves that by turning the peptide bond cis."""
+    from importlib import resources
+
+    pdb = app.PDBFile(io.StringIO(
+        resources.files("trademd.systems").joinpath("data", "alanine-dipeptide.pdb").read_text()))
+    atoms = list(pdb.topology.atoms())
+    x = np.asarray(pdb.positions.value_in_unit(unit.nanometer), dtype=np.float64)
+    index = {(a.residue.index, a.name): a.index for a in atoms}
+    phi = (index[(0, "C")], index[(1, "N")], index[(1, "CA")], index[(1, "C")])
+    moving = np.array([a.residue.index == 0 or (a.residue.index, a.name) == (1, "H") for a in atoms])
+    _set_dihedral(x, phi, moving, phi_rad)
+    text = io.StringIO()
+    app.PDBFile.writeFile(pdb.topology, x * unit.nanometer, text)
+    return text.getvalue()
+
+
+def peptide_bond_dihedrals(topology: app.Topology) -> list[tuple[int, int, int, int]]:
+    """Omega of every peptide bond (atom indices): the carbon before the carbonyl carbon (CA,
+    or an acetyl's CH3), the carbonyl C, the next residue's N, and the carbon after it (CA,
+    or an N-methyl's C)."""
+    residues = list(topology.residues())
+    omegas = []
+    for before, after in zip(residues, residues[1:]):
+        names_before = {a.name: a.index for a in before.atoms()}
+        names_after = {a.name: a.index for a in after.atoms()}
+        first = names_before.get("CA", names_before.get("CH3"))
+        last = names_after.get("CA", names_after.get("C"))
+        if None not in (first, last) and "C" in names_before and "N" in names_after:
+            omegas.append((first, names_before["C"], names_after["N"], last))
+    return omegas
+
+
+def _dihedral(p: np.ndarray) -> float:
+    """Dihedral angle (radians) of four positions p [4, 3]."""
+    b0, b1, b2 = p[0] - p[1], p[2] - p[1], p[3] - p[2]
+    b1 = b1 / np.linalg.norm(b1)
+    v, w = b0 - b0 @ b1 * b1, b2 - b2 @ b1 * b1
+    return math.atan2(np.cross(b1, v) @ w, v @ w)
+
+
+def _set_dihedral(x: np.ndarray, atoms: tuple[int, int, int, int], moving: np.ndarray,
+                  target_rad: float) -> None:
+    """Turn the atoms where ``moving`` [n] is True rigidly about the bond atoms[1]-atoms[2]
+    so that the dihedral of ``atoms`` becomes ``target_rad``; x [n, 3] in place. The moving
+    side holds atoms[0]."""
+    origin = x[atoms[1]]
+    axis = (x[atoms[2]] - origin) / np.linalg.norm(x[atoms[2]] - origin)
+    turn = -(target_rad - _dihedral(x[list(atoms)]))  # the first atom's side turns the other way
+    r = x[moving] - origin
+    cos, sin = math.cos(turn), math.sin(turn)
+    x[moving] = origin + r * cos + np.cross(axis, r) * sin + np.outer(r @ axis, axis) * (1 - cos)
 
 
 def _minimised_pdb(topology: app.Topology, positions, forcefield_files) -> str:

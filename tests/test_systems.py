@@ -152,6 +152,38 @@ def test_peptide_builder_uses_ideal_geometry():
     assert length(("ACE", "C"), ("ALA", "N")) == pytest.approx(0.133, abs=2e-4)
 
 
+@pytest.mark.parametrize("name", ["ala2-implicit", "ala4-implicit", "ala6-implicit", "pro2-implicit", "trp2-implicit"])
+def test_shipped_peptides_have_trans_peptide_bonds(name):
+    """Every peptide bond of a shipped structure is trans (|omega| > 170 degrees): MD at 600 K
+    does not leave a cis prolyl bond (the first pro2 structure had omega = 1 degree and its
+    600 K data stayed 98 % cis), so a cis start is a different, unequilibrated ensemble."""
+    from trademd.systems.peptides import peptide_bond_dihedrals
+
+    molecule = get_system(name)
+    omegas = peptide_bond_dihedrals(molecule.pdb().topology)
+    assert len(omegas) == len(molecule.backbone_dihedrals) + 1
+    trajectory = mdtraj.Trajectory(molecule.positions_nm()[None], molecule.mdtraj_topology())
+    assert np.all(np.abs(np.degrees(mdtraj.compute_dihedrals(trajectory, omegas))) > 170.0)
+
+
+def test_proline_dipeptide_builder_keeps_the_peptide_bond_trans():
+    """pdbfixer grows proline onto the dipeptide turned to phi = -75 degrees; at the shipped
+    dipeptide's phi its CD lands on the cap's carbonyl carbon and minimisation turns the bond cis."""
+    import io
+
+    from openmm import unit
+    import openmm.app as app
+
+    from trademd.systems.peptides import capped_dipeptide_pdb, peptide_bond_dihedrals
+
+    built = app.PDBFile(io.StringIO(capped_dipeptide_pdb("PRO")))
+    positions = np.asarray(built.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
+    trajectory = mdtraj.Trajectory(positions[None], mdtraj.Topology.from_openmm(built.topology))
+    omegas = np.degrees(mdtraj.compute_dihedrals(trajectory, peptide_bond_dihedrals(built.topology)))
+    assert np.all(np.abs(omegas) > 170.0), omegas
+    assert built.topology.getNumAtoms() == get_system("pro2-implicit").n_atoms
+
+
 def test_user_system_from_pdb(tmp_path):
     pdb = tmp_path / "ala2.pdb"
     pdb.write_text(get_system("ala2-vacuum").pdb_text)
