@@ -2,7 +2,8 @@
 seed, ESS at 300 and 600 K, and the spread of every ring bond in MD, in the flow's samples and
 in the reweighted samples; with ``--zmatrix tree`` the same run with the spanning-tree
 Z-matrix (ring-closing bonds implied by the other coordinates, as before ring closures) for
-the A/B on the same MD.
+the A/B on the same MD; with ``--zmatrix distal-torsions`` the torsion partners one bond further
+instead of a placed sibling (the rule before 2026-12-07; any peptide, e.g. ala4-implicit).
 
     python benchmarks/ring_peptides.py --out runs/rings --system pro2-implicit --seeds 0 1 2
     python benchmarks/ring_peptides.py --out runs/rings-tree --system pro2-implicit --seeds 0 \
@@ -46,6 +47,27 @@ def use_spanning_tree_zmatrix() -> None:
         return RingClosures(np.asarray(zmatrix), np.zeros(len(zmatrix), dtype=bool), implied, {})
 
     registry.close_rings = tree_only
+
+
+def use_distal_torsion_partners() -> None:
+    """Make every Z-matrix built in this process take its torsion partners one bond further
+    (the rule before sibling partners: a methyl's three hydrogens each a torsion about the
+    same bond), the A arm of the sibling A/B."""
+    from trademd.systems import zmatrix
+
+    def distal_row(atom, parent, neighbours, placed):
+        bond = parent[atom]
+        angle = parent.get(bond)
+        if angle is None:
+            angle = next(a for a in neighbours[bond] if a in placed and a != atom)
+        used = {atom, bond, angle}
+        options = [parent.get(angle)] + neighbours[angle] + neighbours[bond]
+        torsion = next((a for a in options if a is not None and a in placed and a not in used), None)
+        if torsion is None:
+            torsion = next(a for a in sorted(placed) if a not in used)
+        return (atom, bond, angle, torsion)
+
+    zmatrix._row = distal_row
 
 
 def ring_bonds(molecule) -> list[tuple[int, int]]:
@@ -92,6 +114,8 @@ def ring_bond_spreads(run_dir: Path, reference: Path | None) -> dict:
     trajectory = read_trajectory(run_dir / "data_600K.h5")
     molecule = system_from_attrs(trajectory.attrs, trajectory.topology_pdb)
     bonds = ring_bonds(molecule)
+    if not bonds:
+        return {}
     atoms = list(molecule.pdb().topology.atoms())
     names = [f"{atoms[i].name}-{atoms[j].name}" for i, j in bonds]
     out = {"bonds": names, "md_t0": _lengths(trajectory.positions_nm, bonds).std(0).tolist()}
@@ -119,6 +143,8 @@ def ring_bond_spreads(run_dir: Path, reference: Path | None) -> dict:
 def run(args) -> None:
     if args.zmatrix == "tree":
         use_spanning_tree_zmatrix()
+    elif args.zmatrix == "distal-torsions":
+        use_distal_torsion_partners()
     overrides = {"system": args.system, "simulation_ps": args.simulation_ps, "steps": args.steps,
                  "n_samples": args.n}
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -165,7 +191,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--system", default="pro2-implicit")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
-    parser.add_argument("--zmatrix", choices=("closures", "tree"), default="closures")
+    parser.add_argument("--zmatrix", choices=("closures", "tree", "distal-torsions"), default="closures",
+                        help="tree: no ring closures; distal-torsions: torsion partners one bond "
+                             "further instead of a sibling")
     parser.add_argument("--data-from", type=Path, default=None,
                         help="run directory whose seedN/data_600K.h5 to reuse")
     parser.add_argument("--simulation-ps", type=float, default=None, help="MD per replica (default: the run's)")
