@@ -11,7 +11,7 @@ import openmm.app as app
 
 from trademd.errors import TradeMDError
 
-__all__ = ["LARGEST_MEASURED_RING", "MolecularSystem", "SOLVENTS"]
+__all__ = ["LARGEST_MEASURED_RING", "MolecularSystem", "SOLVENTS", "peptide_bond_dihedrals"]
 
 #: Solvent models a system may use.
 SOLVENTS = ("implicit-obc", "vacuum")
@@ -132,11 +132,32 @@ class MolecularSystem:
         return build_openmm_system(self.pdb().topology, self.forcefield_files, self.constraints,
                                    hydrogen_mass_amu)
 
+    @property
+    def peptide_bonds(self) -> np.ndarray:
+        """int [k, 4]: the omega dihedral of every peptide bond (:func:`peptide_bond_dihedrals`)."""
+        return np.asarray(peptide_bond_dihedrals(self.pdb().topology), dtype=np.int64).reshape(-1, 4)
+
     def mdtraj_topology(self):
         """The topology as an ``mdtraj.Topology``."""
         import mdtraj
 
         return mdtraj.Topology.from_openmm(self.pdb().topology)
+
+
+def peptide_bond_dihedrals(topology: app.Topology) -> list[tuple[int, int, int, int]]:
+    """Omega of every peptide bond (atom indices): the carbon before the carbonyl carbon (CA,
+    or an acetyl's CH3), the carbonyl C, the next residue's N, and the carbon after it (CA,
+    or an N-methyl's C)."""
+    residues = list(topology.residues())
+    omegas = []
+    for before, after in zip(residues, residues[1:]):
+        names_before = {a.name: a.index for a in before.atoms()}
+        names_after = {a.name: a.index for a in after.atoms()}
+        first = names_before.get("CA", names_before.get("CH3"))
+        last = names_after.get("CA", names_after.get("C"))
+        if None not in (first, last) and "C" in names_before and "N" in names_after:
+            omegas.append((first, names_before["C"], names_after["N"], last))
+    return omegas
 
 
 def build_openmm_system(topology: app.Topology, forcefield_files, constraints: str,

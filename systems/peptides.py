@@ -22,7 +22,7 @@ import openmm
 from openmm import unit
 import openmm.app as app
 
-__all__ = ["capped_alanine_pdb", "capped_dipeptide_pdb", "EXTENDED_PHI_PSI_DEG", "peptide_bond_dihedrals"]
+__all__ = ["capped_alanine_pdb", "capped_dipeptide_pdb", "EXTENDED_PHI_PSI_DEG"]
 
 #: Backbone dihedrals (degrees) every alanine is built with: the polyproline-II/beta region.
 EXTENDED_PHI_PSI_DEG = (-75.0, 145.0)
@@ -129,22 +129,6 @@ def _alanine_dipeptide_at_phi(phi_rad: float) -> str:
     text = io.StringIO()
     app.PDBFile.writeFile(pdb.topology, x * unit.nanometer, text)
     return text.getvalue()
-
-
-def peptide_bond_dihedrals(topology: app.Topology) -> list[tuple[int, int, int, int]]:
-    """Omega of every peptide bond (atom indices): the carbon before the carbonyl carbon (CA,
-    or an acetyl's CH3), the carbonyl C, the next residue's N, and the carbon after it (CA,
-    or an N-methyl's C)."""
-    residues = list(topology.residues())
-    omegas = []
-    for before, after in zip(residues, residues[1:]):
-        names_before = {a.name: a.index for a in before.atoms()}
-        names_after = {a.name: a.index for a in after.atoms()}
-        first = names_before.get("CA", names_before.get("CH3"))
-        last = names_after.get("CA", names_after.get("C"))
-        if None not in (first, last) and "C" in names_before and "N" in names_after:
-            omegas.append((first, names_before["C"], names_after["N"], last))
-    return omegas
 
 
 def _dihedral(p: np.ndarray) -> float:

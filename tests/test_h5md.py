@@ -240,6 +240,20 @@ def test_version_1_files_are_read():
     assert entry.n == 32 and entry.weights.sum() == pytest.approx(1.0)
     assert entry.summary["ess"] == pytest.approx(entry.ess) and entry.ramachandran_png.startswith(b"\x89PNG")
     assert entry.histograms["phi_psi_weighted"].shape == (60, 60)
+    assert entry.flipped_peptide_bond.shape == (32,) and not entry.flipped_peptide_bond.any()
+
+
+def test_flipped_peptide_bond_flags_are_stored_and_zero_the_weight(tmp_path):
+    """The flag of a later format addition: written, read back, part of ``flagged``."""
+    entry = _synthetic_samples(300.0, 6, seed=4)
+    entry.flipped_peptide_bond = np.array([False, True, False, False, True, False])
+    assert entry.flagged.tolist() == entry.flipped_peptide_bond.tolist()
+    path = write_samples(tmp_path / "s.h5", [entry], {"system": "test"}, "")
+    with h5py.File(path) as h5:
+        assert h5["observables/T300/flipped_peptide_bond/value"][()].tolist() == entry.flipped_peptide_bond.tolist()
+    back = read_samples(path).at(path, 300.0)
+    assert back.flipped_peptide_bond.tolist() == entry.flipped_peptide_bond.tolist()
+    assert back.fraction_flagged == pytest.approx(2 / 6)
 
 
 def test_commands_take_version_1_files(tmp_path):

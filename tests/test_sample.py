@@ -11,6 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from trademd.analysis.isomers import flipped_peptide_bond_mask
 from trademd.analysis.observables import basin_free_energy, phi_psi_histogram
 from trademd.cli.app import app
 from trademd.energy.molecule import MoleculeEnergy
@@ -145,7 +146,13 @@ def test_sample_file_is_exact_and_self_describing(trained_model, tmp_path):
         group = samples_file.by_temperature[summary["temperature_k"]]
         weights, log_w = group.weights, group.log_weights
         assert weights.sum() == pytest.approx(1.0)
-        flagged = group.wrong_chirality | group.nonfinite_energy
+        # the stored flags are those of the stored positions
+        molecule = get_system("ala2-vacuum")
+        flipped = flipped_peptide_bond_mask(group.positions_nm.astype(np.float64), molecule.peptide_bonds,
+                                            molecule.positions_nm()).numpy()
+        assert np.array_equal(group.flipped_peptide_bond, flipped)
+        flagged = group.wrong_chirality | group.flipped_peptide_bond | group.nonfinite_energy
+        assert np.array_equal(flagged, group.flagged)
         assert np.all(weights[flagged] == 0) and np.all(np.isneginf(log_w[flagged]))
         assert summary["ess"] == pytest.approx(1 / np.sum(weights**2), rel=1e-9)
         kt = 0.0083144626181532395 * summary["temperature_k"]

@@ -157,7 +157,7 @@ def test_shipped_peptides_have_trans_peptide_bonds(name):
     """Every peptide bond of a shipped structure is trans (|omega| > 170 degrees): MD at 600 K
     does not leave a cis prolyl bond (the first pro2 structure had omega = 1 degree and its
     600 K data stayed 98 % cis), so a cis start is a different, unequilibrated ensemble."""
-    from trademd.systems.peptides import peptide_bond_dihedrals
+    from trademd.systems.molecule import peptide_bond_dihedrals
 
     molecule = get_system(name)
     omegas = peptide_bond_dihedrals(molecule.pdb().topology)
@@ -174,7 +174,8 @@ def test_proline_dipeptide_builder_keeps_the_peptide_bond_trans():
     from openmm import unit
     import openmm.app as app
 
-    from trademd.systems.peptides import capped_dipeptide_pdb, peptide_bond_dihedrals
+    from trademd.systems.molecule import peptide_bond_dihedrals
+    from trademd.systems.peptides import capped_dipeptide_pdb
 
     built = app.PDBFile(io.StringIO(capped_dipeptide_pdb("PRO")))
     positions = np.asarray(built.getPositions(asNumpy=True).value_in_unit(unit.nanometer))

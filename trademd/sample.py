@@ -7,8 +7,9 @@ and the importance weights for the Boltzmann distribution at T are
 
     log w = -U(x) / (k_B T) - log p(x|T),
 
-self-normalised. Samples with the wrong chirality at a chiral centre or a non-finite energy
-are flagged and get zero weight (reported as ``fraction_flagged``). The Kish effective sample
+self-normalised. Samples with the wrong chirality at a chiral centre, a peptide bond turned
+cis/trans against the PDB (:mod:`trademd.analysis.isomers`) or a non-finite energy are flagged
+and get zero weight (reported as ``fraction_flagged``). The Kish effective sample
 size (sum w)^2 / sum w^2 is reported pooled and per batch (:mod:`trademd.analysis.ess`).
 """
 
@@ -20,6 +21,7 @@ import torch
 
 from trademd import distributed
 from trademd.analysis.chirality import wrong_chirality_mask
+from trademd.analysis.isomers import flipped_peptide_bond_mask
 from trademd.analysis.ess import weight_diagnostics
 from trademd.analysis.observables import backbone_angles, basin_free_energy, phi_psi_histogram
 from trademd.analysis.plots import ramachandran_grid_png, ramachandran_png
@@ -85,17 +87,17 @@ def draw_samples(model: TrainedModel, temperature_k: float, n: int, batch_size: 
     for other in distributed.gather_objects(drawn):
         drawn.update(other)
     batches = [drawn[b] for b in range(n_batches)]
-    positions, log_prob, energy, wrong = (np.concatenate([batch[k] for batch in batches])
-                                          for k in ("x", "log_prob", "energy", "wrong"))
+    positions, log_prob, energy, wrong, flipped = (np.concatenate([batch[k] for batch in batches])
+                                                   for k in ("x", "log_prob", "energy", "wrong", "flipped"))
     nonfinite = ~np.isfinite(energy)
     log_w = log_importance_weights(energy / (target.boltzmann_k * temperature_k), log_prob)
-    log_w[wrong | nonfinite | ~np.isfinite(log_w)] = -np.inf
+    log_w[wrong | flipped | nonfinite | ~np.isfinite(log_w)] = -np.inf
     weights = self_normalised_weights(log_w)
     phi_residues, psi_residues = backbone_angles(target.molecule, positions)
     first = (phi_residues[:, 0], psi_residues[:, 0]) if phi_residues.shape[1] else (np.zeros(0), np.zeros(0))
     several = phi_residues.shape[1] > 1
     return TemperatureSamples(float(temperature_k), positions, log_prob, energy, log_w, weights,
-                              wrong, nonfinite, *first,
+                              wrong, nonfinite, *first, flipped_peptide_bond=flipped,
                               **({"phi_residues": phi_residues, "psi_residues": psi_residues} if several else {}))
 
 
@@ -119,7 +121,8 @@ def _residue_histograms(samples: TemperatureSamples) -> dict:
 
 def _draw_batch(model: TrainedModel, temperature_k: float, m: int, seed: int) -> dict:
     """One batch: positions float32 [m, atoms, 3] (nm), log p(x|T) and energies float64 [m]
-    (kJ/mol), wrong-chirality flags bool [m]; the global random state is left as it was."""
+    (kJ/mol), wrong-chirality and flipped-peptide-bond flags bool [m]; the global random
+    state is left as it was."""
     target = model.target
     device = next(model.flow.parameters()).device
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -128,12 +131,14 @@ def _draw_batch(model: TrainedModel, temperature_k: float, m: int, seed: int) ->
         x, log_det = target.positions(z)
         x = x.float().double()  # the energies belong to the float32 positions stored
         energy, _ = target.bridge.evaluate(x)
-    centres = target.molecule.chiral_centres
+    centres, omegas = target.molecule.chiral_centres, target.molecule.peptide_bonds
     reference = torch.as_tensor(target.molecule.positions_nm())
     wrong = (wrong_chirality_mask(x.cpu(), centres, reference).numpy()
              if len(centres) else np.zeros(m, dtype=bool))
+    flipped = (flipped_peptide_bond_mask(x.cpu(), omegas, reference).numpy()
+               if len(omegas) else np.zeros(m, dtype=bool))
     return {"x": x.float().cpu().numpy(), "log_prob": (log_p_z.double() - log_det).cpu().numpy(),
-            "energy": energy.double().cpu().numpy(), "wrong": wrong}
+            "energy": energy.double().cpu().numpy(), "wrong": wrong, "flipped": flipped}
 
 
 def summarise(samples: TemperatureSamples, path: Path) -> dict:

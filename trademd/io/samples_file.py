@@ -35,6 +35,7 @@ from trademd.weights import kish_ess_of_normalised
 __all__ = [
     "SAMPLE_DATASETS",
     "RESIDUE_DATASETS",
+    "LATER_DATASETS",
     "OBSERVABLE_NAMES",
     "TemperatureSamples",
     "SamplesFile",
@@ -61,6 +62,12 @@ RESIDUE_DATASETS = {
     "phi_residues": ("rad", "phi of every residue with phi and psi, in chain order [n, residues]"),
     "psi_residues": ("rad", "psi of every residue with phi and psi, in chain order [n, residues]"),
 }
+#: Per-sample quantities added after files were first written: name -> (unit, description);
+#: a file without one reads as all False.
+LATER_DATASETS = {
+    "flipped_peptide_bond": ("", "flag: a peptide bond is cis where the reference structure has "
+                                 "it trans, or the reverse [n] (trademd.analysis.isomers)"),
+}
 #: Version 2: the observable name of each per-sample quantity whose name differs.
 OBSERVABLE_NAMES = {"energy_kj_mol": "potential_energy"}
 #: What the ``time`` of a samples file's positions is.
@@ -85,6 +92,7 @@ class TemperatureSamples:
         phi, psi: float64 [n] radians, the first residue's (empty if the system has none).
         phi_residues, psi_residues: float64 [n, residues] radians, every residue's, for
             systems with more than one (else empty, and not stored).
+        flipped_peptide_bond: bool [n] (files written before it existed: all False).
         summary: the group's attributes (ESS diagnostics, free energies: ``trade-md sample``'s
             summary).
         histograms: named arrays of the ``histograms/`` subgroup.
@@ -103,9 +111,14 @@ class TemperatureSamples:
     psi: np.ndarray
     phi_residues: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     psi_residues: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    flipped_peptide_bond: np.ndarray | None = None
     summary: dict = field(default_factory=dict)
     histograms: dict = field(default_factory=dict)
     ramachandran_png: bytes = b""
+
+    def __post_init__(self) -> None:
+        if self.flipped_peptide_bond is None:
+            self.flipped_peptide_bond = np.zeros(len(self.log_prob), dtype=bool)
 
     @property
     def n(self) -> int:
@@ -122,8 +135,8 @@ class TemperatureSamples:
 
     @property
     def flagged(self) -> np.ndarray:
-        """bool [n]: wrong chirality or a non-finite energy (zero weight)."""
-        return self.wrong_chirality | self.nonfinite_energy
+        """bool [n]: wrong chirality, a flipped peptide bond or a non-finite energy (zero weight)."""
+        return self.wrong_chirality | self.flipped_peptide_bond | self.nonfinite_energy
 
     @property
     def fraction_flagged(self) -> float:
@@ -196,7 +209,7 @@ class SamplesHDF5File:
                                          compression="gzip")
         position["value"].attrs["description"] = SAMPLE_DATASETS["positions_nm"][1]
         position["time"].attrs["description"] = _SAMPLE_TIME
-        stored = {**SAMPLE_DATASETS, **(RESIDUE_DATASETS if entry.phi_residues.size else {})}
+        stored = {**SAMPLE_DATASETS, **LATER_DATASETS, **(RESIDUE_DATASETS if entry.phi_residues.size else {})}
         for quantity, (unit, description) in stored.items():
             if quantity != "positions_nm":
                 create_observable(self.h5, name, _element_name(quantity),
@@ -229,7 +242,7 @@ class SamplesHDF5File:
     def _arrays(self, group: h5py.Group) -> dict[str, np.ndarray]:
         """The per-sample arrays of the temperature whose metadata is ``group`` (version 1:
         the group holds them; version 2: its particle group and observables)."""
-        names = (*SAMPLE_DATASETS, *RESIDUE_DATASETS)
+        names = (*SAMPLE_DATASETS, *LATER_DATASETS, *RESIDUE_DATASETS)
         temperature = group.name.rsplit("/", 1)[-1]
         if file_version(self.h5) == 1:
             arrays = {k: group[k][()] for k in names if k in group}
