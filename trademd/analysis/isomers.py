@@ -15,24 +15,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from trademd.flow.coordinates import dihedral
+
 __all__ = ["cis_peptide_bonds", "flipped_peptide_bond_mask"]
-
-
-def _dihedrals(x: Tensor, rows) -> Tensor:
-    """[..., k] dihedral angles (radians) of rows (a, b, c, d) for positions x [..., n, 3]."""
-    idx = torch.as_tensor(np.asarray(rows), dtype=torch.long, device=x.device)
-    p0, p1, p2, p3 = (x[..., idx[:, i], :] for i in range(4))
-    b0, b1, b2 = p0 - p1, p2 - p1, p3 - p2
-    b1 = b1 / torch.linalg.vector_norm(b1, dim=-1, keepdim=True)
-    v = b0 - (b0 * b1).sum(-1, keepdim=True) * b1
-    w = b2 - (b2 * b1).sum(-1, keepdim=True) * b1
-    return torch.atan2((torch.cross(b1, v, dim=-1) * w).sum(-1), (v * w).sum(-1))
 
 
 def cis_peptide_bonds(x, omegas) -> Tensor:
     """bool [..., k]: True where omega (rows of ``omegas``, int [k, 4], a system's
     ``peptide_bonds``) is cis, |omega| < 90 degrees, for positions x [..., n_atoms, 3]."""
-    return _dihedrals(torch.as_tensor(x), omegas).abs() < math.pi / 2
+    x = torch.as_tensor(x)
+    idx = torch.as_tensor(np.asarray(omegas), dtype=torch.long, device=x.device)
+    return dihedral(*(x[..., idx[:, i], :] for i in range(4))).abs() < math.pi / 2
 
 
 def flipped_peptide_bond_mask(x, omegas, reference) -> Tensor:

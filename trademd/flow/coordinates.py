@@ -123,6 +123,7 @@ __all__ = [
     "InternalCoordinates",
     "cartesian_to_internal",
     "constrained_bonds_from_openmm",
+    "dihedral",
     "closure_axis_lengths",
     "internal_log_det",
     "internal_to_cartesian",
@@ -142,7 +143,7 @@ def _angle(p_i: Tensor, p_j: Tensor, p_k: Tensor) -> Tensor:
     return torch.atan2(torch.linalg.vector_norm(torch.cross(u, v, dim=-1), dim=-1), (u * v).sum(-1))
 
 
-def _dihedral(p0: Tensor, p1: Tensor, p2: Tensor, p3: Tensor) -> Tensor:
+def dihedral(p0: Tensor, p1: Tensor, p2: Tensor, p3: Tensor) -> Tensor:
     """IUPAC dihedral 0-1-2-3 in [-pi, pi) rad (mdtraj's sign). [..., 3] -> [...]."""
     b1, b2, b3 = p1 - p0, p2 - p1, p3 - p2
     n1, n2 = torch.cross(b1, b2, dim=-1), torch.cross(b2, b3, dim=-1)
@@ -206,7 +207,7 @@ def cartesian_to_internal(x: Tensor, zmatrix, closures=None) -> tuple[Tensor, Te
     if closing is not None:
         ring_bonds = torch.linalg.vector_norm(x[..., atom[2:], :] - x[..., angle[2:], :], dim=-1)
         angles = torch.where(closing[2:], ring_bonds, angles)
-    torsions = _dihedral(
+    torsions = dihedral(
         x[..., atom[3:], :], x[..., bond[3:], :], x[..., angle[3:], :], x[..., torsion[3:], :]
     )
     return bonds, angles, torsions
