@@ -8,8 +8,9 @@ import torch
 
 from trademd.errors import TradeMDError
 from trademd.flow.base import TemperatureBase
-from trademd.flow.conditional import KnotSpline, TemperatureFlow, parse_layers, spline_knots
+from trademd.flow.conditional import TemperatureFlow, parse_layers
 from trademd.flow.factory import ConditionalFlow, build_flow, load_flow
+from trademd.flow.spline import RationalQuadraticSpline
 
 T_RANGE = (250.0, 650.0)
 
@@ -217,13 +218,16 @@ def test_spline_interpolates_its_knots_and_its_log_det_is_the_autograd_derivativ
     """The rational-quadratic spline alone: through every knot with the knot's slope, log|det|
     = log dy/dx by autograd, inverse the inverse, identity outside the bins."""
     g = torch.Generator().manual_seed(3)
-    logits = [2.0 * torch.randn(6, 2, k, generator=g, dtype=torch.float64) for k in (7, 7, 8)]
-    knots = spline_knots(*logits, min_slope=1e-3)  # each [6, 2, 8]: 7 bins
-    horizontal, vertical, slopes = knots
+    bin_logits = 2.0 * torch.randn(6, 2, 2, 7, generator=g, dtype=torch.float64)  # 7 bins
+    slope_logits = 2.0 * torch.randn(6, 2, 8, generator=g, dtype=torch.float64)
 
     def spline_for(n):  # the same 12 splines, each for n points
-        return KnotSpline(*(k[..., None, :].expand(6, 2, n, 8) for k in knots))
+        return RationalQuadraticSpline(bin_logits[:, :, None].expand(6, 2, n, 2, 7),
+                                       slope_logits[:, :, None].expand(6, 2, n, 8), min_slope=1e-3)
 
+    horizontal, vertical, slopes = (k[..., 0, :] for k in spline_for(1).knots())  # each [6, 2, 8]
+    assert torch.all(horizontal[..., 0] == -1.0) and torch.all(horizontal[..., -1] == 1.0)
+    assert torch.all(vertical[..., 0] == -1.0) and torch.all(vertical[..., -1] == 1.0)
     x = (2.0 * torch.rand(6, 2, 500, generator=g, dtype=torch.float64) - 1.0).requires_grad_(True)
     y, ladj = spline_for(500).call_and_ladj(x)
     (slope,) = torch.autograd.grad(y.sum(), x)
@@ -290,6 +294,38 @@ def test_dlogp_dT_matches_central_finite_differences():
     logp_each, grad_each = _dlogp_dT(flow, z[:3], torch.full((3,), 300.0, dtype=torch.float64))
     assert torch.equal(logp_scalar, logp_each) and torch.equal(logp_scalar, flow.log_prob(z[:3], 300.0))
     assert torch.allclose(grad_scalar, grad_each.sum())
+
+
+@pytest.mark.parametrize("activation, conditioner, torsion_base, bounded_base", [
+    ("silu", "residual", "uniform", "truncated_normal"),
+    ("relu", "mlp", "scaled_von_mises", "scaled_truncated_normal"),
+    ("elu", "residual", "von_mises", "uniform"),
+    ("gelu", "mlp", "uniform", "scaled_truncated_normal"),
+    ("tanh", "residual", "scaled_von_mises", "truncated_normal"),
+])
+def test_log_prob_dlogt_is_the_autograd_derivative(activation, conditioner, torsion_base, bounded_base):
+    """Forward mode by hand (every activation, conditioner and base; layers that mix torsions
+    and bounded features) against reverse-mode autograd: log p, d log p / dlogT and the
+    parameter gradient of a loss of both; the derivative is 0 outside the support."""
+    flow = make_flow(3, 4, scale=0.2, activation=activation, conditioner=conditioner, depth=2,
+                     torsion_base=torsion_base, bounded_base=bounded_base, bounded_interval=(-1.5, 2.0),
+                     layers=["torsions|torsions", "bounded|torsions", "bounded|all", "torsions|all"])
+    z = random_z(flow, 64)
+    z[0, 4] = 5.0  # outside the interval
+    temperatures = torch.linspace(250.0, 650.0, 64, dtype=torch.float64)
+    logp, grad = _dlogp_dT(flow, z, temperatures)
+    logp_forward, derivative = flow.log_prob_dlogt(z, temperatures)
+    assert torch.equal(torch.isfinite(logp), torch.isfinite(logp_forward)) and logp[0] == -math.inf
+    inside = torch.isfinite(logp)
+    assert torch.allclose(logp_forward[inside], logp[inside], rtol=1e-13, atol=1e-12)
+    assert torch.allclose(derivative, grad * temperatures, rtol=1e-12, atol=1e-12) and derivative[0] == 0
+
+    def parameter_gradient(logp, derivative):
+        loss = derivative.pow(2).mean() - logp[inside].mean()
+        return torch.autograd.grad(loss, list(flow.parameters()))
+
+    for a, b in zip(parameter_gradient(logp_forward, derivative), parameter_gradient(logp, grad * temperatures)):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_rsample_is_differentiable_in_the_parameters():
