@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from trademd.errors import TradeMDError
 from trademd.flow.base import TemperatureBase
-from trademd.flow.conditioner import ACTIVATIONS, conditioner_network, network_jvp
+from trademd.flow.conditioner import ACTIVATIONS, conditioner_network, network_output, network_output_jvp
 from trademd.flow.spline import RationalQuadraticSpline
 from trademd.flow.temperatures import per_sample_temperatures
 
@@ -108,14 +108,32 @@ def parse_layers(layers: Sequence[str], n_torsions: int, n_bounded: int,
 # coupling layer
 
 
-def _join(periodic: Tensor, bounded: Tensor) -> Tensor:
-    """Parameters of the periodic and the bounded features [B, p, ...], [B, q, ...] -> [B, p + q, ...]
-    (no copy where one part is empty, as in every layer of the default pattern)."""
-    if not bounded.shape[1]:
-        return periodic
-    if not periodic.shape[1]:
-        return bounded
-    return torch.cat([periodic, bounded], dim=1)
+def _output_rows(n_periodic: int, n_transformed: int, bins: int) -> Tensor:
+    """Rows of a conditioner's output in the order the splines read them: the width and height
+    logits of every transformed feature [2 K each], then their slope logits [K + 1 each].
+
+    The output holds 3 K logits per torsion (widths, heights, slopes at the first K knots)
+    followed by 3 K + 1 per bounded feature; a circular spline's last slope is its first
+    (one slope shared by both ends, so the circle map is C1 at the seam): that row repeats.
+    """
+    bin_rows, slope_rows = [], []
+    for feature in range(n_transformed):
+        periodic = feature < n_periodic
+        start = 3 * bins * feature + (0 if periodic else feature - n_periodic)
+        bin_rows += range(start, start + 2 * bins)
+        slopes = list(range(start + 2 * bins, start + 3 * bins + (0 if periodic else 1)))
+        slope_rows += slopes + slopes[:1] if periodic else slopes
+    return torch.tensor(bin_rows + slope_rows, dtype=torch.long)
+
+
+def _by_kind(x: Tensor, n_periodic: int, periodic, bounded) -> Tensor:
+    """x [B, n] with the function ``periodic`` applied to its first ``n_periodic`` columns and
+    ``bounded`` to the others (no copy where one kind is absent, as in the default layers)."""
+    if n_periodic == x.shape[1]:
+        return periodic(x)
+    if n_periodic == 0:
+        return bounded(x)
+    return torch.cat([periodic(x[:, :n_periodic]), bounded(x[:, n_periodic:])], dim=1)
 
 
 def _seam_shift(kind: str, layer_index: int) -> float:
@@ -152,6 +170,8 @@ class SplineCoupling(nn.Module):
         n_in = 2 * self.n_cond_periodic + (len(conditioning) - self.n_cond_periodic) + 1
         n_out = self.n_periodic * 3 * bins + (len(transformed) - self.n_periodic) * (3 * bins + 1)
         self.net = conditioner_network(conditioner, n_in, n_out, width, depth, activation)
+        self.register_buffer("output_rows", _output_rows(self.n_periodic, len(transformed), bins),
+                             persistent=False)
 
     def extra_repr(self) -> str:
         return (f"transformed={self.transformed.tolist()}, "
@@ -165,21 +185,18 @@ class SplineCoupling(nn.Module):
         return y, torch.cat([torch.cos(angle), torch.sin(angle), y[:, self.n_cond_periodic:], t], dim=1)
 
     def _spline_logits(self, params: Tensor) -> tuple[Tensor, Tensor]:
-        """Network output [B, n_out] -> (bin logits [B, |X|, 2, K], slope logits [B, |X|, K + 1])."""
-        k, b, p = self.bins, params.shape[0], self.n_periodic
+        """Network output in the order of :attr:`output_rows` [B, n] -> (bin logits
+        [B, |X|, 2, K], slope logits [B, |X|, K + 1])."""
+        k, b, n = self.bins, params.shape[0], len(self.transformed)
         # torch.split, not slicing: the backward of a slice zero-fills a tensor of the full size
-        periodic, bounded = params.split([p * 3 * k, params.shape[1] - p * 3 * k], dim=1)
-        bins_p, slopes_p = periodic.reshape(b, p, 3 * k).split([2 * k, k], dim=-1)
-        bins_b, slopes_b = bounded.reshape(b, -1, 3 * k + 1).split([2 * k, k + 1], dim=-1)
-        # circular: one slope shared by both ends, so the circle map is C1 at the seam
-        slopes_p = torch.cat([slopes_p, slopes_p[..., :1]], dim=-1)
-        return (_join(bins_p.reshape(b, p, 2, k), bins_b.reshape(b, -1, 2, k)),
-                _join(slopes_p, slopes_b))
+        bins, slopes = params.split([n * 2 * k, n * (k + 1)], dim=1)
+        return bins.view(b, n, 2, k), slopes.view(b, n, k + 1)
 
     def spline(self, w: Tensor, t: Tensor) -> RationalQuadraticSpline:
         """The spline of this layer given w [B, D] (only Y is read) and the T feature [B, 1]."""
         _, h = self._network_input(w, t)
-        return RationalQuadraticSpline(*self._spline_logits(self.net(h)), self.min_slope)
+        params = network_output(self.net, h, self.output_rows)
+        return RationalQuadraticSpline(*self._spline_logits(params), self.min_slope)
 
     def _spline_jvp(self, w: Tensor, w_dot: Tensor, t: Tensor, t_dot: Tensor) -> RationalQuadraticSpline:
         """:meth:`spline` carrying the tangents of its parameters, for tangents w_dot [B, D]
@@ -190,15 +207,15 @@ class SplineCoupling(nn.Module):
         angle_dot = math.pi * y_dot[:, :p]
         sin, cos = h[:, p:2 * p], h[:, :p]
         h_dot = torch.cat([-sin * angle_dot, cos * angle_dot, y_dot[:, p:], t_dot], dim=1)
-        params, params_dot = network_jvp(self.net, h, h_dot)
+        params, params_dot = network_output_jvp(self.net, h, h_dot, self.output_rows)
         return RationalQuadraticSpline(*self._spline_logits(params), self.min_slope,
                                        tangents=self._spline_logits(params_dot))
 
     def _finish(self, w: Tensor, x_new: Tensor) -> Tensor:
-        # torsions wrap onto [-1, 1); bounded stay in [-1, 1] despite rounding
-        p = self.n_periodic
-        x_new = torch.cat([torch.remainder(x_new[:, :p] + 1.0, 2.0) - 1.0,
-                           x_new[:, p:].clamp(-1.0, 1.0)], dim=1)
+        """w [B, D] with the transformed features X replaced by x_new [B, |X|]: torsions
+        wrapped onto [-1, 1), bounded features kept in [-1, 1] despite rounding."""
+        x_new = _by_kind(x_new, self.n_periodic, lambda x: torch.remainder(x + 1.0, 2.0) - 1.0,
+                         lambda x: x.clamp(-1.0, 1.0))
         return w.index_copy(1, self.transformed, x_new)
 
     def _rotate(self, x: Tensor, shift: float) -> Tensor:
@@ -206,8 +223,8 @@ class SplineCoupling(nn.Module):
         [-1, 1); bounded columns untouched. A rotation has unit Jacobian."""
         if not self.seam_shift or not self.n_periodic:
             return x
-        p = self.n_periodic
-        return torch.cat([torch.remainder(x[:, :p] + shift + 1.0, 2.0) - 1.0, x[:, p:]], dim=1)
+        return _by_kind(x, self.n_periodic, lambda x: torch.remainder(x + shift + 1.0, 2.0) - 1.0,
+                        lambda x: x)
 
     def forward(self, w: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Data -> base direction: (w', log|det dw'/dw|) with shapes [B, D], [B].
@@ -231,9 +248,7 @@ class SplineCoupling(nn.Module):
 
     def inverse(self, w: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Base -> data direction: (w, log|det dw'/dw| of the forward map at the result)."""
-        spline = self.spline(w, t)
-        x = spline.inverse(self._rotate(w[:, self.transformed], self.seam_shift))
-        _, ladj = spline.call_and_ladj(x)
+        x, ladj = self.spline(w, t).inverse_and_ladj(self._rotate(w[:, self.transformed], self.seam_shift))
         return self._finish(w, self._rotate(x, -self.seam_shift)), ladj.sum(dim=1)
 
 

@@ -2,9 +2,10 @@
 
 A conditioner maps a layer's conditioning features [B, n_in] to its spline parameters
 [B, n_out]: an MLP (zuko's) or a residual network, each an ``nn.Sequential`` of linear layers,
-residual blocks and activations. :func:`network_jvp` pushes a tangent through one
-(output and Jacobian-vector product in one pass of plain tensor arithmetic, which reverse-mode
-autograd differentiates like any other).
+residual blocks and activations. :func:`network_output` evaluates one, its output columns
+reordered; :func:`network_output_jvp` also pushes a tangent through it (output and
+Jacobian-vector product in one pass of plain tensor arithmetic, which reverse-mode autograd
+differentiates like any other).
 """
 
 import math
@@ -15,7 +16,7 @@ from zuko.nn import MLP, Linear as ZukoLinear
 
 from trademd.errors import TradeMDError
 
-__all__ = ["ACTIVATIONS", "Residual", "conditioner_network", "network_jvp"]
+__all__ = ["ACTIVATIONS", "Residual", "conditioner_network", "network_output", "network_output_jvp"]
 
 ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU, "tanh": nn.Tanh}
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
@@ -48,19 +49,36 @@ def conditioner_network(kind: str, n_in: int, n_out: int, width: int, depth: int
     return net
 
 
-def network_jvp(net: nn.Module, x: Tensor, x_dot: Tensor) -> tuple[Tensor, Tensor]:
-    """(net(x), its directional derivative along ``x_dot``), for a network of
-    :func:`conditioner_network`: x, x_dot [B, n_in] -> [B, n_out], [B, n_out]."""
-    if isinstance(net, (nn.Linear, ZukoLinear)):  # zuko's MLP is made of its own (unstacked)
-        return net(x), nn.functional.linear(x_dot, net.weight)
-    if isinstance(net, nn.Sequential):
+def network_output(net: nn.Sequential, x: Tensor, rows: Tensor) -> Tensor:
+    """``net(x)[:, rows]`` [B, len(rows)] for x [B, n_in], a network of
+    :func:`conditioner_network`: the last layer takes only those rows of its weights (rows may
+    repeat), cheaper than indexing the output, whose backward would zero-fill a copy of it."""
+    *hidden, last = net
+    for layer in hidden:
+        x = layer(x)
+    return nn.functional.linear(x, last.weight[rows], last.bias[rows])
+
+
+def network_output_jvp(net: nn.Sequential, x: Tensor, x_dot: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`network_output` and its directional derivative along ``x_dot`` [B, n_in]."""
+    *hidden, last = net
+    for layer in hidden:
+        x, x_dot = _layer_jvp(layer, x, x_dot)
+    weight = last.weight[rows]
+    return nn.functional.linear(x, weight, last.bias[rows]), nn.functional.linear(x_dot, weight)
+
+
+def _layer_jvp(layer: nn.Module, x: Tensor, x_dot: Tensor) -> tuple[Tensor, Tensor]:
+    """(layer(x), its directional derivative along x_dot) of a linear layer, a residual block
+    or an activation."""
+    if isinstance(layer, (nn.Linear, ZukoLinear)):  # zuko's MLP is made of its own (unstacked)
+        return layer(x), nn.functional.linear(x_dot, layer.weight)
+    if isinstance(layer, Residual):
         y, y_dot = x, x_dot
-        for layer in net:
-            y, y_dot = network_jvp(layer, y, y_dot)
-        if isinstance(net, Residual):
-            return x + y, x_dot + y_dot
-        return y, y_dot
-    y, slope = _activation_and_slope(net, x)
+        for inner in layer:
+            y, y_dot = _layer_jvp(inner, y, y_dot)
+        return x + y, x_dot + y_dot
+    y, slope = _activation_and_slope(layer, x)
     return y, slope * x_dot
 
 

@@ -153,8 +153,9 @@ class RationalQuadraticSpline:
         ladj_dot = 2 * s_dot / s + m_dot / m - 2 * denominator_dot / denominator
         return y, ladj, torch.where(inside, y_dot, x_dot), inside * ladj_dot
 
-    def inverse(self, y: Tensor) -> Tensor:
-        """x [...] with spline(x) = y, for y [...] (the root of a quadratic in each bin)."""
+    def inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """(x with spline(x) = y, log|dy/dx| at that x), both [...], for y [...]: the root of a
+        quadratic in the bin of y, whose knots and slopes also give the log-determinant."""
         located = self._locate(1, y)
         inside = located[0]
         ends, slopes, _ = self._bin(located)
@@ -167,7 +168,11 @@ class RationalQuadraticSpline:
         b = height * d0 - y_ * (d0 + d1 - 2 * s)
         c = -s * y_
         z = 2 * c / (-b - (b**2 - 4 * a * c).sqrt())
-        return torch.where(inside, x0 + z * (x1 - x0), y)
+        zz = z * (1 - z)
+        denominator = s + (d0 + d1 - 2 * s) * zz
+        m = 2 * s * zz + d0 * (1 - z) ** 2 + d1 * z**2
+        ladj = torch.log(s**2 * m / denominator**2)
+        return torch.where(inside, x0 + z * (x1 - x0), y), inside * ladj
 
 
 def _rational_quadratic(x: Tensor, ends: Tensor, slopes: Tensor,
