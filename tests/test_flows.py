@@ -218,14 +218,15 @@ def test_spline_interpolates_its_knots_and_its_log_det_is_the_autograd_derivativ
     """The rational-quadratic spline alone: through every knot with the knot's slope, log|det|
     = log dy/dx by autograd, inverse the inverse, identity outside the bins."""
     g = torch.Generator().manual_seed(3)
-    bin_logits = 2.0 * torch.randn(6, 2, 2, 7, generator=g, dtype=torch.float64)  # 7 bins
-    slope_logits = 2.0 * torch.randn(6, 2, 8, generator=g, dtype=torch.float64)
+    bin_logits = 2.0 * torch.randn(6, 7, 2, 2, generator=g, dtype=torch.float64)  # 7 bins
+    slope_logits = 2.0 * torch.randn(6, 8, 2, generator=g, dtype=torch.float64)
 
-    def spline_for(n):  # the same 12 splines, each for n points
-        return RationalQuadraticSpline(bin_logits[:, :, None].expand(6, 2, n, 2, 7),
-                                       slope_logits[:, :, None].expand(6, 2, n, 8), min_slope=1e-3)
+    def spline_for(n):  # the same 12 splines (6 x 2), each for n points: points [6, 2, n]
+        return RationalQuadraticSpline(bin_logits[..., None].expand(6, 7, 2, 2, n),
+                                       slope_logits[..., None].expand(6, 8, 2, n), min_slope=1e-3)
 
-    horizontal, vertical, slopes = (k[..., 0, :] for k in spline_for(1).knots())  # each [6, 2, 8]
+    # each [6, 2, 8]: the knots of the 12 splines
+    horizontal, vertical, slopes = (k[..., 0].transpose(1, 2) for k in spline_for(1).knots())
     assert torch.all(horizontal[..., 0] == -1.0) and torch.all(horizontal[..., -1] == 1.0)
     assert torch.all(vertical[..., 0] == -1.0) and torch.all(vertical[..., -1] == 1.0)
     x = (2.0 * torch.rand(6, 2, 500, generator=g, dtype=torch.float64) - 1.0).requires_grad_(True)

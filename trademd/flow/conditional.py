@@ -109,20 +109,19 @@ def parse_layers(layers: Sequence[str], n_torsions: int, n_bounded: int,
 
 
 def _output_rows(n_periodic: int, n_transformed: int, bins: int) -> Tensor:
-    """Rows of a conditioner's output in the order the splines read them: the width and height
-    logits of every transformed feature [2 K each], then their slope logits [K + 1 each].
+    """Rows of a conditioner's output in the layout the splines read
+    (:class:`~trademd.flow.spline.RationalQuadraticSpline`): bin logits [K, 2, n] (bin, width
+    or height, feature), then slope logits [K + 1, n].
 
-    The output holds 3 K logits per torsion (widths, heights, slopes at the first K knots)
-    followed by 3 K + 1 per bounded feature; a circular spline's last slope is its first
-    (one slope shared by both ends, so the circle map is C1 at the seam): that row repeats.
+    The output holds 3 K logits per torsion (K widths, K heights, the slopes at the first K
+    knots) followed by 3 K + 1 per bounded feature; a circular spline's last slope is its
+    first (one slope shared by both ends, so the circle map is C1 at the seam): that row
+    repeats.
     """
-    bin_rows, slope_rows = [], []
-    for feature in range(n_transformed):
-        periodic = feature < n_periodic
-        start = 3 * bins * feature + (0 if periodic else feature - n_periodic)
-        bin_rows += range(start, start + 2 * bins)
-        slopes = list(range(start + 2 * bins, start + 3 * bins + (0 if periodic else 1)))
-        slope_rows += slopes + slopes[:1] if periodic else slopes
+    starts = [3 * bins * f + max(0, f - n_periodic) for f in range(n_transformed)]
+    bin_rows = [start + axis * bins + j for j in range(bins) for axis in (0, 1) for start in starts]
+    slope_rows = [start + 2 * bins + (0 if j == bins and f < n_periodic else j)
+                  for j in range(bins + 1) for f, start in enumerate(starts)]
     return torch.tensor(bin_rows + slope_rows, dtype=torch.long)
 
 
@@ -185,12 +184,12 @@ class SplineCoupling(nn.Module):
         return y, torch.cat([torch.cos(angle), torch.sin(angle), y[:, self.n_cond_periodic:], t], dim=1)
 
     def _spline_logits(self, params: Tensor) -> tuple[Tensor, Tensor]:
-        """Network output in the order of :attr:`output_rows` [B, n] -> (bin logits
-        [B, |X|, 2, K], slope logits [B, |X|, K + 1])."""
+        """Network output in the order of :attr:`output_rows` [B, rows] -> (bin logits
+        [B, K, 2, |X|], slope logits [B, K + 1, |X|])."""
         k, b, n = self.bins, params.shape[0], len(self.transformed)
         # torch.split, not slicing: the backward of a slice zero-fills a tensor of the full size
         bins, slopes = params.split([n * 2 * k, n * (k + 1)], dim=1)
-        return bins.view(b, n, 2, k), slopes.view(b, n, k + 1)
+        return bins.view(b, k, 2, n), slopes.view(b, k + 1, n)
 
     def spline(self, w: Tensor, t: Tensor) -> RationalQuadraticSpline:
         """The spline of this layer given w [B, D] (only Y is read) and the T feature [B, 1]."""
