@@ -179,7 +179,7 @@ class SplineCoupling(nn.Module):
     def _network_input(self, w: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """(conditioning features Y of w [B, |Y|], network input [B, n_in]): cos and sin of
         the torsions of Y, its bounded features, the T feature t [B, 1]."""
-        y = w[:, self.conditioning]
+        y = w.index_select(1, self.conditioning)
         angle = math.pi * y[:, :self.n_cond_periodic]
         return y, torch.cat([torch.cos(angle), torch.sin(angle), y[:, self.n_cond_periodic:], t], dim=1)
 
@@ -201,7 +201,7 @@ class SplineCoupling(nn.Module):
         """:meth:`spline` carrying the tangents of its parameters, for tangents w_dot [B, D]
         and t_dot [B, 1] of w and t."""
         y, h = self._network_input(w, t)
-        y_dot = w_dot[:, self.conditioning]
+        y_dot = w_dot.index_select(1, self.conditioning)
         p = self.n_cond_periodic
         angle_dot = math.pi * y_dot[:, :p]
         sin, cos = h[:, p:2 * p], h[:, :p]
@@ -231,7 +231,7 @@ class SplineCoupling(nn.Module):
         Torsions are rotated by ``seam_shift`` before the circular spline and back after it,
         so this layer's seam (the fixed point of the spline) lies at -seam_shift."""
         spline = self.spline(w, t)
-        x_new, ladj = spline.call_and_ladj(self._rotate(w[:, self.transformed], self.seam_shift))
+        x_new, ladj = spline.call_and_ladj(self._rotate(w.index_select(1, self.transformed), self.seam_shift))
         return self._finish(w, self._rotate(x_new, -self.seam_shift)), ladj.sum(dim=1)
 
     def forward_jvp(self, w: Tensor, w_dot: Tensor, t: Tensor,
@@ -241,13 +241,15 @@ class SplineCoupling(nn.Module):
         T feature t and its tangent t_dot [B, 1]."""
         spline = self._spline_jvp(w, w_dot, t, t_dot)
         x_new, ladj, x_new_dot, ladj_dot = spline.call_and_ladj_jvp(
-            self._rotate(w[:, self.transformed], self.seam_shift), w_dot[:, self.transformed])
+            self._rotate(w.index_select(1, self.transformed), self.seam_shift),
+            w_dot.index_select(1, self.transformed))
         return (self._finish(w, self._rotate(x_new, -self.seam_shift)), ladj.sum(dim=1),
                 w_dot.index_copy(1, self.transformed, x_new_dot), ladj_dot.sum(dim=1))
 
     def inverse(self, w: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Base -> data direction: (w, log|det dw'/dw| of the forward map at the result)."""
-        x, ladj = self.spline(w, t).inverse_and_ladj(self._rotate(w[:, self.transformed], self.seam_shift))
+        x, ladj = self.spline(w, t).inverse_and_ladj(
+            self._rotate(w.index_select(1, self.transformed), self.seam_shift))
         return self._finish(w, self._rotate(x, -self.seam_shift)), ladj.sum(dim=1)
 
 

@@ -19,6 +19,8 @@ from trademd.errors import TradeMDError
 __all__ = ["ACTIVATIONS", "Residual", "conditioner_network", "network_output", "network_output_jvp"]
 
 ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU, "tanh": nn.Tanh}
+#: functional forms of the activations with their default settings
+_FUNCTIONS = {nn.SiLU: nn.functional.silu, nn.ReLU: torch.relu, nn.Tanh: torch.tanh}
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
@@ -55,8 +57,8 @@ def network_output(net: nn.Sequential, x: Tensor, rows: Tensor) -> Tensor:
     repeat), cheaper than indexing the output, whose backward would zero-fill a copy of it."""
     *hidden, last = net
     for layer in hidden:
-        x = layer(x)
-    return nn.functional.linear(x, last.weight[rows], last.bias[rows])
+        x = _layer(layer, x)
+    return nn.functional.linear(x, last.weight.index_select(0, rows), last.bias.index_select(0, rows))
 
 
 def network_output_jvp(net: nn.Sequential, x: Tensor, x_dot: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
@@ -64,8 +66,21 @@ def network_output_jvp(net: nn.Sequential, x: Tensor, x_dot: Tensor, rows: Tenso
     *hidden, last = net
     for layer in hidden:
         x, x_dot = _layer_jvp(layer, x, x_dot)
-    weight = last.weight[rows]
-    return nn.functional.linear(x, weight, last.bias[rows]), nn.functional.linear(x_dot, weight)
+    weight = last.weight.index_select(0, rows)
+    return nn.functional.linear(x, weight, last.bias.index_select(0, rows)), nn.functional.linear(x_dot, weight)
+
+
+def _layer(layer: nn.Module, x: Tensor) -> Tensor:
+    """layer(x) for a linear layer, a residual block or an activation, by the functional
+    calls (a module call costs microseconds of Python, as much as a small operation)."""
+    if isinstance(layer, (nn.Linear, ZukoLinear)):
+        return nn.functional.linear(x, layer.weight, layer.bias)
+    if isinstance(layer, Residual):
+        y = x
+        for inner in layer:
+            y = _layer(inner, y)
+        return x + y
+    return _FUNCTIONS[type(layer)](x) if type(layer) in _FUNCTIONS else layer(x)
 
 
 def _layer_jvp(layer: nn.Module, x: Tensor, x_dot: Tensor) -> tuple[Tensor, Tensor]:
