@@ -14,7 +14,8 @@ backward, gradient clipping, Adam, weight average), in three phases:
 
 The target is alanine dipeptide's shape (19 torsions, 29 bounded features, data at 600 K) with
 a cheap analytic energy, so the flow's work is what is timed; ``--data FILE.h5`` trains on a
-``trade-md simulate`` file with OpenMM energies instead (then the TRADE step includes them).
+``trade-md simulate`` file with OpenMM energies instead (then the TRADE step includes them;
+``--pretrain 300`` first fits the flow to the data, so its samples are molecules).
 
 Printed: on the same batches in float64 and in float32, the largest differences of the losses
 and gradients; steps/s of each phase, baseline and current interleaved (``--repeats`` rounds of
@@ -117,9 +118,10 @@ class SyntheticTarget:
         pass
 
 
-def make_trainers(baseline, target, run_dir: Path) -> dict:
+def make_trainers(baseline, target, run_dir: Path, pretrain: int = 0) -> dict:
     """{"baseline": ..., "current": ...}: trainers of both revisions on ``target`` with the quick
-    preset, the current one holding the baseline's (perturbed) weights."""
+    preset and the same weights: perturbed away from the identity, then ``pretrain`` steps of
+    the NLL at T0 (learning rate 1e-3, the current code), so flow samples look like data."""
     settings = {"t_min": T_RANGE[0], "t_max": T_RANGE[1]}
     trainers = {
         "baseline": baseline.training.trainer.Trainer(
@@ -133,7 +135,16 @@ def make_trainers(baseline, target, run_dir: Path) -> dict:
             p.add_(0.02 * torch.randn_like(p))
     for trainer in trainers.values():
         trainer.reporters = []
-    trainers["current"].flow.load_state_dict(trainers["baseline"].flow.state_dict())
+    current = trainers["current"]
+    current.flow.load_state_dict(trainers["baseline"].flow.state_dict())
+    if pretrain:
+        current.step = PHASE_STEPS["nll"]
+        optimizer = current.optimizer
+        current.optimizer = torch.optim.Adam(current.flow.parameters(), lr=1e-3)
+        for _ in range(pretrain):
+            train_step(current)
+        current.optimizer = optimizer
+        trainers["baseline"].flow.load_state_dict(current.flow.state_dict())
     for trainer in trainers.values():
         trainer.ema.module.load_state_dict(trainer.flow.state_dict())
     return trainers
@@ -163,7 +174,7 @@ def train_step(trainer) -> float:
     torch.nn.utils.clip_grad_norm_(trainer.flow.parameters(), trainer.config.optimiser.clip_norm)
     trainer.optimizer.step()
     trainer.ema.update_parameters(trainer.flow)
-    return float(loss)
+    return float(loss.detach())
 
 
 def differences(trainers: dict, phase: str) -> tuple[float, float]:
@@ -177,7 +188,7 @@ def differences(trainers: dict, phase: str) -> tuple[float, float]:
         trainer.optimizer.zero_grad(set_to_none=True)
         loss, _ = trainer.loss()
         loss.backward()
-        results.append((float(loss), [p.grad.clone() for p in trainer.flow.parameters()]))
+        results.append((float(loss.detach()), [p.grad.clone() for p in trainer.flow.parameters()]))
     (loss_a, grads_a), (loss_b, grads_b) = results
     scale = max(float(g.abs().max()) for g in grads_a)
     return abs(loss_a - loss_b), max(float((a - b).abs().max()) for a, b in zip(grads_a, grads_b)) / scale
@@ -210,6 +221,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--data", help="a trade-md simulate file: train on it (OpenMM energies)")
+    parser.add_argument("--pretrain", type=int, default=0,
+                        help="NLL steps before timing (e.g. 300 with --data: realistic flow samples)")
     parser.add_argument("--profile", action="store_true", help="print a profile of each phase")
     parser.add_argument("--profile-steps", type=int, default=10)
     parser.add_argument("--rows", type=int, default=15)
@@ -233,7 +246,7 @@ def main() -> None:
     for dtype in (torch.float64, torch.float32):
         torch.set_default_dtype(dtype)
         torch.manual_seed(0)
-        trainers = make_trainers(baseline, target_for_dtype(), run_dir / str(dtype))
+        trainers = make_trainers(baseline, target_for_dtype(), run_dir / str(dtype), args.pretrain)
         for phase in args.phases:
             prepare(trainers, phase)
             loss, gradient = differences(trainers, phase)

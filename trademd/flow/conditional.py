@@ -176,12 +176,12 @@ class SplineCoupling(nn.Module):
         return (f"transformed={self.transformed.tolist()}, "
                 f"conditioning={self.conditioning.tolist()}, seam_shift={self.seam_shift:.3f}")
 
-    def _network_input(self, w: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """(conditioning features Y of w [B, |Y|], network input [B, n_in]): cos and sin of
-        the torsions of Y, its bounded features, the T feature t [B, 1]."""
+    def _network_input(self, w: Tensor, t: Tensor) -> Tensor:
+        """The conditioner's input [B, n_in]: cos and sin of the torsions of Y, the bounded
+        features of Y (read from w [B, D]), the T feature t [B, 1]."""
         y = w.index_select(1, self.conditioning)
         angle = math.pi * y[:, :self.n_cond_periodic]
-        return y, torch.cat([torch.cos(angle), torch.sin(angle), y[:, self.n_cond_periodic:], t], dim=1)
+        return torch.cat([torch.cos(angle), torch.sin(angle), y[:, self.n_cond_periodic:], t], dim=1)
 
     def _spline_logits(self, params: Tensor) -> tuple[Tensor, Tensor]:
         """Network output in the order of :attr:`output_rows` [B, rows] -> (bin logits
@@ -193,14 +193,13 @@ class SplineCoupling(nn.Module):
 
     def spline(self, w: Tensor, t: Tensor) -> RationalQuadraticSpline:
         """The spline of this layer given w [B, D] (only Y is read) and the T feature [B, 1]."""
-        _, h = self._network_input(w, t)
-        params = network_output(self.net, h, self.output_rows)
+        params = network_output(self.net, self._network_input(w, t), self.output_rows)
         return RationalQuadraticSpline(*self._spline_logits(params), self.min_slope)
 
     def _spline_jvp(self, w: Tensor, w_dot: Tensor, t: Tensor, t_dot: Tensor) -> RationalQuadraticSpline:
         """:meth:`spline` carrying the tangents of its parameters, for tangents w_dot [B, D]
         and t_dot [B, 1] of w and t."""
-        y, h = self._network_input(w, t)
+        h = self._network_input(w, t)
         y_dot = w_dot.index_select(1, self.conditioning)
         p = self.n_cond_periodic
         angle_dot = math.pi * y_dot[:, :p]
@@ -231,7 +230,8 @@ class SplineCoupling(nn.Module):
         Torsions are rotated by ``seam_shift`` before the circular spline and back after it,
         so this layer's seam (the fixed point of the spline) lies at -seam_shift."""
         spline = self.spline(w, t)
-        x_new, ladj = spline.call_and_ladj(self._rotate(w.index_select(1, self.transformed), self.seam_shift))
+        x = self._rotate(w.index_select(1, self.transformed), self.seam_shift)
+        x_new, ladj = spline.call_and_ladj(x)
         return self._finish(w, self._rotate(x_new, -self.seam_shift)), ladj.sum(dim=1)
 
     def forward_jvp(self, w: Tensor, w_dot: Tensor, t: Tensor,

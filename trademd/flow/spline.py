@@ -55,8 +55,8 @@ class RationalQuadraticSpline:
                  tangents: tuple[Tensor, Tensor] | None = None):
         self.bins = bin_logits.shape[1]
         self.log_slope = -math.log(min_slope)
-        # squash (zuko's): logits / (1 + |logits| / bound), |result| < bound = log_slope / 2 < 8,
-        # so the softmax needs no shift by the maximum
+        # squash (zuko's): logits / (1 + |logits| / bound), |result| < bound = log(1 / min_slope)
+        # / 2 (3.5 by default), so the softmax needs no shift by the maximum
         scale = 1.0 + torch.abs(bin_logits) / (0.5 * self.log_slope)
         weights = torch.exp(bin_logits / scale)
         #: unnormalised cumulative bin widths and heights [B, K + 1, 2, ...], from 0: knot j
