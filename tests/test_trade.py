@@ -52,6 +52,9 @@ def test_autograd_log_t_derivative_matches_closed_form():
     derivative = dlogp_dlogt(_gaussian_log_prob, x, temperature)
     closed = 0.5 * (x**2).sum(-1) / temperature - 1.0  # T d/dT log N(x; 0, T I), d = 2
     assert torch.allclose(derivative, closed, atol=1e-12)
+    # a model with a log_prob but no log_prob_dlogt of its own (torch.func.jvp of its log_prob)
+    model = type("Gaussian", (), {"log_prob": staticmethod(_gaussian_log_prob)})()
+    assert torch.allclose(dlogp_dlogt(model, x, temperature), closed, atol=1e-12)
 
 
 def test_forward_mode_derivative_and_trade_gradient_equal_the_double_backward():

@@ -45,8 +45,8 @@ def dlogp_dlogt(model, x: Tensor, temperature: Tensor) -> Tensor:
     Args:
         model: a flow with ``log_prob_dlogt(x, temperature) -> (log p, d log p / dlogT)``
             (:meth:`~trademd.flow.conditional.TemperatureFlow.log_prob_dlogt`: the tangent
-            carried through the layers by hand), or a function ``log_prob(x, temperature) ->
-            log p``, differentiated by ``torch.func.jvp``.
+            carried through the layers by hand); else its ``log_prob(x, temperature)``, or
+            ``model`` itself as that function, differentiated by ``torch.func.jvp``.
         x: evaluation points [B, ...] (treated as constants).
         temperature: [B], positive.
 
@@ -58,7 +58,8 @@ def dlogp_dlogt(model, x: Tensor, temperature: Tensor) -> Tensor:
     x, temperature = x.detach(), temperature.detach()
     if hasattr(model, "log_prob_dlogt"):
         return model.log_prob_dlogt(x, temperature)[1]
-    return torch.func.jvp(lambda t: model(x, t), (temperature,), (temperature,))[1]
+    log_prob = getattr(model, "log_prob", model)
+    return torch.func.jvp(lambda t: log_prob(x, t), (temperature,), (temperature,))[1]
 
 
 def trade_target(reduced_energy: Tensor, expected_reduced_energy: Tensor) -> Tensor:
