@@ -1,7 +1,9 @@
 """Throughput of the temperature-conditional flow at the alanine-dipeptide size.
 
-Training step = log_prob + d log p / dT (create_graph) + backward + Adam step, on random
-features at random temperatures over the training range; sampling = ``flow.sample``.
+Training step = log p and d log p / dlogT in one forward-mode pass (as TRADE trains:
+``TemperatureFlow.log_prob_dlogt``) + backward + Adam step, on random features at random
+temperatures over the training range; sampling = ``flow.sample``. The A/B of the training steps
+against another revision is ``benchmarks/flow_step_ab.py``.
 
     python benchmarks/flow_throughput.py --device auto --widths 256 128
 """
@@ -64,14 +66,13 @@ def main():
             for p in flow.parameters():
                 p.add_(0.02 * torch.randn_like(p))
         n_params = sum(p.numel() for p in flow.parameters())
-        optimizer = torch.optim.Adam(flow.parameters(), lr=1e-4)
+        optimizer = torch.optim.Adam(flow.parameters(), lr=1e-4, fused=True)
         z, _ = flow.sample(b, 600.0)
 
         def train_step():
             temperatures = torch.exp(torch.empty(b, device=device).uniform_(
-                math.log(T_RANGE[0]), math.log(T_RANGE[1]))).requires_grad_(True)
-            logp = flow.log_prob(z, temperatures)
-            (dlogp,) = torch.autograd.grad(logp.sum(), temperatures, create_graph=True)
+                math.log(T_RANGE[0]), math.log(T_RANGE[1])))
+            logp, dlogp = flow.log_prob_dlogt(z, temperatures)
             loss = -logp.mean() + dlogp.pow(2).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -8,8 +8,9 @@ import torch
 
 from trademd.errors import TradeMDError
 from trademd.flow.base import TemperatureBase
-from trademd.flow.conditional import KnotSpline, TemperatureFlow, parse_layers, spline_knots
+from trademd.flow.conditional import TemperatureFlow, parse_layers
 from trademd.flow.factory import ConditionalFlow, build_flow, load_flow
+from trademd.flow.spline import RationalQuadraticSpline
 
 T_RANGE = (250.0, 650.0)
 
@@ -217,19 +218,25 @@ def test_spline_interpolates_its_knots_and_its_log_det_is_the_autograd_derivativ
     """The rational-quadratic spline alone: through every knot with the knot's slope, log|det|
     = log dy/dx by autograd, inverse the inverse, identity outside the bins."""
     g = torch.Generator().manual_seed(3)
-    logits = [2.0 * torch.randn(6, 2, k, generator=g, dtype=torch.float64) for k in (7, 7, 8)]
-    knots = spline_knots(*logits, min_slope=1e-3)  # each [6, 2, 8]: 7 bins
-    horizontal, vertical, slopes = knots
+    bin_logits = 2.0 * torch.randn(6, 7, 2, 2, generator=g, dtype=torch.float64)  # 7 bins
+    slope_logits = 2.0 * torch.randn(6, 8, 2, generator=g, dtype=torch.float64)
 
-    def spline_for(n):  # the same 12 splines, each for n points
-        return KnotSpline(*(k[..., None, :].expand(6, 2, n, 8) for k in knots))
+    def spline_for(n):  # the same 12 splines (6 x 2), each for n points: points [6, 2, n]
+        return RationalQuadraticSpline(bin_logits[..., None].expand(6, 7, 2, 2, n),
+                                       slope_logits[..., None].expand(6, 8, 2, n), min_slope=1e-3)
 
+    # each [6, 2, 8]: the knots of the 12 splines
+    horizontal, vertical, slopes = (k[..., 0].transpose(1, 2) for k in spline_for(1).knots())
+    assert torch.all(horizontal[..., 0] == -1.0) and torch.all(horizontal[..., -1] == 1.0)
+    assert torch.all(vertical[..., 0] == -1.0) and torch.all(vertical[..., -1] == 1.0)
     x = (2.0 * torch.rand(6, 2, 500, generator=g, dtype=torch.float64) - 1.0).requires_grad_(True)
     y, ladj = spline_for(500).call_and_ladj(x)
     (slope,) = torch.autograd.grad(y.sum(), x)
     assert torch.all(slope > 0) and torch.all(y.abs() <= 1.0)
     assert torch.allclose(ladj, slope.log(), rtol=0, atol=1e-12)
-    assert torch.allclose(spline_for(500).inverse(y.detach()), x.detach(), rtol=0, atol=1e-12)
+    back, back_ladj = spline_for(500).inverse_and_ladj(y.detach())
+    assert torch.allclose(back, x.detach(), rtol=0, atol=1e-12)
+    assert torch.allclose(back_ladj, ladj.detach(), rtol=0, atol=1e-10)
     # every knot but the first (a point on it lies in no bin: left as it is) and its slope
     knot_x = horizontal[..., None, 1:].clone().requires_grad_(True)
     knot_y, knot_ladj = spline_for(7).call_and_ladj(knot_x[..., 0, :])
@@ -237,12 +244,13 @@ def test_spline_interpolates_its_knots_and_its_log_det_is_the_autograd_derivativ
     assert torch.allclose(knot_y, vertical[..., 1:], rtol=0, atol=1e-14)
     assert torch.allclose(knot_slope[..., 0, :], slopes[..., 1:], rtol=1e-12, atol=0)
     assert torch.allclose(knot_ladj, slopes[..., 1:].log(), rtol=0, atol=1e-12)
-    assert torch.allclose(spline_for(7).inverse(vertical[..., 1:]), horizontal[..., 1:],
+    assert torch.allclose(spline_for(7).inverse_and_ladj(vertical[..., 1:])[0], horizontal[..., 1:],
                           rtol=0, atol=1e-14)
     outside = torch.tensor([-1.5, -1.0, 1.25], dtype=torch.float64).expand(6, 2, 3)
     y_out, ladj_out = spline_for(3).call_and_ladj(outside)
     assert torch.equal(y_out, outside) and torch.equal(ladj_out, torch.zeros_like(outside))
-    assert torch.equal(spline_for(3).inverse(outside), outside)
+    x_out, ladj_out = spline_for(3).inverse_and_ladj(outside)
+    assert torch.equal(x_out, outside) and torch.equal(ladj_out, torch.zeros_like(outside))
 
 
 @pytest.mark.parametrize("conditioner", ["residual", "mlp"])
@@ -290,6 +298,38 @@ def test_dlogp_dT_matches_central_finite_differences():
     logp_each, grad_each = _dlogp_dT(flow, z[:3], torch.full((3,), 300.0, dtype=torch.float64))
     assert torch.equal(logp_scalar, logp_each) and torch.equal(logp_scalar, flow.log_prob(z[:3], 300.0))
     assert torch.allclose(grad_scalar, grad_each.sum())
+
+
+@pytest.mark.parametrize("activation, conditioner, torsion_base, bounded_base", [
+    ("silu", "residual", "uniform", "truncated_normal"),
+    ("relu", "mlp", "scaled_von_mises", "scaled_truncated_normal"),
+    ("elu", "residual", "von_mises", "uniform"),
+    ("gelu", "mlp", "uniform", "scaled_truncated_normal"),
+    ("tanh", "residual", "scaled_von_mises", "truncated_normal"),
+])
+def test_log_prob_dlogt_is_the_autograd_derivative(activation, conditioner, torsion_base, bounded_base):
+    """Forward mode by hand (every activation, conditioner and base; layers that mix torsions
+    and bounded features) against reverse-mode autograd: log p, d log p / dlogT and the
+    parameter gradient of a loss of both; the derivative is 0 outside the support."""
+    flow = make_flow(3, 4, scale=0.2, activation=activation, conditioner=conditioner, depth=2,
+                     torsion_base=torsion_base, bounded_base=bounded_base, bounded_interval=(-1.5, 2.0),
+                     layers=["torsions|torsions", "bounded|torsions", "bounded|all", "torsions|all"])
+    z = random_z(flow, 64)
+    z[0, 4] = 5.0  # outside the interval
+    temperatures = torch.linspace(250.0, 650.0, 64, dtype=torch.float64)
+    logp, grad = _dlogp_dT(flow, z, temperatures)
+    logp_forward, derivative = flow.log_prob_dlogt(z, temperatures)
+    assert torch.equal(torch.isfinite(logp), torch.isfinite(logp_forward)) and logp[0] == -math.inf
+    inside = torch.isfinite(logp)
+    assert torch.allclose(logp_forward[inside], logp[inside], rtol=1e-13, atol=1e-12)
+    assert torch.allclose(derivative, grad * temperatures, rtol=1e-12, atol=1e-12) and derivative[0] == 0
+
+    def parameter_gradient(logp, derivative):
+        loss = derivative.pow(2).mean() - logp[inside].mean()
+        return torch.autograd.grad(loss, list(flow.parameters()))
+
+    for a, b in zip(parameter_gradient(logp_forward, derivative), parameter_gradient(logp, grad * temperatures)):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_rsample_is_differentiable_in_the_parameters():

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from trademd.flow.conditional import TemperatureFlow
 from trademd.systems.analytic import get_analytic_system
 from trademd.training.trade import (
     ExpectationCache,
@@ -51,6 +52,38 @@ def test_autograd_log_t_derivative_matches_closed_form():
     derivative = dlogp_dlogt(_gaussian_log_prob, x, temperature)
     closed = 0.5 * (x**2).sum(-1) / temperature - 1.0  # T d/dT log N(x; 0, T I), d = 2
     assert torch.allclose(derivative, closed, atol=1e-12)
+    # a model with a log_prob but no log_prob_dlogt of its own (torch.func.jvp of its log_prob)
+    model = type("Gaussian", (), {"log_prob": staticmethod(_gaussian_log_prob)})()
+    assert torch.allclose(dlogp_dlogt(model, x, temperature), closed, atol=1e-12)
+
+
+def test_forward_mode_derivative_and_trade_gradient_equal_the_double_backward():
+    """The flow's d log p / dlogT by forward mode against reverse mode (autograd.grad with
+    create_graph, the double backward used before), on a fixed batch in float64: the
+    derivative, the Huber TRADE loss and its gradient w.r.t. every flow parameter."""
+    torch.manual_seed(0)
+    flow = TemperatureFlow(4, 6, (240.0, 660.0), width=16, bounded_base="truncated_normal",
+                           base_sigma=0.3, layers=["torsions|torsions", "bounded|torsions", "bounded|bounded"])
+    with torch.no_grad():
+        for parameter in flow.parameters():
+            parameter.normal_(0.0, 0.1)
+    z, _ = flow.sample(128, 450.0)
+    temperature = torch.exp(torch.empty(128).uniform_(math.log(240.0), math.log(660.0)))
+    u, expected_u = 2.0 * torch.randn(128), torch.zeros(128)
+
+    def loss_and_gradient(derivative):
+        loss = residual_loss(trade_residual(derivative, u, expected_u), "huber", 1.0)
+        return loss, torch.autograd.grad(loss, list(flow.parameters()))
+
+    reverse_t = temperature.clone().requires_grad_(True)
+    (reverse,) = torch.autograd.grad(flow.log_prob(z, reverse_t).sum(), reverse_t, create_graph=True)
+    reverse = reverse * temperature
+    forward = dlogp_dlogt(flow, z, temperature)
+    assert torch.allclose(forward, reverse, rtol=1e-12, atol=1e-12)
+    (loss_f, grad_f), (loss_r, grad_r) = loss_and_gradient(forward), loss_and_gradient(reverse)
+    assert float(loss_f) == pytest.approx(float(loss_r), rel=1e-12)
+    for f, r in zip(grad_f, grad_r):
+        assert torch.allclose(f, r, rtol=1e-10, atol=1e-12)
 
 
 def test_residual_vanishes_for_the_exact_family_with_snis_expectation():

@@ -119,6 +119,33 @@ class TemperatureBase(nn.Module):
             logp = torch.where(inside, logp, torch.full_like(logp, -math.inf))
         return logp
 
+    def log_prob_dlogt(self, w: Tensor, w_dot: Tensor, temperature_k: Tensor) -> tuple[Tensor, Tensor]:
+        """(log p(w | T), d/dlogT log p(w(log T) | T)) [B], [B] for ``w`` [B, D] moving with
+        ``w_dot`` = dw/dlogT [B, D] and ``temperature_k`` [B]: the tangent of :meth:`log_prob`
+        along (w_dot, d log T = 1), written out (0 where the density is 0)."""
+        logp = self.log_prob(w, temperature_k)
+        w_t, w_b = w[:, :self.n_torsions], w[:, self.n_torsions:]
+        dot_t, dot_b = w_dot[:, :self.n_torsions], w_dot[:, self.n_torsions:]
+        tangent = w.new_zeros(w.shape[0])
+        if self.n_torsions and self.torsion_base != "uniform":
+            kappa = self._kappa(temperature_k)
+            per_dim = -math.pi * kappa * torch.sin(math.pi * w_t) * dot_t
+            if self.torsion_base == "scaled_von_mises":
+                # d kappa / dlogT = -kappa; d/dkappa [kappa cos - log I0(kappa)] = cos - I1/I0
+                ratio = torch.special.i1e(kappa) / torch.special.i0e(kappa)
+                per_dim = per_dim - kappa * (torch.cos(math.pi * w_t) - ratio)
+            tangent = tangent + per_dim.sum(dim=1)
+        if self.n_bounded and self.bounded_base != "uniform":
+            sigma = self._sigma(temperature_k)
+            per_dim = -(w_b / sigma**2) * dot_b
+            if self.bounded_base == "scaled_truncated_normal":
+                # d sigma / dlogT = sigma / 2; u = 1 / (sigma sqrt 2) is the truncation point
+                u = 1.0 / (sigma * math.sqrt(2.0))
+                mass = 2.0 / math.sqrt(math.pi) * u * torch.exp(-u**2) / torch.erf(u)
+                per_dim = per_dim + 0.5 * ((w_b / sigma) ** 2 - 1.0 + mass)
+            tangent = tangent + per_dim.sum(dim=1)
+        return logp, torch.where(torch.isfinite(logp), tangent, torch.zeros_like(tangent))
+
     @torch.no_grad()
     def sample(self, n: int, temperature_k: Tensor, dtype: torch.dtype | None = None,
                device: torch.device | str | None = None) -> Tensor:

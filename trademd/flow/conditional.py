@@ -13,7 +13,7 @@ normalisation's Jacobian cancels between entry and exit, so it appears in the de
 the constant of the base (see :meth:`TemperatureFlow.base_log_prob`).
 
 Each coupling layer transforms a set X of features with rational-quadratic splines
-(:class:`KnotSpline`, on knots built here, after Durkan et al. 2019): circular
+(:class:`~trademd.flow.spline.RationalQuadraticSpline`, Durkan et al. 2019): circular
 splines on torsions (end knots fixed at -pi and pi, one learned slope shared by both ends, so
 the map is a C1 diffeomorphism of the circle) and splines on the whole interval for bounded
 features (end knots at the interval ends, learned end slopes: the density is exactly supported
@@ -36,97 +36,18 @@ import math
 
 import torch
 from torch import Tensor, nn
-import torch.nn.functional as F
-from zuko.nn import MLP
 
 from trademd.errors import TradeMDError
 from trademd.flow.base import TemperatureBase
+from trademd.flow.conditioner import ACTIVATIONS, conditioner_network, network_output, network_output_jvp
+from trademd.flow.spline import RationalQuadraticSpline
 from trademd.flow.temperatures import per_sample_temperatures
 
-__all__ = ["KnotSpline", "SplineCoupling", "TemperatureFlow", "parse_layers", "spline_knots"]
+__all__ = ["SplineCoupling", "TemperatureFlow", "parse_layers"]
 
 #: Seam placements of the circular splines (see :class:`TemperatureFlow`).
 TORSION_SHIFTS = ("golden", "none")
 _GOLDEN = 0.5 * (math.sqrt(5.0) - 1.0)
-
-_ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU, "tanh": nn.Tanh}
-
-
-# ---------------------------------------------------------------------------------------------
-# splines
-
-
-class KnotSpline:
-    """Monotonic rational-quadratic spline (Durkan et al. 2019) on given knots.
-
-    Knots come as tensors [..., K + 1] (K bins): ``horizontal`` and ``vertical`` increasing
-    from -1 to 1, ``derivatives`` the positive slopes at the knots. Points are tensors [...]
-    (the knots' shape without the last axis); a point on or outside the first knot, or past
-    the last one, is left unchanged with log|det| 0. zuko's ``MonotonicRQSTransform`` computes
-    the same spline but builds its own knots, with both end slopes fixed at 1; the arithmetic
-    here follows zuko 1.6's, so results are the same to the last bit.
-    """
-
-    def __init__(self, horizontal: Tensor, vertical: Tensor, derivatives: Tensor):
-        self.horizontal, self.vertical, self.derivatives = horizontal, vertical, derivatives
-        self.bins = horizontal.shape[-1] - 1
-
-    def _bin(self, knots: Tensor, value: Tensor) -> tuple[Tensor, ...]:
-        """(inside, x0, x1, y0, y1, d0, d1, s) [...]: the bin of ``value`` among ``knots``
-        (its ends, end values, end slopes and mean slope s); ``inside`` is False where
-        ``value`` lies in no bin (the other entries are then those of a valid bin)."""
-        k = torch.sum(knots < value[..., None], dim=-1) - 1
-        inside = torch.logical_and(0 <= k, k < self.bins)
-        k = k % self.bins
-        ends = torch.stack((k, k + 1), dim=-1)
-        x0, x1 = self.horizontal.gather(-1, ends).unbind(-1)
-        y0, y1 = self.vertical.gather(-1, ends).unbind(-1)
-        d0, d1 = self.derivatives.gather(-1, ends).unbind(-1)
-        return inside, x0, x1, y0, y1, d0, d1, (y1 - y0) / (x1 - x0)
-
-    def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(y, log|dy/dx|), both [...], for x [...]."""
-        inside, x0, x1, y0, y1, d0, d1, s = self._bin(self.horizontal, x)
-        z = inside * (x - x0) / (x1 - x0)
-        y = y0 + (y1 - y0) * (s * z**2 + d0 * z * (1 - z)) / (s + (d0 + d1 - 2 * s) * z * (1 - z))
-        jacobian = (
-            s**2
-            * (2 * s * z * (1 - z) + d0 * (1 - z) ** 2 + d1 * z**2)
-            / (s + (d0 + d1 - 2 * s) * z * (1 - z)) ** 2
-        )
-        return torch.where(inside, y, x), inside * jacobian.log()
-
-    def inverse(self, y: Tensor) -> Tensor:
-        """x [...] with spline(x) = y, for y [...] (the root of a quadratic in each bin)."""
-        inside, x0, x1, y0, y1, d0, d1, s = self._bin(self.vertical, y)
-        y_ = inside * (y - y0)
-        a = (y1 - y0) * (s - d0) + y_ * (d0 + d1 - 2 * s)
-        b = (y1 - y0) * d0 - y_ * (d0 + d1 - 2 * s)
-        c = -s * y_
-        z = 2 * c / (-b - (b**2 - 4 * a * c).sqrt())
-        return torch.where(inside, x0 + z * (x1 - x0), y)
-
-
-def _squash(logits: Tensor, bound: float) -> Tensor:
-    """Smoothly limit |logits| below ``bound`` (zuko's choice; 0 stays 0)."""
-    return logits / (1.0 + torch.abs(logits / bound))
-
-
-def spline_knots(width_logits: Tensor, height_logits: Tensor, slope_logits: Tensor,
-                 min_slope: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Knots of a spline from [-1, 1] onto [-1, 1]; end knots exactly at -1 and 1.
-
-    width/height logits [..., K], slope logits [..., K + 1]. All zeros give the identity.
-    """
-    log_slope = -math.log(min_slope)
-
-    def positions(logits):
-        cum = torch.cumsum(F.softmax(_squash(logits, 0.5 * log_slope), dim=-1), dim=-1)
-        ends = torch.ones_like(cum[..., :1])
-        return torch.cat([-ends, 2.0 * cum[..., :-1] - 1.0, ends], dim=-1)
-
-    return (positions(width_logits), positions(height_logits),
-            torch.exp(_squash(slope_logits, log_slope)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,32 +108,36 @@ def parse_layers(layers: Sequence[str], n_torsions: int, n_bounded: int,
 # coupling layer
 
 
+def _output_rows(n_periodic: int, n_transformed: int, bins: int) -> Tensor:
+    """Rows of a conditioner's output in the layout the splines read
+    (:class:`~trademd.flow.spline.RationalQuadraticSpline`): bin logits [K, 2, n] (bin, width
+    or height, feature), then slope logits [K + 1, n].
+
+    The output holds 3 K logits per torsion (K widths, K heights, the slopes at the first K
+    knots) followed by 3 K + 1 per bounded feature; a circular spline's last slope is its
+    first (one slope shared by both ends, so the circle map is C1 at the seam): that row
+    repeats.
+    """
+    starts = [3 * bins * f + max(0, f - n_periodic) for f in range(n_transformed)]
+    bin_rows = [start + axis * bins + j for j in range(bins) for axis in (0, 1) for start in starts]
+    slope_rows = [start + 2 * bins + (0 if j == bins and f < n_periodic else j)
+                  for j in range(bins + 1) for f, start in enumerate(starts)]
+    return torch.tensor(bin_rows + slope_rows, dtype=torch.long)
+
+
+def _by_kind(x: Tensor, n_periodic: int, periodic, bounded) -> Tensor:
+    """x [B, n] with the function ``periodic`` applied to its first ``n_periodic`` columns and
+    ``bounded`` to the others (no copy where one kind is absent, as in the default layers)."""
+    if n_periodic == x.shape[1]:
+        return periodic(x)
+    if n_periodic == 0:
+        return bounded(x)
+    return torch.cat([periodic(x[:, :n_periodic]), bounded(x[:, n_periodic:])], dim=1)
+
+
 def _seam_shift(kind: str, layer_index: int) -> float:
     """Torsion rotation of layer ``layer_index`` in normalised units ([0, 2): a full turn)."""
     return 2.0 * ((layer_index * _GOLDEN) % 1.0) if kind == "golden" else 0.0
-
-
-class _Residual(nn.Sequential):
-    """x + layers(x): a residual block of the ``residual`` conditioner, [B, width] -> [B, width]."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + super().forward(x)
-
-
-def _conditioner(kind: str, n_in: int, n_out: int, width: int, depth: int,
-                 activation: str) -> nn.Module:
-    act = _ACTIVATIONS[activation]
-    if kind == "mlp":
-        net = MLP(n_in, n_out, [width] * depth, activation=act)
-    elif kind == "residual":
-        blocks = [_Residual(act(), nn.Linear(width, width), act(), nn.Linear(width, width))
-                  for _ in range(depth)]
-        net = nn.Sequential(nn.Linear(n_in, width), *blocks, act(), nn.Linear(width, n_out))
-    else:
-        raise TradeMDError(f"unknown conditioner {kind!r}: use 'residual' or 'mlp'")
-    nn.init.zeros_(net[-1].weight)
-    nn.init.zeros_(net[-1].bias)
-    return net
 
 
 class SplineCoupling(nn.Module):
@@ -243,36 +168,52 @@ class SplineCoupling(nn.Module):
                              persistent=False)
         n_in = 2 * self.n_cond_periodic + (len(conditioning) - self.n_cond_periodic) + 1
         n_out = self.n_periodic * 3 * bins + (len(transformed) - self.n_periodic) * (3 * bins + 1)
-        self.net = _conditioner(conditioner, n_in, n_out, width, depth, activation)
+        self.net = conditioner_network(conditioner, n_in, n_out, width, depth, activation)
+        self.register_buffer("output_rows", _output_rows(self.n_periodic, len(transformed), bins),
+                             persistent=False)
 
     def extra_repr(self) -> str:
         return (f"transformed={self.transformed.tolist()}, "
                 f"conditioning={self.conditioning.tolist()}, seam_shift={self.seam_shift:.3f}")
 
-    def spline(self, w: Tensor, t: Tensor) -> KnotSpline:
-        """The spline of this layer given w [B, D] (only Y is read) and the T feature [B, 1]."""
-        y = w[:, self.conditioning]
+    def _network_input(self, w: Tensor, t: Tensor) -> Tensor:
+        """The conditioner's input [B, n_in]: cos and sin of the torsions of Y, the bounded
+        features of Y (read from w [B, D]), the T feature t [B, 1]."""
+        y = w.index_select(1, self.conditioning)
         angle = math.pi * y[:, :self.n_cond_periodic]
-        h = torch.cat([torch.cos(angle), torch.sin(angle), y[:, self.n_cond_periodic:], t], dim=1)
-        params = self.net(h)
-        k, b = self.bins, w.shape[0]
-        split = self.n_periodic * 3 * k
+        return torch.cat([torch.cos(angle), torch.sin(angle), y[:, self.n_cond_periodic:], t], dim=1)
+
+    def _spline_logits(self, params: Tensor) -> tuple[Tensor, Tensor]:
+        """Network output in the order of :attr:`output_rows` [B, rows] -> (bin logits
+        [B, K, 2, |X|], slope logits [B, K + 1, |X|])."""
+        k, b, n = self.bins, params.shape[0], len(self.transformed)
         # torch.split, not slicing: the backward of a slice zero-fills a tensor of the full size
-        periodic, bounded = params.split([split, params.shape[1] - split], dim=1)
-        widths_p, heights_p, slopes_p = periodic.reshape(b, self.n_periodic, 3 * k).split(k, dim=-1)
-        widths_b, heights_b, slopes_b = bounded.reshape(b, -1, 3 * k + 1).split([k, k, k + 1], dim=-1)
-        # circular: one slope shared by both ends, so the circle map is C1 at the seam
-        slopes_p = torch.cat([slopes_p, slopes_p[..., :1]], dim=-1)
-        knots = spline_knots(torch.cat([widths_p, widths_b], dim=1),
-                             torch.cat([heights_p, heights_b], dim=1),
-                             torch.cat([slopes_p, slopes_b], dim=1), self.min_slope)
-        return KnotSpline(*knots)
+        bins, slopes = params.split([n * 2 * k, n * (k + 1)], dim=1)
+        return bins.view(b, k, 2, n), slopes.view(b, k + 1, n)
+
+    def spline(self, w: Tensor, t: Tensor) -> RationalQuadraticSpline:
+        """The spline of this layer given w [B, D] (only Y is read) and the T feature [B, 1]."""
+        params = network_output(self.net, self._network_input(w, t), self.output_rows)
+        return RationalQuadraticSpline(*self._spline_logits(params), self.min_slope)
+
+    def _spline_jvp(self, w: Tensor, w_dot: Tensor, t: Tensor, t_dot: Tensor) -> RationalQuadraticSpline:
+        """:meth:`spline` carrying the tangents of its parameters, for tangents w_dot [B, D]
+        and t_dot [B, 1] of w and t."""
+        h = self._network_input(w, t)
+        y_dot = w_dot.index_select(1, self.conditioning)
+        p = self.n_cond_periodic
+        angle_dot = math.pi * y_dot[:, :p]
+        sin, cos = h[:, p:2 * p], h[:, :p]
+        h_dot = torch.cat([-sin * angle_dot, cos * angle_dot, y_dot[:, p:], t_dot], dim=1)
+        params, params_dot = network_output_jvp(self.net, h, h_dot, self.output_rows)
+        return RationalQuadraticSpline(*self._spline_logits(params), self.min_slope,
+                                       tangents=self._spline_logits(params_dot))
 
     def _finish(self, w: Tensor, x_new: Tensor) -> Tensor:
-        # torsions wrap onto [-1, 1); bounded stay in [-1, 1] despite rounding
-        p = self.n_periodic
-        x_new = torch.cat([torch.remainder(x_new[:, :p] + 1.0, 2.0) - 1.0,
-                           x_new[:, p:].clamp(-1.0, 1.0)], dim=1)
+        """w [B, D] with the transformed features X replaced by x_new [B, |X|]: torsions
+        wrapped onto [-1, 1), bounded features kept in [-1, 1] despite rounding."""
+        x_new = _by_kind(x_new, self.n_periodic, lambda x: torch.remainder(x + 1.0, 2.0) - 1.0,
+                         lambda x: x.clamp(-1.0, 1.0))
         return w.index_copy(1, self.transformed, x_new)
 
     def _rotate(self, x: Tensor, shift: float) -> Tensor:
@@ -280,8 +221,8 @@ class SplineCoupling(nn.Module):
         [-1, 1); bounded columns untouched. A rotation has unit Jacobian."""
         if not self.seam_shift or not self.n_periodic:
             return x
-        p = self.n_periodic
-        return torch.cat([torch.remainder(x[:, :p] + shift + 1.0, 2.0) - 1.0, x[:, p:]], dim=1)
+        return _by_kind(x, self.n_periodic, lambda x: torch.remainder(x + shift + 1.0, 2.0) - 1.0,
+                        lambda x: x)
 
     def forward(self, w: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Data -> base direction: (w', log|det dw'/dw|) with shapes [B, D], [B].
@@ -289,14 +230,26 @@ class SplineCoupling(nn.Module):
         Torsions are rotated by ``seam_shift`` before the circular spline and back after it,
         so this layer's seam (the fixed point of the spline) lies at -seam_shift."""
         spline = self.spline(w, t)
-        x_new, ladj = spline.call_and_ladj(self._rotate(w[:, self.transformed], self.seam_shift))
+        x = self._rotate(w.index_select(1, self.transformed), self.seam_shift)
+        x_new, ladj = spline.call_and_ladj(x)
         return self._finish(w, self._rotate(x_new, -self.seam_shift)), ladj.sum(dim=1)
+
+    def forward_jvp(self, w: Tensor, w_dot: Tensor, t: Tensor,
+                    t_dot: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """:meth:`forward` and its directional derivative: (w', log|det dw'/dw|, their
+        tangents) with shapes [B, D], [B], [B, D], [B], for w and its tangent w_dot [B, D], the
+        T feature t and its tangent t_dot [B, 1]."""
+        spline = self._spline_jvp(w, w_dot, t, t_dot)
+        x_new, ladj, x_new_dot, ladj_dot = spline.call_and_ladj_jvp(
+            self._rotate(w.index_select(1, self.transformed), self.seam_shift),
+            w_dot.index_select(1, self.transformed))
+        return (self._finish(w, self._rotate(x_new, -self.seam_shift)), ladj.sum(dim=1),
+                w_dot.index_copy(1, self.transformed, x_new_dot), ladj_dot.sum(dim=1))
 
     def inverse(self, w: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Base -> data direction: (w, log|det dw'/dw| of the forward map at the result)."""
-        spline = self.spline(w, t)
-        x = spline.inverse(self._rotate(w[:, self.transformed], self.seam_shift))
-        _, ladj = spline.call_and_ladj(x)
+        x, ladj = self.spline(w, t).inverse_and_ladj(
+            self._rotate(w.index_select(1, self.transformed), self.seam_shift))
         return self._finish(w, self._rotate(x, -self.seam_shift)), ladj.sum(dim=1)
 
 
@@ -357,9 +310,9 @@ class TemperatureFlow(nn.Module):
         if torsion_shifts not in TORSION_SHIFTS:
             raise TradeMDError(
                 f"unknown torsion_shifts {torsion_shifts!r}: use one of {list(TORSION_SHIFTS)}")
-        if activation not in _ACTIVATIONS:
+        if activation not in ACTIVATIONS:
             raise TradeMDError(
-                f"unknown activation {activation!r}: use one of {sorted(_ACTIVATIONS)}")
+                f"unknown activation {activation!r}: use one of {sorted(ACTIVATIONS)}")
         if reference_temperature_k is None:
             reference_temperature_k = math.sqrt(t_min * t_max)
         groups = {str(k): sorted(int(i) for i in v) for k, v in (groups or {}).items()}
@@ -479,6 +432,30 @@ class TemperatureFlow(nn.Module):
         w, ladj = self._forward_w(w, temperature_k)
         logp = self.base.log_prob(w, temperature_k) - self._log_half_sum + ladj
         return torch.where(inside, logp, torch.full_like(logp, -math.inf))
+
+    def log_prob_dlogt(self, z: Tensor, temperature_k) -> tuple[Tensor, Tensor]:
+        """(log p(z | T), d/dlogT log p(z | T) at fixed z), each [B], for z [B, D] and
+        temperature_k in kelvin (a float or a tensor [B]).
+
+        The derivative is forward mode: every layer carries the tangent of its output along
+        d log T = 1 beside the output (:meth:`SplineCoupling.forward_jvp`), about one extra
+        forward pass of plain arithmetic, differentiable in the parameters (TRADE trains on
+        it). Where log p is -inf the derivative is 0.
+        """
+        temperature_k = self._temperatures(temperature_k, z.shape[0])
+        w = self._normalise(z)
+        inside = (w[:, self.n_torsions:].abs() <= 1.0).all(dim=1)
+        t = self.temperature_feature(temperature_k)
+        t_dot = torch.full_like(t, 1.0 / self._log_t_half)
+        w_dot = torch.zeros_like(w)
+        ladj = ladj_dot = w.new_zeros(w.shape[0])
+        for layer in self.layers:
+            w, l, w_dot, l_dot = layer.forward_jvp(w, w_dot, t, t_dot)
+            ladj, ladj_dot = ladj + l, ladj_dot + l_dot
+        logp_base, dot_base = self.base.log_prob_dlogt(w, w_dot, temperature_k)
+        logp = logp_base - self._log_half_sum + ladj
+        return (torch.where(inside, logp, torch.full_like(logp, -math.inf)),
+                torch.where(inside, dot_base + ladj_dot, torch.zeros_like(ladj_dot)))
 
     def rsample(self, n: int, temperature_k) -> tuple[Tensor, Tensor]:
         """n samples and their log p(z | T), differentiable w.r.t. the parameters (reverse KL)."""

@@ -57,7 +57,7 @@ def load_checkpoint(trainer, path: Path) -> bool:
     trainer.step, trainer.bad_batches = state["step"], state["bad_batches"]
     phase = trainer.phase_at(trainer.step - 1)
     if not phase.scheduled:  # e.g. inside refinement: its optimiser, not the main one
-        trainer.optimizer = torch.optim.Adam(trainer.flow.parameters(), lr=phase.learning_rate)
+        trainer.optimizer = trainer.new_optimizer(phase.learning_rate)
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.ema.load_state_dict(state["ema"])

@@ -122,7 +122,7 @@ class TradeTerm:
                 & ((u - expected).abs() <= t.residual_cutoff))
         if not bool(keep.any()):
             return torch.zeros((), device=run.device), {"trade_points_kept": 0.0}
-        derivative = dlogp_dlogt(run.flow.log_prob, z[keep], temperatures[keep], create_graph=True)
+        derivative = dlogp_dlogt(run.flow, z[keep], temperatures[keep])
         residual = trade_residual(derivative, u[keep], expected[keep])
         loss = residual_loss(residual, t.residual_loss, t.huber_delta)
         return loss, {"trade_residual_rms": float(residual.detach().pow(2).mean().sqrt()),
