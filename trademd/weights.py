@@ -46,8 +46,8 @@ def self_normalised_weights(log_weights: np.ndarray) -> np.ndarray:
     finite = np.isfinite(log_weights)
     if not finite.any():
         raise TradeMDError(
-            "every sample has zero weight (wrong chirality or non-finite energy): the model is "
-            "not usable at this temperature; train longer or check the data"
+            "every sample has zero weight (wrong chirality, a flipped peptide bond or non-finite "
+            "energy): the model is not usable at this temperature; train longer or check the data"
         )
     shifted = np.where(finite, np.exp(log_weights - log_weights[finite].max()), 0.0)
     return shifted / shifted.sum()
