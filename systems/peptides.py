@@ -21,6 +21,9 @@ import numpy as np
 import openmm
 from openmm import unit
 import openmm.app as app
+import torch
+
+from trademd.flow.coordinates import dihedral
 
 __all__ = ["capped_alanine_pdb", "capped_dipeptide_pdb", "EXTENDED_PHI_PSI_DEG"]
 
@@ -131,14 +134,6 @@ def _alanine_dipeptide_at_phi(phi_rad: float) -> str:
     return text.getvalue()
 
 
-def _dihedral(p: np.ndarray) -> float:
-    """Dihedral angle (radians) of four positions p [4, 3]."""
-    b0, b1, b2 = p[0] - p[1], p[2] - p[1], p[3] - p[2]
-    b1 = b1 / np.linalg.norm(b1)
-    v, w = b0 - b0 @ b1 * b1, b2 - b2 @ b1 * b1
-    return math.atan2(np.cross(b1, v) @ w, v @ w)
-
-
 def _set_dihedral(x: np.ndarray, atoms: tuple[int, int, int, int], moving: np.ndarray,
                   target_rad: float) -> None:
     """Turn the atoms where ``moving`` [n] is True rigidly about the bond atoms[1]-atoms[2]
@@ -146,7 +141,8 @@ def _set_dihedral(x: np.ndarray, atoms: tuple[int, int, int, int], moving: np.nd
     side holds atoms[0]."""
     origin = x[atoms[1]]
     axis = (x[atoms[2]] - origin) / np.linalg.norm(x[atoms[2]] - origin)
-    turn = -(target_rad - _dihedral(x[list(atoms)]))  # the first atom's side turns the other way
+    now = float(dihedral(*torch.as_tensor(x[list(atoms)])))
+    turn = -(target_rad - now)  # the first atom's side turns the other way
     r = x[moving] - origin
     cos, sin = math.cos(turn), math.sin(turn)
     x[moving] = origin + r * cos + np.cross(axis, r) * sin + np.outer(r @ axis, axis) * (1 - cos)

@@ -144,14 +144,16 @@ def _row(atom: int, parent: dict, neighbours: list[list[int]], placed: set[int])
     return (atom, bond, angle, torsion)
 
 
-def _bfs_distances(neighbours: list[list[int]], start: int) -> list[int]:
+def _bfs_distances(neighbours, start: int, without: tuple[int, int] | None = None) -> list[int]:
+    """Bonds on the shortest path from ``start`` to every atom (-1: unreachable), not using the
+    bond ``without`` (e.g. a ring-closing bond, for the size of its ring)."""
     distance = [-1] * len(neighbours)
     distance[start] = 0
     queue = deque([start])
     while queue:
         atom = queue.popleft()
         for nb in neighbours[atom]:
-            if distance[nb] < 0:
+            if distance[nb] < 0 and (without is None or {atom, nb} != set(without)):
                 distance[nb] = distance[atom] + 1
                 queue.append(nb)
     return distance
@@ -201,7 +203,7 @@ def close_rings(zmatrix: np.ndarray, bonds: list[tuple[int, int]]) -> RingClosur
     implied = []
     ring_sizes = {}
     for i, j in sorted({tuple(sorted(b)) for b in bonds if frozenset(b) not in tree}):
-        ring_sizes[(i, j)] = _path_length(neighbours, i, j, without=(i, j)) + 1
+        ring_sizes[(i, j)] = _bfs_distances(neighbours, i, without=(i, j))[j] + 1
         early, late = sorted((i, j), key=order.__getitem__)
         k = order[late]
         if k < 3 or closures[k]:
@@ -216,15 +218,3 @@ def close_rings(zmatrix: np.ndarray, bonds: list[tuple[int, int]]) -> RingClosur
     validate_zmatrix(z, n_atoms)
     return RingClosures(z, closures, implied, ring_sizes)
 
-
-def _path_length(neighbours: list[set[int]], start: int, end: int, without: tuple[int, int]) -> int:
-    """Bonds on the shortest path start -> end that does not use the bond ``without``."""
-    distance = {start: 0}
-    queue = deque([start])
-    while queue:
-        atom = queue.popleft()
-        for nb in neighbours[atom]:
-            if {atom, nb} != set(without) and nb not in distance:
-                distance[nb] = distance[atom] + 1
-                queue.append(nb)
-    return distance[end]
