@@ -42,7 +42,8 @@ TEMPERATURES_K = (300.0, 600.0)
 
 
 def run_seed(seed: int, out: Path, platform: str, device: str, reference: Path | None,
-             overrides: dict | None = None, progress: bool = True) -> dict:
+             overrides: dict | None = None, progress: bool = True,
+             train_overrides: dict | None = None) -> dict:
     from trademd.evaluate import evaluate_samples
     from trademd.io.trajectory_file import DynamicsFile, frame_count
     from trademd.pipeline import RunConfig
@@ -69,7 +70,7 @@ def run_seed(seed: int, out: Path, platform: str, device: str, reference: Path |
     if not model.exists():
         train_run(run_dir / "train", t_min, t_max, data=data, preset=config.preset,
                   overrides={"seed": seed, "steps": config.steps,
-                             "focus_temperatures": list(config.temperatures_k)},
+                             "focus_temperatures": list(config.temperatures_k), **(train_overrides or {})},
                   device=device, platform=platform,
                   resume=(run_dir / "train" / "checkpoint.pt").exists(), show_progress=progress)
     wall["train_s"] = time.perf_counter() - start
@@ -80,7 +81,8 @@ def run_seed(seed: int, out: Path, platform: str, device: str, reference: Path |
                            device=device, platform=platform, show_progress=progress)
     wall["sample_s"] = time.perf_counter() - start
     print(f"seed {seed}: sample done in {wall['sample_s']:.0f} s", flush=True)
-    result = {"seed": seed, "system": config.system, "overrides": overrides or {}, "wall_time": wall,
+    result = {"seed": seed, "system": config.system, "overrides": {**(overrides or {}), **(train_overrides or {})},
+              "wall_time": wall,
               "data": data_check, "samples": summaries,
               "energy_evaluations": _energy_evaluations(settings, model, summaries),
               "training": _training_ess(run_dir / "train" / "metrics.csv"),

@@ -153,8 +153,9 @@ def run(args) -> None:
         if args.data_from is not None and not (run_dir / "data_600K.h5").exists():
             run_dir.mkdir(parents=True, exist_ok=True)
             shutil.copy(args.data_from / f"seed{seed}" / "data_600K.h5", run_dir / "data_600K.h5")
+        train_overrides = {} if args.narrow_torsion_rad is None else {"narrow_torsion_rad": args.narrow_torsion_rad}
         result = default_seeds.run_seed(seed, args.out, args.platform, args.device, None, overrides,
-                                        progress=not args.quiet)
+                                        progress=not args.quiet, train_overrides=train_overrides)
         result["zmatrix"] = args.zmatrix
         result["ring_bonds"] = ring_bond_spreads(run_dir, args.reference)
         (run_dir / "result.json").write_text(json.dumps(result, indent=2))
@@ -200,6 +201,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
     parser.add_argument("--n", type=int, default=None, help="samples per temperature (default: the run's)")
     parser.add_argument("--reference", type=Path, default=None, help="replica-exchange file (300 K rung)")
+    parser.add_argument("--narrow-torsion-rad", type=float, default=None,
+                        help="torsions spreading less than this (rad) as bounded features (default: the preset's)")
     parser.add_argument("--platform", default="CPU")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quiet", action="store_true")

@@ -73,7 +73,7 @@ def _objective_defaults(objective: type[Objective], chosen: set[str]) -> dict:
 
 def _target(data: str | Path | None, system: str | None, platform: str,
             temperature_k: float | None, objective: type[Objective],
-            boundary_temperature_k: float | None = None) -> Target:
+            boundary_temperature_k: float | None = None, narrow_torsion_rad: float = 0.0) -> Target:
     if objective.analytic_only and (data is not None or system not in ANALYTIC_SYSTEMS):
         raise TradeMDError(
             f"the {objective.name} objective trains a continuous flow on an analytic system, without "
@@ -89,7 +89,8 @@ def _target(data: str | Path | None, system: str | None, platform: str,
                 f"system {sorted(ANALYTIC_SYSTEMS)} that needs no data"
             )
         return AnalyticTarget(get_analytic_system(system))
-    return MoleculeTarget.from_trajectory(data, platform=platform, temperature_k=temperature_k)
+    return MoleculeTarget.from_trajectory(data, platform=platform, temperature_k=temperature_k,
+                                          narrow_torsion_rad=narrow_torsion_rad)
 
 
 def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | None = None,
@@ -148,7 +149,8 @@ def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | No
         raise TradeMDError("--t0 sets the boundary temperature of data-free training of molecules: "
                            "drop it (data fix T0; analytic systems have their own)")
     boundary = t_max if boundary_temperature_k is None else float(boundary_temperature_k)
-    target = _target(data, system, platform, temperature_k, objective, boundary)
+    target = _target(data, system, platform, temperature_k, objective, boundary,
+                     config.coordinates.narrow_torsion_rad)
     molecule = getattr(target, "molecule", None)
     if molecule is not None and (warning := molecule.ring_warning()):
         print(f"trade-md train: warning: {molecule.name}: {warning}", file=sys.stderr, flush=True)

@@ -78,6 +78,20 @@ propose but no molecule has, c is placed on the A-B axis (the angle at A clamped
 such a configuration bends a ring angle flat, its energy is far above kT and its importance
 weight vanishes.
 
+**Narrow torsions.** A torsion that barely moves in the training data (a methyl hydrogen's
+offset from its sibling, an H on a ring, a peptide bond's omega) is a poor fit for a circular
+spline, which must squeeze a uniform base into a peak a few hundredths of the circle wide.
+Such a torsion (``narrow_torsions[k]`` True) is a bounded feature instead: centred on its
+circular mean c (:attr:`InternalCoordinates.torsion_centre`), unwrapped onto
+``c + [-pi, pi)`` and normalised like a bond (``bound (t - mean) / (n_std std)``), so the flow
+sees a peak of width ~1/n_std like every bond and angle. The map is a shift and a scale (log-det
+``-log(n_std std / bound)``); its support ``mean +- n_std std`` must lie inside one turn, and a
+configuration outside it is out of range like a stretched bond. :meth:`InternalCoordinates.from_data`
+picks them with ``narrow_torsion_rad``: circular spread below it and every training frame
+inside the support (so a rare second mode in the data keeps its torsion circular).
+Feature order: periodic torsions (Z-matrix row order, narrow ones left out), then bounded =
+free bonds, angles, narrow torsions.
+
 **Out-of-range values.** Bounded features outside ``[-bound, bound]`` (a configuration beyond
 ``n_std`` training standard deviations) are outside the flow's support. ``forward`` returns a
 per-sample flag ``out_of_range`` and, by the ``out_of_range`` option, keeps the values
@@ -124,9 +138,11 @@ __all__ = [
     "cartesian_to_internal",
     "constrained_bonds_from_openmm",
     "dihedral",
+    "circular_spread",
     "closure_axis_lengths",
     "internal_log_det",
     "internal_to_cartesian",
+    "narrow_torsion_mask",
 ]
 
 
@@ -164,6 +180,19 @@ def _place(p_a: Tensor, p_b: Tensor, p_c: Tensor, r: Tensor, theta: Tensor, phi:
     sin_t = torch.sin(theta)
     d = torch.stack([-r * torch.cos(theta), r * sin_t * torch.cos(phi), r * sin_t * torch.sin(phi)], -1)
     return p_c + d[..., 0:1] * bc + d[..., 1:2] * m + d[..., 2:3] * n
+
+
+def _wrap_near(torsions: Tensor, centre: Tensor) -> Tensor:
+    """Torsions [..., n] (rad) moved by whole turns onto ``centre + [-pi, pi)`` (centre [n])."""
+    return centre + torch.remainder(torsions - centre + math.pi, 2 * math.pi) - math.pi
+
+
+def circular_spread(torsions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(circular mean [n] in [-pi, pi), std [n] of the torsions unwrapped about it, largest
+    |deviation| [n]) of torsions [N, n] rad; all rad."""
+    centre = torch.atan2(torch.sin(torsions).mean(0), torch.cos(torsions).mean(0))
+    deviation = _wrap_near(torsions, centre) - centre
+    return centre, deviation.std(0), deviation.abs().amax(0)
 
 
 def _zmatrix_tensor(zmatrix, device) -> Tensor:
@@ -345,13 +374,36 @@ def _as_constraint_dict(constraints) -> dict[tuple[int, int], float]:
 # The module
 
 
+def narrow_torsion_mask(x, zmatrix, max_spread_rad: float, n_std: float = 5.0, closures=None) -> np.ndarray:
+    """Which torsions to model as bounded features (module docstring, "Narrow torsions").
+
+    A torsion is narrow where its spread about its circular mean in the frames x is below
+    ``max_spread_rad`` and ``n_std`` spreads stay inside half a turn, and every frame lies
+    inside ``mean +- n_std spread`` (so a rare second mode keeps the torsion periodic).
+
+    Args:
+        x: [N, n_atoms, 3] nm (tensor or array), N >= 2.
+        zmatrix: int [n_atoms, 4].
+        max_spread_rad: the spread below which a torsion is narrow (rad).
+        n_std: the normalisation's interval half width in spreads.
+        closures: as :class:`InternalCoordinates`.
+
+    Returns: bool [n_atoms - 3].
+    """
+    x = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x, dtype=torch.float64)
+    torsions = cartesian_to_internal(x, zmatrix, closures)[2]
+    _, spread, largest = circular_spread(torsions)
+    narrow = (spread < max_spread_rad) & (n_std * spread < math.pi) & (largest < n_std * spread)
+    return narrow.cpu().numpy()
+
+
 class ICFeatures(NamedTuple):
     """What :meth:`InternalCoordinates.forward` returns besides the log-det.
 
     Attributes:
-        torsions: [B, n_torsions] rad in [-pi, pi) (periodic).
-        bounded: [B, n_bonded_dims]: free bonds (Z-matrix row order) then angles, each in
-            ``[-bound, bound]`` unless flagged.
+        torsions: [B, n_torsions] rad in [-pi, pi) (the periodic torsions).
+        bounded: [B, n_bonded_dims]: free bonds (Z-matrix row order), angles, then narrow
+            torsions, each in ``[-bound, bound]`` unless flagged.
         out_of_range: bool [B], True where some bounded value lay outside ``[-bound, bound]``.
     """
 
@@ -361,10 +413,11 @@ class ICFeatures(NamedTuple):
 
 
 class InternalCoordinates(nn.Module):
-    """Bijection x (canonical frame) <-> (torsions, normalised bonds and angles), with log-dets.
+    """Bijection x (canonical frame) <-> (periodic torsions, normalised bonds, angles and narrow
+    torsions), with log-dets.
 
-    See the module docstring for the conventions. State: buffers (Z-matrix, constraints, mean,
-    std) plus ``bound``, ``n_std`` and ``fitted`` as extra state: the module moves with
+    See the module docstring for the conventions. State: buffers (Z-matrix, constraints,
+    narrow-torsion flags and centres, mean, std) plus ``bound``, ``n_std`` and ``fitted`` as extra state: the module moves with
     ``.to(device)`` / ``.double()``, saves with ``torch.save(ic.state_dict(), path)`` and
     :meth:`from_state_dict` rebuilds it.
 
@@ -377,6 +430,8 @@ class InternalCoordinates(nn.Module):
         out_of_range: ``"flag"``, ``"clamp"`` or ``"raise"`` (module docstring).
         closures: bool [n_atoms], True for the Z-matrix rows placed by two ring bonds
             (module docstring); None: none.
+        narrow_torsions: bool [n_atoms - 3], True for torsions (Z-matrix rows 3..) modelled as
+            bounded features (module docstring); None: none.
     """
 
     def __init__(
@@ -385,6 +440,7 @@ class InternalCoordinates(nn.Module):
         constrained_bonds=None,
         *,
         closures=None,
+        narrow_torsions=None,
         bound: float = 1.0,
         n_std: float = 5.0,
         out_of_range: str = "flag",
@@ -419,7 +475,12 @@ class InternalCoordinates(nn.Module):
             fixed[row_of_pair[pair] - 1] = True
             lengths[row_of_pair[pair] - 1] = length
         n_free = int((~fixed).sum())
-        n_bonded = n_free + n_atoms - 2
+        narrow = np.zeros(n_atoms - 3, dtype=bool) if narrow_torsions is None else np.asarray(
+            narrow_torsions.cpu() if isinstance(narrow_torsions, Tensor) else narrow_torsions, dtype=bool)
+        if narrow.shape != (n_atoms - 3,):
+            raise TradeMDError(f"narrow_torsions must hold one flag per torsion ({n_atoms - 3}), "
+                               f"got shape {narrow.shape}")
+        n_bonded = n_free + n_atoms - 2 + int(narrow.sum())
 
         self.register_buffer("zmatrix", torch.as_tensor(z))
         closing = _closure_mask(closures, n_atoms, torch.device("cpu"))
@@ -427,6 +488,10 @@ class InternalCoordinates(nn.Module):
             "closures", torch.zeros(n_atoms, dtype=torch.bool) if closing is None else closing.clone())
         self.register_buffer("bond_fixed", torch.as_tensor(fixed))
         self.register_buffer("fixed_lengths", torch.as_tensor(lengths))
+        self.register_buffer("narrow", torch.as_tensor(narrow))
+        self.register_buffer("torsion_centre", torch.zeros(int(narrow.sum()), dtype=torch.float64))
+        self.register_buffer("_periodic_index", torch.as_tensor(np.flatnonzero(~narrow)), persistent=False)
+        self.register_buffer("_narrow_index", torch.as_tensor(np.flatnonzero(narrow)), persistent=False)
         self.bound = float(bound)
         self.n_std = float(n_std)
         self.fitted = False
@@ -443,9 +508,15 @@ class InternalCoordinates(nn.Module):
     # -- construction ---------------------------------------------------------------------
 
     @classmethod
-    def from_data(cls, zmatrix, x_train, constraints=None, **kwargs) -> "InternalCoordinates":
+    def from_data(cls, zmatrix, x_train, constraints=None, narrow_torsion_rad: float = 0.0,
+                  **kwargs) -> "InternalCoordinates":
         """Build and :meth:`fit` in one call. ``x_train`` [N, n_atoms, 3] nm (tensor or array);
-        ``constraints`` as ``constrained_bonds`` of the constructor."""
+        ``constraints`` as ``constrained_bonds`` of the constructor; torsions whose circular
+        spread in ``x_train`` is below ``narrow_torsion_rad`` (rad; 0: none) and whose every
+        frame lies inside their support become narrow (:func:`narrow_torsion_mask`)."""
+        if narrow_torsion_rad > 0:
+            kwargs["narrow_torsions"] = narrow_torsion_mask(
+                x_train, zmatrix, narrow_torsion_rad, kwargs.get("n_std", 5.0), kwargs.get("closures"))
         return cls(zmatrix, constraints, **kwargs).fit(x_train)
 
     @classmethod
@@ -460,10 +531,12 @@ class InternalCoordinates(nn.Module):
         }
         extra = state["_extra_state"]
         state = dict(state)
-        # files written before ring closures existed hold none
+        # files written before ring closures / narrow torsions existed hold none
         state.setdefault("closures", torch.zeros(len(z), dtype=torch.bool))
-        module = cls(z, constraints, closures=state["closures"], bound=extra["bound"],
-                     n_std=extra["n_std"], **kwargs)
+        state.setdefault("narrow", torch.zeros(len(z) - 3, dtype=torch.bool))
+        state.setdefault("torsion_centre", torch.zeros(0, dtype=torch.float64))
+        module = cls(z, constraints, closures=state["closures"], narrow_torsions=state["narrow"],
+                     bound=extra["bound"], n_std=extra["n_std"], **kwargs)
         module.load_state_dict(state)
         return module
 
@@ -485,14 +558,16 @@ class InternalCoordinates(nn.Module):
         if x.shape[0] < 2:
             raise TradeMDError("fitting the normalisation needs at least 2 training frames")
         device = self.mean.device
+        if self.n_narrow_torsions:
+            self.torsion_centre.copy_(self._circular_mean(x, chunk))
         shift = None
         total = torch.zeros_like(self.mean)
         total_sq = torch.zeros_like(self.mean)
         worst = torch.zeros((), dtype=torch.float64, device=device)
         for start in range(0, x.shape[0], chunk):
             part = x[start : start + chunk].to(device=device, dtype=torch.float64)
-            bonds, angles, _ = cartesian_to_internal(part, self.zmatrix, self._closures())
-            v = self._bounded_values(bonds, angles)
+            bonds, angles, torsions = cartesian_to_internal(part, self.zmatrix, self._closures())
+            v = self._bounded_values(bonds, angles, torsions)
             if shift is None:
                 shift = v[0]
             total += (v - shift).sum(0)
@@ -515,10 +590,23 @@ class InternalCoordinates(nn.Module):
                 f"bounded feature {k} ({self._feature_name(k)}) does not vary in the training "
                 "data: if it is a constrained bond, pass the system's constraints"
             )
+        if bool((std[self.n_bonds + self.n_angles:] * self.n_std >= math.pi).any()):
+            raise TradeMDError(
+                f"a narrow torsion spreads over more than a turn in {self.n_std:g} standard "
+                "deviations: model it as periodic (a smaller narrow_torsion_rad)")
         self.mean.copy_(mean_shifted + shift)
         self.std.copy_(std)
         self.fitted = True
         return self
+
+    def _circular_mean(self, x: Tensor, chunk: int) -> Tensor:
+        """Circular mean [n_narrow] (rad) of the narrow torsions over frames x [N, n_atoms, 3]."""
+        sums = torch.zeros(2, self.n_narrow_torsions, dtype=torch.float64, device=self.mean.device)
+        for start in range(0, x.shape[0], chunk):
+            part = x[start : start + chunk].to(device=self.mean.device, dtype=torch.float64)
+            torsions = cartesian_to_internal(part, self.zmatrix, self._closures())[2][:, self._narrow_index]
+            sums += torch.stack([torch.sin(torsions).sum(0), torch.cos(torsions).sum(0)])
+        return torch.atan2(sums[0], sums[1])
 
     @torch.no_grad()
     def fit_structure(self, x_reference, std: Tensor) -> "InternalCoordinates":
@@ -536,9 +624,10 @@ class InternalCoordinates(nn.Module):
         std = torch.as_tensor(std, dtype=torch.float64, device=self.mean.device)
         if std.shape != self.std.shape or not bool((std > 0).all()):
             raise TradeMDError(f"the widths must be {tuple(self.std.shape)} positive values")
-        bonds, angles, _ = cartesian_to_internal(x.to(self.mean.device, torch.float64)[None], self.zmatrix,
-                                                 self._closures())
-        self.mean.copy_(self._bounded_values(bonds, angles)[0])
+        bonds, angles, torsions = cartesian_to_internal(x.to(self.mean.device, torch.float64)[None],
+                                                        self.zmatrix, self._closures())
+        self.torsion_centre.copy_(torsions[0, self._narrow_index])
+        self.mean.copy_(self._bounded_values(bonds, angles, torsions)[0])
         self.std.copy_(std)
         self.fitted = True
         return self
@@ -561,10 +650,11 @@ class InternalCoordinates(nn.Module):
     def n_atoms(self) -> int:
         return int(self.zmatrix.shape[0])
 
-    def _bounded_values(self, bonds: Tensor, angles: Tensor) -> Tensor:
+    def _bounded_values(self, bonds: Tensor, angles: Tensor, torsions: Tensor) -> Tensor:
         """The bounded features before normalisation, [..., n_bonded_dims]: the free bonds
-        (nm), then every angle (rad)."""
-        return torch.cat([bonds[..., self._free_rows], angles], dim=-1)
+        (nm), every angle (rad), then the narrow torsions unwrapped about their centres (rad)."""
+        narrow = _wrap_near(torsions[..., self._narrow_index], self.torsion_centre.to(torsions))
+        return torch.cat([bonds[..., self._free_rows], angles, narrow], dim=-1)
 
     @property
     def free_bond_rows(self) -> np.ndarray:
@@ -573,8 +663,13 @@ class InternalCoordinates(nn.Module):
 
     @property
     def n_torsions(self) -> int:
-        """Torsions the flow models: n_atoms - 3."""
-        return self.n_atoms - 3
+        """Periodic torsions the flow models: n_atoms - 3 less the narrow ones."""
+        return self.n_atoms - 3 - self.n_narrow_torsions
+
+    @property
+    def n_narrow_torsions(self) -> int:
+        """Torsions modelled as bounded features: the last ``n_narrow_torsions`` bounded ones."""
+        return int(self._narrow_index.shape[0])
 
     @property
     def n_bonds(self) -> int:
@@ -589,14 +684,17 @@ class InternalCoordinates(nn.Module):
 
     @property
     def n_bonded_dims(self) -> int:
-        """Bonds + angles the flow models: the width of ``bounded``."""
-        return self.n_bonds + self.n_angles
+        """Bonds + angles + narrow torsions the flow models: the width of ``bounded``."""
+        return self.n_bonds + self.n_angles + self.n_narrow_torsions
 
     def _feature_name(self, k: int) -> str:
         z = self.zmatrix.tolist()
         if k < self.n_bonds:
             row = z[int(self._free_rows[k]) + 1]
             return f"bond {row[0]}-{row[1]}"
+        if k >= self.n_bonds + self.n_angles:
+            row = z[int(self._narrow_index[k - self.n_bonds - self.n_angles]) + 3]
+            return f"torsion {row[0]}-{row[1]}-{row[2]}-{row[3]}"
         row = z[k - self.n_bonds + 2]
         if bool(self.closures[k - self.n_bonds + 2]):
             return f"ring-closure bond {row[0]}-{row[2]}"
@@ -631,7 +729,7 @@ class InternalCoordinates(nn.Module):
         bonds, angles, torsions = cartesian_to_internal(x, self.zmatrix, closures)
         fixed_lengths = self.fixed_lengths.to(x)
         bonds_model = torch.where(self.bond_fixed, fixed_lengths, bonds)
-        v = self._bounded_values(bonds, angles)
+        v = self._bounded_values(bonds, angles, torsions)
         bounded = (v - self.mean.to(x)) / scale
         axis = None if closures is None else closure_axis_lengths(x, self.zmatrix)
         log_det = -internal_log_det(bonds_model, angles, closures, axis) - torch.log(scale).sum()
@@ -644,7 +742,7 @@ class InternalCoordinates(nn.Module):
             )
         if self.out_of_range == "clamp":
             bounded = bounded.clamp(-bound, bound)
-        return ICFeatures(torsions, bounded, out_of_range), log_det
+        return ICFeatures(torsions[..., self._periodic_index], bounded, out_of_range), log_det
 
     def inverse(self, torsions: Tensor, bounded: Tensor) -> tuple[Tensor, Tensor]:
         """(torsions [B, n_torsions], bounded [B, n_bonded_dims]) -> (x [B, n_atoms, 3] nm in
@@ -653,7 +751,11 @@ class InternalCoordinates(nn.Module):
         v = self.mean.to(bounded) + bounded * scale
         base = torch.where(self.bond_fixed, self.fixed_lengths, 0.0).to(bounded)
         bonds = base.expand(*bounded.shape[:-1], -1).index_copy(-1, self._free_rows, v[..., : self.n_bonds])
-        angles = v[..., self.n_bonds :]
+        angles = v[..., self.n_bonds : self.n_bonds + self.n_angles]
+        if self.n_narrow_torsions:
+            every = torsions.new_zeros(*torsions.shape[:-1], self.n_atoms - 3)
+            every = every.index_copy(-1, self._periodic_index, torsions)
+            torsions = every.index_copy(-1, self._narrow_index, v[..., self.n_bonds + self.n_angles :])
         closures = self._closures()
         x = internal_to_cartesian(bonds, angles, torsions, self.zmatrix, self._levels(), closures)
         axis = None if closures is None else closure_axis_lengths(x, self.zmatrix)
@@ -663,7 +765,8 @@ class InternalCoordinates(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"n_atoms={self.n_atoms}, n_torsions={self.n_torsions}, n_bonds={self.n_bonds}, "
-            f"n_angles={self.n_angles}, ring_closures={self.n_ring_closures}, "
+            f"n_angles={self.n_angles}, narrow_torsions={self.n_narrow_torsions}, "
+            f"ring_closures={self.n_ring_closures}, "
             f"constrained={int(self.bond_fixed.sum())}, "
             f"bound={self.bound:g}, n_std={self.n_std:g}, fitted={self.fitted}"
         )

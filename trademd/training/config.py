@@ -21,7 +21,7 @@ import typing
 from trademd.errors import TradeMDError
 
 __all__ = ["OptimiserSettings", "TradeSettings", "ReverseKLSettings", "DataFreeSettings",
-           "RefinementSettings", "ReportSettings", "FlowSettings", "TrainConfig", "PRESETS",
+           "RefinementSettings", "ReportSettings", "FlowSettings", "CoordinateSettings", "TrainConfig", "PRESETS",
            "DEFAULT_PRESET", "MOLECULE_LAYER_BLOCK", "default_layers", "merge_settings", "setting_names"]
 
 #: One block of coupling layers of a molecule's flow: torsions given torsions, bounded features
@@ -164,6 +164,19 @@ class ReportSettings:
 
 
 @dataclass
+class CoordinateSettings:
+    """The internal coordinates the flow works in (:mod:`trademd.flow.coordinates`).
+
+    Attributes:
+        narrow_torsion_rad: torsions whose circular spread in the training data is below this
+            (rad) are modelled as bounded features centred on their mean rather than on the
+            circle; 0 models every torsion on the circle. Data-free targets have none.
+    """
+
+    narrow_torsion_rad: float = 0.0
+
+
+@dataclass
 class FlowSettings:
     """What the user chooses of the flow (:func:`trademd.flow.conditional.build_flow`); the
     objective completes it from the target. None: the objective's or the flow's default.
@@ -226,6 +239,7 @@ class TrainConfig:
     refinement: RefinementSettings = field(default_factory=RefinementSettings)
     reporting: ReportSettings = field(default_factory=ReportSettings)
     flow: FlowSettings = field(default_factory=FlowSettings)
+    coordinates: CoordinateSettings = field(default_factory=CoordinateSettings)
 
     @classmethod
     def from_settings(cls, settings: dict, source: str = "settings") -> "TrainConfig":
@@ -276,6 +290,9 @@ class TrainConfig:
         if refinement.refine_rounds < 0 or (refinement.refine_rounds and (
                 refinement.refine_steps < 1 or refinement.refine_samples < 100)):
             raise TradeMDError("refinement needs refine_rounds >= 0, refine_steps >= 1 and refine_samples >= 100")
+        if not 0.0 <= self.coordinates.narrow_torsion_rad < 3.1:
+            raise TradeMDError(f"narrow_torsion_rad must lie in [0, 3.1) rad, got "
+                               f"{self.coordinates.narrow_torsion_rad}")
         outside = [t for t in self.focus_temperatures if not self.t_min <= t <= self.t_max]
         if outside:
             raise TradeMDError(f"focus temperatures {outside} lie outside [{self.t_min:g}, {self.t_max:g}]: "

@@ -184,12 +184,14 @@ class MoleculeTarget:
 
     @classmethod
     def from_trajectory(cls, data_path: str | Path, platform: str = "auto",
-                        workers: int | None = None,
-                        temperature_k: float | None = None) -> "MoleculeTarget":
+                        workers: int | None = None, temperature_k: float | None = None,
+                        narrow_torsion_rad: float = 0.0) -> "MoleculeTarget":
         """Fit the coordinates on the training frames of a trajectory file; sets ``split``,
         ``data_features`` and ``validation_features``. ``temperature_k`` picks the ensemble
         of a replica-exchange file (required there; it becomes T0), see
-        :func:`~trademd.io.trajectory_file.read_trajectory`."""
+        :func:`~trademd.io.trajectory_file.read_trajectory`; torsions that spread less than
+        ``narrow_torsion_rad`` (rad) in the training frames become bounded features
+        (:func:`~trademd.flow.coordinates.narrow_torsion_mask`)."""
         trajectory = read_trajectory(data_path, temperature_k)
         molecule = system_from_attrs(trajectory.attrs, trajectory.topology_pdb)
         n_replicas = int(trajectory.attrs.get("n_replicas", 1))
@@ -198,7 +200,7 @@ class MoleculeTarget:
         system = molecule.create_openmm_system()
         coordinates = InternalCoordinates.from_data(
             molecule.zmatrix, positions[split.train], constrained_bonds_from_openmm(system),
-            closures=molecule.ring_closures)
+            closures=molecule.ring_closures, narrow_torsion_rad=narrow_torsion_rad)
         target = cls(molecule, coordinates, trajectory.temperature_k, platform, workers, openmm_system=system)
         target.split = split
         target.data_features = target.features(positions[split.train])
