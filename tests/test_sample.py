@@ -98,6 +98,14 @@ def test_histogram_and_basin_free_energy():
     assert delta_f == pytest.approx(-math.log(0.4 / 0.6))
     ess = 1 / np.sum(weights**2)
     assert error == pytest.approx(math.sqrt(0.24 / ess) / 0.24)
+    # a region with less than one effective sample (Ace-Pro-Nme's phi > 0) is no measurement
+    phi = np.where(np.arange(1000) == 7, 1.0, -1.0)
+    tiny = np.full(1000, 1.0).astype(float)
+    tiny[7] = 1e-100
+    assert basin_free_energy(phi, tiny) == (math.inf, math.inf)
+    assert basin_free_energy(-phi, tiny) == (-math.inf, math.inf)
+    tiny[7] = 2.0  # 2 / 1001 of the weight with ESS ~ 1000: about two effective samples
+    assert math.isfinite(basin_free_energy(phi, tiny)[1])
 
 
 @pytest.fixture(scope="module")
