@@ -395,7 +395,8 @@ def estimate_run(config, platform: str = "auto", device: str = "auto", *,
     """Expected wall seconds of ``trade-md run``'s stages still to run, measured here.
 
     Args:
-        config: the run (:class:`trademd.pipeline.RunConfig`).
+        config: the run (a :class:`trademd.pipeline.RunConfig`; the pipeline imports this
+            module, not the reverse).
         platform, device: the OpenMM platform and torch device the run uses.
         md_saves_done: saves the data file already holds (None: the MD is done).
         training_steps_done: steps of a resumed training (None: the model is trained).
