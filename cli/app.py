@@ -370,6 +370,7 @@ def run(
     platform: str = typer.Option("auto", help="OpenMM platform: auto, CPU, CUDA, OpenCL or Reference"),
     device: str = typer.Option("auto", help="torch device: auto, cpu or cuda"),
     quiet: bool = typer.Option(False, help="no progress display"),
+    estimate: bool = typer.Option(True, help="first say how long the stages to run will take here (measured in a few seconds)"),
 ) -> None:
     """The main job in one command: simulate at T0, train TRADE, sample at T, plot."""
     import json
@@ -383,7 +384,7 @@ def run(
                        hydrogen_mass_amu=hydrogen_mass,
                        preset=preset, steps=steps, n_samples=n, seed=seed)
     summary = run_pipeline(config, out, platform=platform, device=device,
-                           command=full_command(ctx), show_progress=not quiet)
+                           command=full_command(ctx), show_progress=not quiet, estimate=estimate)
     for entry in summary["samples"]:
         typer.echo(json.dumps(entry))
 

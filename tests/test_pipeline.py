@@ -47,6 +47,7 @@ def test_run_pipeline_then_reuse(tmp_path):
                  "--out", str(out), "--quiet"]
     first = runner.invoke(app, arguments)
     assert first.exit_code == 0, first.output
+    assert "expected on this machine: MD ~" in first.output  # the estimate, before the stages
     summary = json.loads(first.stdout.strip().splitlines()[-1])
     assert summary["temperature_k"] == 400.0 and summary["n"] == 32
     for name in ("data_600K.h5", "train/model.pt", "samples.h5", "samples_ramachandran.png",
@@ -57,6 +58,7 @@ def test_run_pipeline_then_reuse(tmp_path):
     again = runner.invoke(app, arguments)
     assert again.exit_code == 0, again.output
     assert again.output.count("reusing") == 3
+    assert "expected on this machine" not in again.output  # nothing left to estimate
     assert stamps == {name: (out / name).stat().st_mtime_ns for name in stamps}
     assert json.loads(again.stdout.strip().splitlines()[-1]) == summary
 
@@ -65,6 +67,7 @@ def test_run_pipeline_then_reuse(tmp_path):
     third = runner.invoke(app, arguments)
     assert third.exit_code == 0, third.output
     assert third.output.count("reusing") == 2 and "sampling" in third.output
+    assert "expected on this machine: sampling ~" in third.output  # only the stage left
     assert (out / "summary.json").is_file()
     assert json.loads(third.stdout.strip().splitlines()[-1])["n"] == 32
 

@@ -87,6 +87,10 @@ class RunConfig:
                                 timestep_ps=self.timestep_ps or molecule.md_timestep_ps,
                                 hydrogen_mass_amu=hydrogen_mass_amu, seed=self.seed, platform=platform)
 
+    def training_overrides(self) -> dict:
+        """The training settings the run sets over its preset (None: the preset's)."""
+        return {"steps": self.steps, "seed": self.seed, "focus_temperatures": list(self.temperatures_k)}
+
     def range_warning(self) -> str | None:
         """What to expect when a requested temperature lies outside the measured transfer
         (below T0 x :data:`MEASURED_TRANSFER_RATIO`, or above T0), else None."""
@@ -118,12 +122,16 @@ def _log(message: str) -> None:
 
 
 def run_pipeline(config: RunConfig, out: str | Path, platform: str = "auto", device: str = "auto",
-                 command: str | None = None, show_progress: bool = True) -> dict:
-    """Run or continue every stage; returns the summary (also written to summary.json)."""
+                 command: str | None = None, show_progress: bool = True, estimate: bool = True) -> dict:
+    """Run or continue every stage; returns the summary (also written to summary.json).
+
+    With ``estimate``, first says how long the stages still to run will take on this machine,
+    measured in a few seconds (:func:`trademd.estimate.estimate_run`; no result changes)."""
     from trademd.io.trajectory_file import frame_count
     from trademd.sample import sample_run
     from trademd.simulate import simulate
     from trademd.train import train_run
+    from trademd.training.checkpoint import checkpoint_step
 
     out = Path(out)
     warning = config.range_warning()
@@ -132,31 +140,42 @@ def run_pipeline(config: RunConfig, out: str | Path, platform: str = "auto", dev
     out.mkdir(parents=True, exist_ok=True)
     data = out / f"data_{config.data_temperature_k:g}K.h5"
     simulation = config.simulation(platform)
+    train_dir = out / "train"
+    model = train_dir / "model.pt"
+    checkpoint = train_dir / "checkpoint.pt"
+    samples = out / "samples.h5"
+    summary_path = out / "summary.json"
+    # what is done already: saves of the data, steps of the training, the samples
+    saves_done = frame_count(data) // simulation.replicas if data.exists() else 0
+    steps_done = checkpoint_step(checkpoint) if checkpoint.exists() and not model.exists() else 0
+    sampled = samples.exists() and summary_path.exists()
+    if estimate and not (saves_done >= simulation.n_saves and model.exists() and sampled):
+        from trademd.estimate import estimate_run
+
+        _log(estimate_run(config, platform, device,
+                          md_saves_done=None if saves_done >= simulation.n_saves else saves_done,
+                          training_steps_done=None if model.exists() else steps_done,
+                          sampling=not sampled).line())
     if not data.exists():
         _log(f"simulating {config.system} at {config.data_temperature_k:g} K -> {data}")
         simulate(simulation, data, command=command, show_progress=show_progress)
-    elif frame_count(data) < simulation.n_saves * simulation.replicas:
+    elif saves_done < simulation.n_saves:
         _log(f"resuming the simulation in {data}")
         simulate(simulation, data, resume=True, command=command, show_progress=show_progress)
     else:
         _log(f"reusing {data}")
 
-    train_dir = out / "train"
-    model = train_dir / "model.pt"
     t_min, t_max = config.temperature_range_k
     if model.exists():
         _log(f"reusing {model}")
     else:
-        resume = (train_dir / "checkpoint.pt").exists()
+        resume = checkpoint.exists()
         _log(f"{'resuming' if resume else 'training'} TRADE over {t_min:g}-{t_max:g} K -> {train_dir}")
         train_run(train_dir, t_min, t_max, data=data, preset=config.preset,
-                  overrides={"steps": config.steps, "seed": config.seed,
-                             "focus_temperatures": list(config.temperatures_k)},
+                  overrides=config.training_overrides(),
                   device=device, platform=platform, resume=resume, show_progress=show_progress)
 
-    samples = out / "samples.h5"
-    summary_path = out / "summary.json"
-    if samples.exists() and summary_path.exists():
+    if sampled:
         _log(f"reusing {samples}")
         summaries = json.loads(summary_path.read_text())["samples"]
     else:  # not sampled yet, or interrupted between the samples file and its summary

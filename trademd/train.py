@@ -17,7 +17,7 @@ from trademd.training.objectives import Objective, objective_class
 from trademd.training.targets import AnalyticTarget, MoleculeTarget, Target
 from trademd.training.trainer import Trainer
 
-__all__ = ["preset_settings", "train_run", "load_config_file"]
+__all__ = ["preset_settings", "training_config", "train_run", "load_config_file"]
 
 
 def preset_settings(preset: str) -> dict:
@@ -93,6 +93,27 @@ def _target(data: str | Path | None, system: str | None, platform: str,
                                           narrow_torsion_rad=narrow_torsion_rad)
 
 
+def training_config(t_min: float, t_max: float, preset: str = DEFAULT_PRESET,
+                    config_file: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
+    """The settings :func:`train_run` trains with: the preset, then the config file, then
+    ``overrides`` (CLI options; None values are left out), each overriding the one before;
+    where only the steps change, the preset's refinement steps scale with them; the
+    objective's own defaults (``Objective.defaults``, e.g. data-free's) replace the preset's
+    where the user set nothing."""
+    base = preset_settings(preset)
+    chosen = load_config_file(config_file) if config_file is not None else {}
+    chosen = merge_settings(chosen, {k: v for k, v in (overrides or {}).items() if v is not None}, "options")
+    names = _chosen_names(chosen)
+    settings = merge_settings(base, chosen)
+    if "steps" in names and "refine_steps" not in names:
+        # the preset's refinement keeps its share of the training when only --steps changes
+        settings["refinement"]["refine_steps"] = max(
+            1, round(base["refinement"]["refine_steps"] * settings["steps"] / base["steps"]))
+    objective = objective_class(settings["objective"])
+    settings = merge_settings(settings, _objective_defaults(objective, names))
+    return TrainConfig.from_settings({**settings, "t_min": t_min, "t_max": t_max})
+
+
 def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | None = None,
               temperature_k: float | None = None, boundary_temperature_k: float | None = None,
               system: str | None = None, preset: str = DEFAULT_PRESET, config_file: str | Path | None = None,
@@ -105,27 +126,14 @@ def train_run(out: str | Path, t_min: float, t_max: float, data: str | Path | No
     ``boundary_temperature_k`` (default ``t_max``; :meth:`MoleculeTarget.from_structure`); the
     data-free objective fits its boundary by reverse KL there. Analytic systems keep their own T0.
 
-    Settings: the preset, then the config file, then ``overrides`` (CLI options), each
-    overriding the one before; where only the steps change, the preset's refinement steps
-    scale with them; the objective's own defaults (``Objective.defaults``, e.g. data-free's)
-    replace the preset's where the user set nothing.
+    Settings: :func:`training_config`.
 
     Under ``torchrun`` (``torchrun --nproc_per_node N -m trademd train ...``) the ranks train
     one model data-parallel (:mod:`trademd.training.trainer`): ``batch_size`` is per rank, each
     rank evaluates its own energies (on CPU with its share of the cores), rank 0 writes ``out``.
     """
-    base = preset_settings(preset)
-    chosen = load_config_file(config_file) if config_file is not None else {}
-    chosen = merge_settings(chosen, {k: v for k, v in (overrides or {}).items() if v is not None}, "options")
-    names = _chosen_names(chosen)
-    settings = merge_settings(base, chosen)
-    if "steps" in names and "refine_steps" not in names:
-        # the preset's refinement keeps its share of the training when only --steps changes
-        settings["refinement"]["refine_steps"] = max(
-            1, round(base["refinement"]["refine_steps"] * settings["steps"] / base["steps"]))
-    objective = objective_class(settings["objective"])
-    settings = merge_settings(settings, _objective_defaults(objective, names))
-    config = TrainConfig.from_settings({**settings, "t_min": t_min, "t_max": t_max})
+    config = training_config(t_min, t_max, preset, config_file, overrides)
+    objective = objective_class(config.objective)
     if objective.data_refusal and data is not None:
         raise TradeMDError(objective.data_refusal)
     out = Path(out)

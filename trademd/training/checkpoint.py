@@ -10,7 +10,7 @@ import torch
 from trademd import distributed
 from trademd.errors import TradeMDError
 
-__all__ = ["save_checkpoint", "load_checkpoint"]
+__all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_step"]
 
 
 def _rng_states(device: torch.device) -> dict:
@@ -77,3 +77,8 @@ def load_checkpoint(trainer, path: Path) -> bool:
     # counted once, on rank 0; every process's own count starts again from zero
     trainer.evaluations_before = state.get("energy_evaluations", 0) if trainer.ranks.is_main else 0
     return restored
+
+
+def checkpoint_step(path: Path) -> int:
+    """Steps done when ``path`` was written (what a resume continues from)."""
+    return int(torch.load(path, map_location="cpu", weights_only=False)["step"])

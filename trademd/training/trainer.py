@@ -208,24 +208,9 @@ class Trainer:
         for reporter in self.reporters:
             reporter.start(self)
         while self.step < self.config.total_steps:
-            phase = self.phase_at(self.step)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss, parts = self.loss()
-            if not distributed.all_finite(loss.detach()):
-                self._bad_batch()
+            report = self.take_step()
+            if report is None:
                 continue
-            loss.backward()
-            distributed.average_gradients(self.flow.parameters())
-            norm = torch.nn.utils.clip_grad_norm_(self.flow.parameters(), self.config.optimiser.clip_norm)
-            if not torch.isfinite(norm):
-                self._bad_batch()
-                continue
-            self.optimizer.step()
-            if phase.scheduled:
-                self.scheduler.step()
-            self.ema.update_parameters(self.flow)
-            self.step += 1
-            report = StepReport(phase.name, float(loss.detach()), parts)
             for reporter in self.reporters:
                 if reporter.due(self):
                     reporter.report(self, report)
@@ -234,6 +219,28 @@ class Trainer:
         path = self.save_model()
         distributed.barrier()  # model.pt exists for every rank once train() returns
         return path
+
+    def take_step(self) -> StepReport | None:
+        """One optimiser step of the phase at ``self.step`` (no reporters); None where the
+        loss or gradient was not finite (a bad batch: counted, the step not taken)."""
+        phase = self.phase_at(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, parts = self.loss()
+        if not distributed.all_finite(loss.detach()):
+            self._bad_batch()
+            return None
+        loss.backward()
+        distributed.average_gradients(self.flow.parameters())
+        norm = torch.nn.utils.clip_grad_norm_(self.flow.parameters(), self.config.optimiser.clip_norm)
+        if not torch.isfinite(norm):
+            self._bad_batch()
+            return None
+        self.optimizer.step()
+        if phase.scheduled:
+            self.scheduler.step()
+        self.ema.update_parameters(self.flow)
+        self.step += 1
+        return StepReport(phase.name, float(loss.detach()), parts)
 
     def _bad_batch(self) -> None:
         self.bad_batches += 1
