@@ -23,6 +23,7 @@ from openmm import unit
 import openmm.app as app
 import torch
 
+from trademd.errors import TradeMDError
 from trademd.flow.coordinates import dihedral
 
 __all__ = ["capped_alanine_pdb", "capped_dipeptide_pdb", "EXTENDED_PHI_PSI_DEG"]
@@ -35,6 +36,10 @@ _BOND_NM = {"C-N": 0.133, "N-CA": 0.146, "CA-C": 0.152, "C=O": 0.123, "CA-CB": 0
 _ANGLE_DEG = {"CA-C-N": 116.2, "C-N-CA": 121.7, "N-CA-C": 111.2, "N-C=O": 122.7, "C-CA-CB": 110.1}
 #: Torsion N-C-CA-CB of an L-amino acid (degrees); its mirror image has the opposite sign.
 _L_CB_TORSION_DEG = 122.0
+#: Builds of a mutated dipeptide tried before giving up, and the smallest |omega| (rad) that
+#: counts as trans.
+_BUILD_ATTEMPTS = 10
+_TRANS_MIN_RAD = math.radians(150.0)
 
 
 def _place(a: np.ndarray, b: np.ndarray, c: np.ndarray, bond_nm: float, angle_deg: float,
@@ -100,18 +105,38 @@ def capped_alanine_pdb(n_alanines: int, forcefield_files=("amber99sbildn.xml", "
 def capped_dipeptide_pdb(residue: str,
                          forcefield_files=("amber99sbildn.xml", "amber96_obc.xml")) -> str:
     """PDB text of Ace-``residue``-Nme (three-letter code, e.g. ``PRO``), minimised in
-    ``forcefield_files`` (NoCutoff, HBonds constraints). Needs pdbfixer."""
+    ``forcefield_files`` (NoCutoff, HBonds constraints), every peptide bond trans. Needs
+    pdbfixer.
+
+    pdbfixer's placement of the new side chain is not reproducible run to run (its
+    minimisation on the multithreaded CPU platform); now and then a proline's CD still lands
+    against the cap and the final minimisation turns the Ace-Pro bond cis. Such a build is
+    discarded and the next of :data:`_BUILD_ATTEMPTS` seeds tried.
+
+    Raises:
+        TradeMDError: if no attempt keeps every peptide bond trans.
+    """
     from pdbfixer import PDBFixer
 
+    from trademd.systems.molecule import peptide_bond_dihedrals
+
     dipeptide = _alanine_dipeptide_at_phi(math.radians(EXTENDED_PHI_PSI_DEG[0]))
-    # a named platform: pdbfixer's minimisers use OpenMM's default (OpenCL where pocl is installed)
-    fixer = PDBFixer(pdbfile=io.StringIO(dipeptide), platform=openmm.Platform.getPlatformByName("CPU"))
-    fixer.applyMutations([f"ALA-2-{residue.upper()}"], next(fixer.topology.chains()).id)
-    fixer.findMissingResidues()
-    fixer.findMissingAtoms()
-    fixer.addMissingAtoms(seed=0)
-    fixer.addMissingHydrogens(7.0)
-    return _minimised_pdb(fixer.topology, fixer.positions, forcefield_files)
+    for seed in range(_BUILD_ATTEMPTS):
+        # a named platform: pdbfixer's minimisers use OpenMM's default (OpenCL where pocl is installed)
+        fixer = PDBFixer(pdbfile=io.StringIO(dipeptide), platform=openmm.Platform.getPlatformByName("CPU"))
+        fixer.applyMutations([f"ALA-2-{residue.upper()}"], next(fixer.topology.chains()).id)
+        fixer.findMissingResidues()
+        fixer.findMissingAtoms()
+        fixer.addMissingAtoms(seed=seed)
+        fixer.addMissingHydrogens(7.0)
+        text = _minimised_pdb(fixer.topology, fixer.positions, forcefield_files)
+        built = app.PDBFile(io.StringIO(text))
+        x = torch.as_tensor(built.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
+        omegas = [float(dihedral(*x[list(quad)])) for quad in peptide_bond_dihedrals(built.topology)]
+        if all(abs(omega) > _TRANS_MIN_RAD for omega in omegas):
+            return text
+    raise TradeMDError(f"no build of Ace-{residue.upper()}-Nme in {_BUILD_ATTEMPTS} attempts kept every "
+                       "peptide bond trans: start from a structure with the residue in place")
 
 
 def _alanine_dipeptide_at_phi(phi_rad: float) -> str:
