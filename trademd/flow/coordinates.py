@@ -417,8 +417,9 @@ class InternalCoordinates(nn.Module):
     torsions), with log-dets.
 
     See the module docstring for the conventions. State: buffers (Z-matrix, constraints,
-    narrow-torsion flags and centres, mean, std) plus ``bound``, ``n_std`` and ``fitted`` as extra state: the module moves with
-    ``.to(device)`` / ``.double()``, saves with ``torch.save(ic.state_dict(), path)`` and
+    narrow-torsion flags and centres, mean, std) plus ``bound``, ``n_std`` and ``fitted`` as
+    extra state: the module moves with ``.to(device)`` / ``.double()``, saves with
+    ``torch.save(ic.state_dict(), path)`` and
     :meth:`from_state_dict` rebuilds it.
 
     Args:
