@@ -57,7 +57,7 @@ def basin_free_energy(phi: np.ndarray, weights: np.ndarray | None = None,
     (alpha/beta) region, -ln(P(phi > 0) / P(phi < 0)), and its standard error from the
     binomial variance with ``ess`` effective samples (default: len(phi) or the Kish ESS of the
     weights). Where one of the two regions holds less than one effective sample (p ess < 1) the
-    estimate is one sample's weight, not a measurement: (+inf or -inf, inf) as for an empty one."""
+    value is one sample's weight, not a measurement: its error is inf (reported as n/a)."""
     if weights is None:
         weights = np.full(len(phi), 1.0 / len(phi))
         ess = ess or float(len(phi))
@@ -65,8 +65,10 @@ def basin_free_energy(phi: np.ndarray, weights: np.ndarray | None = None,
         weights = weights / weights.sum()
         ess = ess or kish_ess_of_normalised(weights)
     p_positive = float(weights[phi > 0].sum())
-    if p_positive * ess < 1 or (1 - p_positive) * ess < 1:
-        return (math.inf if p_positive < 0.5 else -math.inf), math.inf
+    if p_positive <= 0 or p_positive >= 1:
+        return (math.inf if p_positive <= 0 else -math.inf), math.inf
     delta_f = -math.log(p_positive / (1 - p_positive))
+    if p_positive * ess < 1 or (1 - p_positive) * ess < 1:
+        return delta_f, math.inf
     error = math.sqrt(p_positive * (1 - p_positive) / ess) / (p_positive * (1 - p_positive))
     return delta_f, error
