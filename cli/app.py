@@ -303,8 +303,9 @@ def sample(
         if json_summary:
             typer.echo(json.dumps(summary))
         else:
-            delta = summary.get("delta_f_positive_phi_kt")
-            extra = (f", dF(phi>0 vs phi<0) {delta:.2f} +- {summary['delta_f_positive_phi_kt_error']:.2f} kT"
+            delta, error = summary.get("delta_f_positive_phi_kt"), summary.get("delta_f_positive_phi_kt_error")
+            # no error where a region holds less than one effective sample: the value is no measurement
+            extra = (f", dF(phi>0 vs phi<0) {delta:.2f} +- {'n/a' if error is None else f'{error:.2f}'} kT"
                      if delta is not None else "")
             typer.echo(f"{summary['temperature_k']:g} K: n {summary['n']}, ESS {summary['ess']:.0f} "
                        f"({100 * summary['relative_ess']:.1f} %){extra} -> {summary['path']}")
