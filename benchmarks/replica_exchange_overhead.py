@@ -58,11 +58,11 @@ def ladder_rates(name: str, temperatures, ladders: int, platform: str, block: in
     engine.prepare(molecule.positions_nm(), 0, seed=0)
 
     def with_exchange(steps: int) -> None:
-        engine.integrator.step(steps)
+        engine.copies.step(steps)
         engine.exchange()
 
-    n_copies = engine.layout.n_copies
-    return (_rate(engine.integrator.step, n_copies, block, seconds),
+    n_copies = engine.copies.n_copies
+    return (_rate(engine.copies.step, n_copies, block, seconds),
             _rate(with_exchange, n_copies, block, seconds))
 
 

@@ -155,7 +155,8 @@ def simulate(
     resume: bool = typer.Option(False, help="continue an interrupted run of --out"),
     quiet: bool = typer.Option(False, help="no progress display"),
 ) -> None:
-    """Run Langevin MD of many replicas in one OpenMM Context and write frames to HDF5; with
+    """Run Langevin MD of many replicas (one OpenMM Context on a GPU, one per CPU thread on the
+    CPU) and write frames to HDF5; with
     --temperatures, replica exchange writing one ensemble per temperature. Under torchrun each
     rank runs a shard (seed + rank) and rank 0 merges them into --out."""
     from trademd.simulate import parse_shard, shard_path, simulate_shards, simulation_config

@@ -27,7 +27,6 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import openmm
 import torch
 
 from trademd.errors import TradeMDError
@@ -277,12 +276,7 @@ def measure_md(config: DynamicsSettings) -> MDCosts:
     frames = save().reshape(-1, molecule.n_atoms, 3).astype(np.float32)
     frame_energy_s = _seconds_per_call(lambda: engine.molecule_energy(frames), max_calls=3) / len(frames)
 
-    def checkpoint() -> None:
-        state = engine.context.getState(getPositions=True, getVelocities=True)
-        engine.context.createCheckpoint()
-        openmm.XmlSerializer.serialize(state)
-
-    return MDCosts(setup_s, save_s, frame_energy_s, _seconds_per_call(checkpoint, max_calls=3))
+    return MDCosts(setup_s, save_s, frame_energy_s, _seconds_per_call(engine.checkpoint, max_calls=3))
 
 
 def measure_training(molecule: "MolecularSystem", config: TrainConfig, reference_temperature: float,

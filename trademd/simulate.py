@@ -1,7 +1,8 @@
 """``trade-md simulate`` as a library call: plain Langevin MD of many copies of one molecule,
 or replica exchange over a temperature ladder, written to HDF5 in chunks.
 
-All copies run as non-interacting copies in one OpenMM Context (:mod:`trademd.energy.copies`),
+All copies run as non-interacting copies in one OpenMM Context, or on the CPU in one per thread
+(:mod:`trademd.energy.copies`, :mod:`trademd.md.copy_contexts`),
 each copy's centre of mass held near its lattice point by a flat-bottom restraint that leaves
 the internal distribution unchanged; :mod:`trademd.md.engines` holds the two engines,
 :mod:`trademd.md.driver` the chunk loop and :mod:`trademd.md.reporters` what writes the file.

@@ -1,5 +1,6 @@
 """The two MD engines behind ``trade-md simulate``, on the replicated system of
-:mod:`trademd.energy.copies` (all copies of the molecule in one OpenMM Context).
+:mod:`trademd.energy.copies` (copies of the molecule on a lattice in one OpenMM Context, or
+in one per CPU thread: :mod:`trademd.md.copy_contexts`).
 
 - :class:`PlainEngine`: ``replicas`` copies at one temperature, OpenMM's
   LangevinMiddleIntegrator; one ensemble.
@@ -28,9 +29,9 @@ import numpy as np
 import openmm
 from openmm import unit
 
-from trademd.energy.copies import CopyLayout, com_restraint_energies, replicate_system
+from trademd.energy.copies import com_restraint_energies
 from trademd.energy.molecule import MoleculeEnergy
-from trademd.energy.structure import minimised_positions
+from trademd.md.copy_contexts import CopyContexts
 from trademd.md.exchange import ExchangeState
 from trademd.md.settings import (
     COM_RESTRAINT_NM,
@@ -38,11 +39,10 @@ from trademd.md.settings import (
     ExchangeConfig,
     SimulationConfig,
 )
-from trademd.platforms import openmm_platform
 from trademd.units import BOLTZMANN_KJ_MOL_K
 
 __all__ = ["MDEngine", "ExchangeStatistics", "PlainEngine", "LadderEngine", "langevin_middle_per_dof",
-           "build_engine", "openmm_seed"]
+           "build_engine"]
 
 
 @dataclass(frozen=True)
@@ -72,17 +72,15 @@ class MDEngine(Protocol):
     Attributes:
         temperatures_k: float64 [K], the temperature of each ensemble (K).
         copies_per_ensemble: frames each ensemble gets per save.
-        platform_name: the OpenMM platform the Context runs on.
-        context: the OpenMM Context of all copies (checkpoints are taken from it).
-        layout: the copies' lattice in the Context.
+        platform_name: the OpenMM platform the Contexts run on.
+        copies: the Contexts of all copies.
         molecule_energy: exact single-molecule energies of frames.
     """
 
     temperatures_k: np.ndarray
     copies_per_ensemble: int
     platform_name: str
-    context: openmm.Context
-    layout: CopyLayout
+    copies: CopyContexts
     molecule_energy: MoleculeEnergy
 
     def prepare(self, positions_nm: np.ndarray, equilibration_steps: int, seed: int) -> None:
@@ -94,6 +92,12 @@ class MDEngine(Protocol):
 
     def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
         """(frames [K, copies, atoms, 3] in nm, kinetic temperature of each ensemble [K] in K)."""
+
+    def checkpoint(self) -> tuple[bytes, str]:
+        """(OpenMM checkpoint, portable State XML) of every copy."""
+
+    def restore(self, checkpoint: bytes, state_xml: str, same_platform: bool) -> None:
+        """Load :meth:`checkpoint`'s output (the State XML where the checkpoint cannot be read)."""
 
     def checkpoint_state(self) -> dict[str, str]:
         """What a resume needs beyond the OpenMM checkpoint, as text."""
@@ -133,67 +137,49 @@ def langevin_middle_per_dof(timestep_ps: float, friction_per_ps: float) -> openm
     return integrator
 
 
-def openmm_seed(seed: int) -> int:
-    """OpenMM's random seed for our ``seed``: never 0, which OpenMM takes as "choose one at
-    random" (seed 0 would make a run unrepeatable)."""
-    return seed % (2 ** 31 - 1) + 1
+class _CopyEngine:
+    """What both engines share: ``n_copies`` copies in :class:`CopyContexts` with
+    ``make_integrator``'s integrators (``parallel``: see there), the molecule's exact energy,
+    kinetic temperatures."""
 
-
-class _ReplicatedContext:
-    """One Context over ``n_copies`` copies of ``system`` with ``integrator``; what both
-    engines share: placing, minimising, reading positions and velocities per copy."""
-
-    def __init__(self, system: openmm.System, n_copies: int, integrator: openmm.Integrator,
-                 platform: str, seed: int, cpu_threads: int | None = None):
-        replicated, self.layout = replicate_system(
-            system, n_copies, per_copy_energies=False,
-            molecule_radius_nm=MOLECULE_RADIUS_NM, com_restraint_nm=COM_RESTRAINT_NM,
-        )
-        integrator.setRandomNumberSeed(openmm_seed(seed))
-        self.integrator = integrator
-        chosen, properties = openmm_platform(platform, threads=cpu_threads)
-        self.platform_name = chosen.getName()
-        self.context = openmm.Context(replicated, integrator, chosen, properties)
+    def __init__(self, system: openmm.System, n_copies: int, make_integrator, platform: str, seed: int,
+                 cpu_threads: int | None = None, parallel: bool = True):
+        self.copies = CopyContexts(system, n_copies, make_integrator, platform, seed, cpu_threads, parallel)
+        self.platform_name = self.copies.platform_name
         self.system = system
         self.molecule_energy = MoleculeEnergy(system)
         self.masses_amu = np.array([system.getParticleMass(i).value_in_unit(unit.dalton)
                                     for i in range(system.getNumParticles())])
         self.dof_per_copy = 3 * system.getNumParticles() - system.getNumConstraints()
 
-    def _place_and_minimise(self, positions_nm: np.ndarray) -> None:
-        """Minimise one molecule on the CPU and put every copy there: identical copies that
-        never interact minimise identically, and OpenMM's minimiser kernel crashed under
-        OpenCL on pocl (docs/performance.md)."""
-        minimised_nm = minimised_positions(self.system, positions_nm, tolerance_kj_mol_nm=10.0,
-                                           max_iterations=1000)
-        self.context.setPositions(
-            self.layout.place(np.repeat(minimised_nm[None], self.layout.n_copies, axis=0)))
-
-    def _velocities(self) -> np.ndarray:
-        """[copies, atoms, 3] in nm/ps."""
-        state = self.context.getState(getVelocities=True)
-        velocities = state.getVelocities(asNumpy=True).value_in_unit(unit.nanometer / unit.picosecond)
-        return velocities.reshape(self.layout.n_copies, -1, 3)
-
     def offsets_nm(self) -> np.ndarray:
         """Each copy's positions relative to its lattice point [copies, atoms, 3] (nm)."""
-        state = self.context.getState(getPositions=True)
-        return self.layout.split(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
+        return self.copies.offsets_nm()
+
+    def checkpoint(self) -> tuple[bytes, str]:
+        """(OpenMM checkpoint, portable State XML) of every copy."""
+        return self.copies.checkpoint()
+
+    def restore(self, checkpoint: bytes, state_xml: str, same_platform: bool) -> None:
+        """Load :meth:`checkpoint`'s output (the State XML where the checkpoint cannot be read)."""
+        self.copies.restore(checkpoint, state_xml, same_platform)
 
     def _copy_kinetic_temperatures_k(self) -> np.ndarray:
         """Instantaneous kinetic temperature of each copy [copies] (K)."""
-        velocities = self._velocities()
+        velocities = self.copies.velocities()
         kinetic = 0.5 * np.einsum("cai,cai,a->c", velocities, velocities, self.masses_amu)
         return 2.0 * kinetic / (self.dof_per_copy * BOLTZMANN_KJ_MOL_K)
 
 
-class PlainEngine(_ReplicatedContext):
+class PlainEngine(_CopyEngine):
     """``config.replicas`` copies at ``config.temperature_k`` (LangevinMiddleIntegrator)."""
 
     def __init__(self, system: openmm.System, config: SimulationConfig):
-        integrator = openmm.LangevinMiddleIntegrator(config.temperature_k, config.friction_per_ps,
-                                                     config.timestep_ps)
-        super().__init__(system, config.replicas, integrator, config.platform, config.seed,
+        def make_integrator() -> openmm.Integrator:
+            return openmm.LangevinMiddleIntegrator(config.temperature_k, config.friction_per_ps,
+                                                   config.timestep_ps)
+
+        super().__init__(system, config.replicas, make_integrator, config.platform, config.seed,
                          config.cpu_threads)
         self.temperatures_k = np.array([config.temperature_k])
         self.copies_per_ensemble = config.replicas
@@ -201,13 +187,13 @@ class PlainEngine(_ReplicatedContext):
     def prepare(self, positions_nm: np.ndarray, equilibration_steps: int, seed: int) -> None:
         """Put every copy at ``positions_nm`` [atoms, 3], minimise, draw velocities, and run
         the (discarded) equilibration."""
-        self._place_and_minimise(positions_nm)
-        self.context.setVelocitiesToTemperature(float(self.temperatures_k[0]), openmm_seed(seed))
+        self.copies.place_minimised(positions_nm)
+        self.copies.set_velocities_to_temperature(float(self.temperatures_k[0]), seed)
         if equilibration_steps:
-            self.integrator.step(equilibration_steps)
+            self.copies.step(equilibration_steps)
 
     def advance(self, n_steps: int) -> None:
-        self.integrator.step(n_steps)
+        self.copies.step(n_steps)
 
     def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
         """(frames [1, copies, atoms, 3] in nm, kinetic temperature [1] in K, over all copies)."""
@@ -232,7 +218,7 @@ class PlainEngine(_ReplicatedContext):
                 "n_replicas": config.replicas}
 
 
-class LadderEngine(_ReplicatedContext):
+class LadderEngine(_CopyEngine):
     """``ladders`` x K copies of one molecule in one Context, copy ``l * K + k`` at T_k, with
     neighbour exchanges every ``steps_per_exchange`` steps.
 
@@ -248,8 +234,8 @@ class LadderEngine(_ReplicatedContext):
         self.copies_per_ensemble = config.ladders
         self.steps_per_exchange = config.steps_per_exchange
         super().__init__(system, config.ladders * len(self.temperatures_k),
-                         langevin_middle_per_dof(config.timestep_ps, config.friction_per_ps),
-                         config.platform, config.seed, config.cpu_threads)
+                         lambda: langevin_middle_per_dof(config.timestep_ps, config.friction_per_ps),
+                         config.platform, config.seed, config.cpu_threads, parallel=False)
         self.apply_temperatures()
         self.exchange_state = ExchangeState.start([float(t) for t in self.temperatures_k], config.ladders)
         self.rng = np.random.default_rng(config.seed)
@@ -263,20 +249,19 @@ class LadderEngine(_ReplicatedContext):
 
     def apply_temperatures(self) -> None:
         """Set every copy's kT in the integrator (after construction or a checkpoint load)."""
-        kt = np.repeat(BOLTZMANN_KJ_MOL_K * self.copy_temperatures_k, self.layout.n_atoms)
-        self.integrator.setPerDofVariableByName("kT", [openmm.Vec3(k, k, k) for k in kt])
+        self.copies.set_copy_variable("kT", BOLTZMANN_KJ_MOL_K * self.copy_temperatures_k)
 
     def prepare(self, positions_nm: np.ndarray, equilibration_steps: int, seed: int) -> None:
         """Put every copy at ``positions_nm`` [atoms, 3], minimise, draw velocities at each
         copy's temperature, and run the (discarded) equilibration."""
-        self._place_and_minimise(positions_nm)
+        self.copies.place_minimised(positions_nm)
         coldest = float(self.temperatures_k[0])
-        self.context.setVelocitiesToTemperature(coldest, openmm_seed(seed))
-        velocities = self._velocities()
+        self.copies.set_velocities_to_temperature(coldest, seed)
+        velocities = self.copies.velocities()
         velocities *= np.sqrt(self.copy_temperatures_k / coldest)[:, None, None]
-        self.context.setVelocities(velocities.reshape(-1, 3))
+        self.copies.set_velocities(velocities)
         if equilibration_steps:
-            self.integrator.step(equilibration_steps)
+            self.copies.step(equilibration_steps)
 
     def advance(self, n_steps: int) -> None:
         """``n_steps`` of dynamics with an exchange round at every multiple of the exchange
@@ -285,7 +270,7 @@ class LadderEngine(_ReplicatedContext):
         while self.steps_done < target:
             next_exchange = (self.steps_done // self.steps_per_exchange + 1) * self.steps_per_exchange
             steps = min(next_exchange, target) - self.steps_done
-            self.integrator.step(steps)
+            self.copies.step(steps)
             self.steps_done += steps
             if self.steps_done % self.steps_per_exchange == 0:
                 self.exchange()
@@ -306,11 +291,10 @@ class LadderEngine(_ReplicatedContext):
             return
         rows = np.arange(self.ladders)[:, None] * shape[1]
         source_copy = (rows + source).ravel()
-        velocities = self._velocities()[source_copy]
+        velocities = self.copies.velocities()[source_copy]
         velocities *= np.sqrt(self.copy_temperatures_k / self.copy_temperatures_k[source_copy])[:, None, None]
-        lattice = self.layout.lattice_nm()[:, None, :]
-        self.context.setPositions((offsets[source_copy] + lattice).reshape(-1, 3))
-        self.context.setVelocities(velocities.reshape(-1, 3))
+        self.copies.set_offsets(offsets[source_copy])
+        self.copies.set_velocities(velocities)
 
     def kinetic_temperatures_k(self) -> np.ndarray:
         """Instantaneous kinetic temperature of each rung, averaged over ladders [K] (K)."""

@@ -6,8 +6,6 @@ a finished chunk and writes it (frames, exchange statistics and checkpoints into
 
 import time
 
-import openmm
-
 from trademd.io.trajectory_file import DynamicsFile
 from trademd.md.driver import Chunk, ChunkReporter
 from trademd.md.engines import MDEngine
@@ -55,10 +53,9 @@ class CheckpointReporter:
         self.mark = started
 
     def report(self, engine: MDEngine, chunk: Chunk) -> None:
-        state = engine.context.getState(getPositions=True, getVelocities=True)
+        checkpoint, state_xml = engine.checkpoint()
         self.file.save_checkpoint(
-            engine.context.createCheckpoint(), openmm.XmlSerializer.serialize(state),
-            chunk.saves_done, engine.platform_name, time.perf_counter() - self.mark,
+            checkpoint, state_xml, chunk.saves_done, engine.platform_name, time.perf_counter() - self.mark,
             engine.checkpoint_state(),
         )
         self.mark = time.perf_counter()
@@ -74,7 +71,7 @@ class ProgressReporter:
         self.progress = Progress(config.n_saves * self.frames_per_save, "frames", enabled=enabled)
 
     def report(self, engine: MDEngine, chunk: Chunk) -> None:
-        molecule_ns = chunk.n_saves * self.save_every_ps * 1e-3 * engine.layout.n_copies
+        molecule_ns = chunk.n_saves * self.save_every_ps * 1e-3 * engine.copies.n_copies
         seconds = time.perf_counter() - chunk.started_s
         self.progress.update(chunk.saves_done * self.frames_per_save,
                              ns_day=f"{molecule_ns * 86400 / seconds:.1f}",
@@ -97,10 +94,7 @@ def restore_checkpoint(engine: MDEngine, file: DynamicsFile, config: DynamicsSet
         The saves done at the checkpoint.
     """
     checkpoint, state_xml, saves_done, saved_platform, engine_state = file.load_checkpoint()
-    if saved_platform == engine.platform_name:
-        engine.context.loadCheckpoint(checkpoint)
-    else:  # another platform cannot read the checkpoint: continue from positions + velocities
-        engine.context.setState(openmm.XmlSerializer.deserialize(state_xml))
+    engine.restore(checkpoint, state_xml, same_platform=saved_platform == engine.platform_name)
     engine.restore_state(engine_state, saves_done * config.steps_per_save)
     file.truncate(saves_done, engine.copies_per_ensemble)
     return saves_done
