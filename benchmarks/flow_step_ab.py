@@ -226,7 +226,13 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print a profile of each phase")
     parser.add_argument("--profile-steps", type=int, default=10)
     parser.add_argument("--rows", type=int, default=15)
+    parser.add_argument("--compile-splines", action="store_true",
+                        help="the working tree's splines through torch.compile")
     args = parser.parse_args()
+    if args.compile_splines:
+        from trademd.flow.spline import compile_splines
+
+        compile_splines()
     torch.set_num_threads(1)  # as trade-md train on a CPU
     baseline = load_baseline(args.baseline)
     run_dir = Path(tempfile.mkdtemp())

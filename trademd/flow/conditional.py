@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from trademd.errors import TradeMDError
 from trademd.flow.base import TemperatureBase
 from trademd.flow.conditioner import ACTIVATIONS, conditioner_network, network_output, network_output_jvp
-from trademd.flow.spline import RationalQuadraticSpline
+from trademd.flow import spline as splines
 from trademd.flow.temperatures import per_sample_temperatures
 
 __all__ = ["SplineCoupling", "TemperatureFlow", "parse_layers"]
@@ -191,14 +191,9 @@ class SplineCoupling(nn.Module):
         bins, slopes = params.split([n * 2 * k, n * (k + 1)], dim=1)
         return bins.view(b, k, 2, n), slopes.view(b, k + 1, n)
 
-    def spline(self, w: Tensor, t: Tensor) -> RationalQuadraticSpline:
-        """The spline of this layer given w [B, D] (only Y is read) and the T feature [B, 1]."""
-        params = network_output(self.net, self._network_input(w, t), self.output_rows)
-        return RationalQuadraticSpline(*self._spline_logits(params), self.min_slope)
-
-    def _spline_jvp(self, w: Tensor, w_dot: Tensor, t: Tensor, t_dot: Tensor) -> RationalQuadraticSpline:
-        """:meth:`spline` carrying the tangents of its parameters, for tangents w_dot [B, D]
-        and t_dot [B, 1] of w and t."""
+    def _spline_logits_jvp(self, w: Tensor, w_dot: Tensor, t: Tensor, t_dot: Tensor) -> tuple[Tensor, ...]:
+        """The spline logits of :meth:`spline` and their tangents (bin logits, slope logits,
+        tangent of each), for tangents w_dot [B, D] and t_dot [B, 1] of w and t."""
         h = self._network_input(w, t)
         y_dot = w_dot.index_select(1, self.conditioning)
         p = self.n_cond_periodic
@@ -206,8 +201,7 @@ class SplineCoupling(nn.Module):
         sin, cos = h[:, p:2 * p], h[:, :p]
         h_dot = torch.cat([-sin * angle_dot, cos * angle_dot, y_dot[:, p:], t_dot], dim=1)
         params, params_dot = network_output_jvp(self.net, h, h_dot, self.output_rows)
-        return RationalQuadraticSpline(*self._spline_logits(params), self.min_slope,
-                                       tangents=self._spline_logits(params_dot))
+        return (*self._spline_logits(params), *self._spline_logits(params_dot))
 
     def _finish(self, w: Tensor, x_new: Tensor) -> Tensor:
         """w [B, D] with the transformed features X replaced by x_new [B, |X|]: torsions
@@ -229,9 +223,9 @@ class SplineCoupling(nn.Module):
 
         Torsions are rotated by ``seam_shift`` before the circular spline and back after it,
         so this layer's seam (the fixed point of the spline) lies at -seam_shift."""
-        spline = self.spline(w, t)
+        params = network_output(self.net, self._network_input(w, t), self.output_rows)
         x = self._rotate(w.index_select(1, self.transformed), self.seam_shift)
-        x_new, ladj = spline.call_and_ladj(x)
+        x_new, ladj = splines.spline_call(*self._spline_logits(params), x, self.min_slope)
         return self._finish(w, self._rotate(x_new, -self.seam_shift)), ladj.sum(dim=1)
 
     def forward_jvp(self, w: Tensor, w_dot: Tensor, t: Tensor,
@@ -239,17 +233,19 @@ class SplineCoupling(nn.Module):
         """:meth:`forward` and its directional derivative: (w', log|det dw'/dw|, their
         tangents) with shapes [B, D], [B], [B, D], [B], for w and its tangent w_dot [B, D], the
         T feature t and its tangent t_dot [B, 1]."""
-        spline = self._spline_jvp(w, w_dot, t, t_dot)
-        x_new, ladj, x_new_dot, ladj_dot = spline.call_and_ladj_jvp(
+        x_new, ladj, x_new_dot, ladj_dot = splines.spline_call_jvp(
+            *self._spline_logits_jvp(w, w_dot, t, t_dot),
             self._rotate(w.index_select(1, self.transformed), self.seam_shift),
-            w_dot.index_select(1, self.transformed))
+            w_dot.index_select(1, self.transformed), self.min_slope)
         return (self._finish(w, self._rotate(x_new, -self.seam_shift)), ladj.sum(dim=1),
                 w_dot.index_copy(1, self.transformed, x_new_dot), ladj_dot.sum(dim=1))
 
     def inverse(self, w: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Base -> data direction: (w, log|det dw'/dw| of the forward map at the result)."""
-        x, ladj = self.spline(w, t).inverse_and_ladj(
-            self._rotate(w.index_select(1, self.transformed), self.seam_shift))
+        params = network_output(self.net, self._network_input(w, t), self.output_rows)
+        x, ladj = splines.spline_inverse(*self._spline_logits(params),
+                                         self._rotate(w.index_select(1, self.transformed), self.seam_shift),
+                                         self.min_slope)
         return self._finish(w, self._rotate(x, -self.seam_shift)), ladj.sum(dim=1)
 
 

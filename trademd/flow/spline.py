@@ -28,7 +28,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RationalQuadraticSpline"]
+__all__ = ["RationalQuadraticSpline", "spline_call", "spline_call_jvp", "spline_inverse", "compile_splines"]
 
 
 class RationalQuadraticSpline:
@@ -200,3 +200,30 @@ def _rational_quadratic(x: Tensor, ends: Tensor, slopes: Tensor,
     m = 2 * s * zz + d0 * (1 - z) ** 2 + d1 * z**2
     ladj = torch.log(s**2 * m / denominator**2)
     return torch.where(inside, y, x), inside * ladj, (s, z, zz, ratio, denominator, m)
+
+
+def _call(bin_logits: Tensor, slope_logits: Tensor, x: Tensor, min_slope: float) -> tuple[Tensor, Tensor]:
+    return RationalQuadraticSpline(bin_logits, slope_logits, min_slope).call_and_ladj(x)
+
+
+def _call_jvp(bin_logits: Tensor, slope_logits: Tensor, bin_logits_dot: Tensor, slope_logits_dot: Tensor,
+              x: Tensor, x_dot: Tensor, min_slope: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return RationalQuadraticSpline(bin_logits, slope_logits, min_slope,
+                                   tangents=(bin_logits_dot, slope_logits_dot)).call_and_ladj_jvp(x, x_dot)
+
+
+def _inverse(bin_logits: Tensor, slope_logits: Tensor, y: Tensor, min_slope: float) -> tuple[Tensor, Tensor]:
+    return RationalQuadraticSpline(bin_logits, slope_logits, min_slope).inverse_and_ladj(y)
+
+
+spline_call, spline_call_jvp, spline_inverse = _call, _call_jvp, _inverse
+
+
+def compile_splines(enabled: bool = True) -> None:
+    """Evaluate splines through ``torch.compile`` (or, ``enabled=False``, eagerly again)."""
+    global spline_call, spline_call_jvp, spline_inverse
+    if enabled:
+        spline_call, spline_call_jvp, spline_inverse = (torch.compile(f, dynamic=True)
+                                                        for f in (_call, _call_jvp, _inverse))
+    else:
+        spline_call, spline_call_jvp, spline_inverse = _call, _call_jvp, _inverse
