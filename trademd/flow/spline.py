@@ -24,6 +24,7 @@ reverse-mode autograd differentiates like any other; this is how TRADE takes d l
 """
 
 import math
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -203,27 +204,52 @@ def _rational_quadratic(x: Tensor, ends: Tensor, slopes: Tensor,
 
 
 def _call(bin_logits: Tensor, slope_logits: Tensor, x: Tensor, min_slope: float) -> tuple[Tensor, Tensor]:
+    """:meth:`RationalQuadraticSpline.call_and_ladj` of the spline with these logits."""
     return RationalQuadraticSpline(bin_logits, slope_logits, min_slope).call_and_ladj(x)
 
 
 def _call_jvp(bin_logits: Tensor, slope_logits: Tensor, bin_logits_dot: Tensor, slope_logits_dot: Tensor,
               x: Tensor, x_dot: Tensor, min_slope: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:meth:`RationalQuadraticSpline.call_and_ladj_jvp` of the spline with these logits and tangents."""
     return RationalQuadraticSpline(bin_logits, slope_logits, min_slope,
                                    tangents=(bin_logits_dot, slope_logits_dot)).call_and_ladj_jvp(x, x_dot)
 
 
 def _inverse(bin_logits: Tensor, slope_logits: Tensor, y: Tensor, min_slope: float) -> tuple[Tensor, Tensor]:
+    """:meth:`RationalQuadraticSpline.inverse_and_ladj` of the spline with these logits."""
     return RationalQuadraticSpline(bin_logits, slope_logits, min_slope).inverse_and_ladj(y)
 
 
+class _CompiledOrEager:
+    """``function`` through ``torch.compile`` (shapes dynamic); where compiling fails (no C++
+    compiler, an unsupported platform) a one-line warning and ``function`` itself from then on."""
+
+    def __init__(self, function):
+        self.function, self.compiled = function, torch.compile(function, dynamic=True)
+
+    def __call__(self, *args):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as error:  # noqa: BLE001 - any failure of the compiler
+                warnings.warn(f"torch.compile of the flow's splines failed ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0][:200] if str(error) else ''}); "
+                              "evaluating them without it", RuntimeWarning, stacklevel=2)
+                self.compiled = None
+        return self.function(*args)
+
+
+#: what the coupling layers call (:func:`compile_splines` switches them)
 spline_call, spline_call_jvp, spline_inverse = _call, _call_jvp, _inverse
 
 
 def compile_splines(enabled: bool = True) -> None:
-    """Evaluate splines through ``torch.compile`` (or, ``enabled=False``, eagerly again)."""
+    """Evaluate every spline of this process through ``torch.compile`` (``enabled``) or
+    eagerly. Same numbers to float rounding (tests/test_spline_compile.py); 1.13-1.26x per
+    training step of the quick preset on a CPU, after 30-60 s of compiling on first use
+    (cached on disk by torch for later runs): docs/performance.md."""
     global spline_call, spline_call_jvp, spline_inverse
+    functions = (_call, _call_jvp, _inverse)
     if enabled:
-        spline_call, spline_call_jvp, spline_inverse = (torch.compile(f, dynamic=True)
-                                                        for f in (_call, _call_jvp, _inverse))
-    else:
-        spline_call, spline_call_jvp, spline_inverse = _call, _call_jvp, _inverse
+        functions = tuple(_CompiledOrEager(f) for f in functions)
+    spline_call, spline_call_jvp, spline_inverse = functions

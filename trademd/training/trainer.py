@@ -36,6 +36,7 @@ from trademd.distributed import Ranks
 from trademd.errors import TradeMDError
 from trademd.flow.conditional import TemperatureFlow
 from trademd.flow.factory import build_flow
+from trademd.flow.spline import compile_splines
 from trademd.seeds import stream_seed
 from trademd.training.batches import MinibatchSource
 from trademd.training.checkpoint import load_checkpoint, save_checkpoint
@@ -103,6 +104,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.seed)
+        compile_splines(config.compile_splines)
         self.batches = MinibatchSource(target.data_features, config.seed, ranks, self.device)
         self.validation = None if validation_features is None else validation_features.to(self.device)
         self.step = 0
