@@ -154,6 +154,8 @@ def run(args) -> None:
             run_dir.mkdir(parents=True, exist_ok=True)
             shutil.copy(args.data_from / f"seed{seed}" / "data_600K.h5", run_dir / "data_600K.h5")
         train_overrides = {} if args.narrow_torsion_rad is None else {"narrow_torsion_rad": args.narrow_torsion_rad}
+        if args.compile:
+            train_overrides["compile_splines"] = True
         result = default_seeds.run_seed(seed, args.out, args.platform, args.device, None, overrides,
                                         progress=not args.quiet, train_overrides=train_overrides)
         result["zmatrix"] = args.zmatrix
@@ -203,6 +205,7 @@ def main() -> None:
     parser.add_argument("--reference", type=Path, default=None, help="replica-exchange file (300 K rung)")
     parser.add_argument("--narrow-torsion-rad", type=float, default=None,
                         help="torsions spreading less than this (rad) as bounded features (default: the preset's)")
+    parser.add_argument("--compile", action="store_true", help="train with compiled splines")
     parser.add_argument("--platform", default="CPU")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quiet", action="store_true")

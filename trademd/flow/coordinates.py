@@ -138,6 +138,7 @@ __all__ = [
     "cartesian_to_internal",
     "constrained_bonds_from_openmm",
     "dihedral",
+    "circular_mean",
     "circular_spread",
     "closure_axis_lengths",
     "internal_log_det",
@@ -187,10 +188,15 @@ def _wrap_near(torsions: Tensor, centre: Tensor) -> Tensor:
     return centre + torch.remainder(torsions - centre + math.pi, 2 * math.pi) - math.pi
 
 
+def circular_mean(torsions: Tensor) -> Tensor:
+    """Circular mean [n] in [-pi, pi] (rad) of torsions [N, n] (rad)."""
+    return torch.atan2(torch.sin(torsions).sum(0), torch.cos(torsions).sum(0))
+
+
 def circular_spread(torsions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(circular mean [n] in [-pi, pi), std [n] of the torsions unwrapped about it, largest
     |deviation| [n]) of torsions [N, n] rad; all rad."""
-    centre = torch.atan2(torch.sin(torsions).mean(0), torch.cos(torsions).mean(0))
+    centre = circular_mean(torsions)
     deviation = _wrap_near(torsions, centre) - centre
     return centre, deviation.std(0), deviation.abs().amax(0)
 
@@ -602,12 +608,11 @@ class InternalCoordinates(nn.Module):
 
     def _circular_mean(self, x: Tensor, chunk: int) -> Tensor:
         """Circular mean [n_narrow] (rad) of the narrow torsions over frames x [N, n_atoms, 3]."""
-        sums = torch.zeros(2, self.n_narrow_torsions, dtype=torch.float64, device=self.mean.device)
+        torsions = []
         for start in range(0, x.shape[0], chunk):
             part = x[start : start + chunk].to(device=self.mean.device, dtype=torch.float64)
-            torsions = cartesian_to_internal(part, self.zmatrix, self._closures())[2][:, self._narrow_index]
-            sums += torch.stack([torch.sin(torsions).sum(0), torch.cos(torsions).sum(0)])
-        return torch.atan2(sums[0], sums[1])
+            torsions.append(cartesian_to_internal(part, self.zmatrix, self._closures())[2][:, self._narrow_index])
+        return circular_mean(torch.cat(torsions))
 
     @torch.no_grad()
     def fit_structure(self, x_reference, std: Tensor) -> "InternalCoordinates":
