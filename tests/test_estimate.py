@@ -57,19 +57,19 @@ def test_counted_energy_evaluations_are_what_training_counts(tmp_path, trajector
 
 
 def test_training_work_counts_the_quick_preset_and_a_resume():
-    """The default run's training: 1500 main steps (TRADE from step 451 on: the weight rises
-    after 30 %), 7 rounds of 150 refinement steps, 17 metrics rows, 11 E_T[u] estimates of 11
+    """The default run's training: 3000 main steps (TRADE from step 901 on: the weight rises
+    after 30 %), 7 rounds of 300 refinement steps, 34 metrics rows, 21 E_T[u] estimates of 11
     grid temperatures (9 and T0 and 300 K); a resume counts only the steps left."""
     config = training_config(*RunConfig().temperature_range_k, overrides=RunConfig().training_overrides())
     work = training_work(config, 600.0, validation_frames=16000)
-    assert (work.nll_steps, work.trade_steps, work.refine_steps) == (451, 1049, 1050)
-    assert (work.cache_refreshes, work.cache_energies) == (11, 11 * 500)
-    assert (work.metric_rows, work.metric_energies) == (17, 4 * 10000)
+    assert (work.nll_steps, work.trade_steps, work.refine_steps) == (901, 2099, 2100)
+    assert (work.cache_refreshes, work.cache_energies) == (21, 11 * 500)
+    assert (work.metric_rows, work.metric_energies) == (34, 4 * 10000)
     assert (work.refine_buffers, work.refine_energies) == (7, 11 * (40000 // 11))
-    assert work.energy_evaluations == 1049 * 256 + 11 * 5500 + 17 * 40000 + 7 * 39996
-    resumed = training_work(config, 600.0, validation_frames=16000, steps_done=1600)
-    assert (resumed.nll_steps, resumed.trade_steps, resumed.refine_steps) == (0, 0, 950)
-    assert (resumed.cache_refreshes, resumed.metric_rows, resumed.refine_buffers) == (0, 7, 6)
+    assert work.energy_evaluations == 2099 * 256 + 21 * 5500 + 34 * 40000 + 7 * 39996
+    resumed = training_work(config, 600.0, validation_frames=16000, steps_done=3100)
+    assert (resumed.nll_steps, resumed.trade_steps, resumed.refine_steps) == (0, 0, 2000)
+    assert (resumed.cache_refreshes, resumed.metric_rows, resumed.refine_buffers) == (0, 14, 6)
     with pytest.raises(TradeMDError, match="trade objective"):
         training_work(training_config(240.0, 660.0, overrides={"objective": "nll"}), 600.0)
 
