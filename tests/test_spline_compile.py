@@ -18,9 +18,9 @@ def eager_afterwards():
 def _flow() -> TemperatureFlow:
     torch.manual_seed(0)
     flow = TemperatureFlow(3, 4, (300.0, 600.0)).double()
-    with torch.no_grad():  # away from the identity
+    with torch.no_grad():  # away from the identity, not so far that rounding crosses knots
         for parameter in flow.parameters():
-            parameter.add_(0.3 * torch.randn_like(parameter))
+            parameter.add_(0.05 * torch.randn_like(parameter))
     return flow
 
 
@@ -45,7 +45,10 @@ def test_compiled_splines_give_the_eager_numbers(eager_afterwards):
     splines.compile_splines(True)
     compiled = _evaluate(flow, z)
     for a, b in zip(eager, compiled):
-        torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-8)  # float64: fused arithmetic rounds differently
+        # float64, a flow near the identity: with steep splines (perturbations of 0.3) fused
+        # arithmetic's different rounding moved a point across a knot, where a spline's
+        # derivative jumps, and a few gradient entries differed at O(0.1)
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
 
 
 def test_a_failing_compiler_warns_once_and_evaluates_eagerly(monkeypatch, eager_afterwards):
