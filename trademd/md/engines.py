@@ -35,7 +35,6 @@ from trademd.md.copy_contexts import CopyContexts
 from trademd.md.exchange import ExchangeState
 from trademd.md.settings import (
     COM_RESTRAINT_NM,
-    MOLECULE_RADIUS_NM,
     ExchangeConfig,
     SimulationConfig,
 )
@@ -146,7 +145,6 @@ class _CopyEngine:
                  cpu_threads: int | None = None, parallel: bool = True):
         self.copies = CopyContexts(system, n_copies, make_integrator, platform, seed, cpu_threads, parallel)
         self.platform_name = self.copies.platform_name
-        self.system = system
         self.molecule_energy = MoleculeEnergy(system)
         self.masses_amu = np.array([system.getParticleMass(i).value_in_unit(unit.dalton)
                                     for i in range(system.getNumParticles())])
