@@ -191,8 +191,13 @@ class SplineCoupling(nn.Module):
         bins, slopes = params.split([n * 2 * k, n * (k + 1)], dim=1)
         return bins.view(b, k, 2, n), slopes.view(b, k + 1, n)
 
+    def _spline_logits_at(self, w: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """The spline logits of this layer (bin logits [B, K, 2, |X|], slope logits
+        [B, K + 1, |X|]) given w [B, D] (only Y is read) and the T feature t [B, 1]."""
+        return self._spline_logits(network_output(self.net, self._network_input(w, t), self.output_rows))
+
     def _spline_logits_jvp(self, w: Tensor, w_dot: Tensor, t: Tensor, t_dot: Tensor) -> tuple[Tensor, ...]:
-        """The spline logits of :meth:`spline` and their tangents (bin logits, slope logits,
+        """The spline logits of :meth:`_spline_logits_at` and their tangents (bin logits, slope logits,
         tangent of each), for tangents w_dot [B, D] and t_dot [B, 1] of w and t."""
         h = self._network_input(w, t)
         y_dot = w_dot.index_select(1, self.conditioning)
@@ -223,9 +228,8 @@ class SplineCoupling(nn.Module):
 
         Torsions are rotated by ``seam_shift`` before the circular spline and back after it,
         so this layer's seam (the fixed point of the spline) lies at -seam_shift."""
-        params = network_output(self.net, self._network_input(w, t), self.output_rows)
         x = self._rotate(w.index_select(1, self.transformed), self.seam_shift)
-        x_new, ladj = splines.spline_call(*self._spline_logits(params), x, self.min_slope)
+        x_new, ladj = splines.spline_call(*self._spline_logits_at(w, t), x, self.min_slope)
         return self._finish(w, self._rotate(x_new, -self.seam_shift)), ladj.sum(dim=1)
 
     def forward_jvp(self, w: Tensor, w_dot: Tensor, t: Tensor,
@@ -242,8 +246,7 @@ class SplineCoupling(nn.Module):
 
     def inverse(self, w: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Base -> data direction: (w, log|det dw'/dw| of the forward map at the result)."""
-        params = network_output(self.net, self._network_input(w, t), self.output_rows)
-        x, ladj = splines.spline_inverse(*self._spline_logits(params),
+        x, ladj = splines.spline_inverse(*self._spline_logits_at(w, t),
                                          self._rotate(w.index_select(1, self.transformed), self.seam_shift),
                                          self.min_slope)
         return self._finish(w, self._rotate(x, -self.seam_shift)), ladj.sum(dim=1)
