@@ -156,8 +156,6 @@ def run(args) -> None:
         train_overrides = {} if args.narrow_torsion_rad is None else {"narrow_torsion_rad": args.narrow_torsion_rad}
         if args.compile:
             train_overrides["compile_splines"] = True
-        if args.refine_ess_floor is not None:
-            train_overrides["refine_ess_floor"] = args.refine_ess_floor
         result = default_seeds.run_seed(seed, args.out, args.platform, args.device, None, overrides,
                                         progress=not args.quiet, train_overrides=train_overrides)
         result["zmatrix"] = args.zmatrix
@@ -208,8 +206,6 @@ def main() -> None:
     parser.add_argument("--narrow-torsion-rad", type=float, default=None,
                         help="torsions spreading less than this (rad) as bounded features (default: the preset's)")
     parser.add_argument("--compile", action="store_true", help="train with compiled splines")
-    parser.add_argument("--refine-ess-floor", type=float, default=None,
-                        help="refinement: drop temperatures whose buffer ESS lies below this")
     parser.add_argument("--platform", default="CPU")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quiet", action="store_true")

@@ -13,8 +13,7 @@ from trademd.flow.factory import load_flow
 from trademd.systems.analytic import get_analytic_system
 from trademd.training.refine import RefinementBuffer, resampling_probabilities
 from trademd.training.targets import AnalyticTarget
-from trademd.errors import TradeMDError
-from trademd.training.config import RefinementSettings, TrainConfig
+from trademd.training.config import TrainConfig
 from trademd.training.trainer import Trainer
 
 FAST = dict(t_min=0.5, t_max=2.0, batch_size=256, learning_rate=5e-3, cache_every=50,
@@ -53,21 +52,6 @@ def test_resampling_probabilities_share_equally_between_temperatures_and_clip():
     # a temperature whose weights are all zero leaves its share to the others
     none = resampling_probabilities(torch.tensor([0.0, -math.inf]), torch.tensor([0, 1]), 0.0)
     assert torch.equal(none, torch.tensor([1.0, 0.0], dtype=torch.float64))
-
-
-def test_a_temperature_below_the_ess_floor_leaves_its_share_to_the_others():
-    """Group 0: one weight dominates (relative ESS 0.25 + tiny); group 1: equal weights (1.0)."""
-    log_w = torch.tensor([0.0, -40.0, -40.0, -40.0, 1.0, 1.0, 1.0, 1.0])
-    group = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
-    kept = resampling_probabilities(log_w, group, clip_fraction=0.0, ess_floor=0.2)
-    assert float(kept[:4].sum()) == pytest.approx(0.5)
-    dropped = resampling_probabilities(log_w, group, clip_fraction=0.0, ess_floor=0.3)
-    assert torch.allclose(dropped, torch.tensor([0.0] * 4 + [0.25] * 4, dtype=torch.float64))
-    with pytest.raises(TradeMDError, match="below refine_ess_floor"):
-        resampling_probabilities(torch.tensor([0.0, -40.0, 0.0, -40.0]), torch.tensor([0, 0, 1, 1]),
-                                 clip_fraction=0.0, ess_floor=0.6)  # both at 0.5
-    with pytest.raises(TradeMDError, match="refine_ess_floor must lie in"):
-        TrainConfig(t_min=1.0, t_max=2.0, refinement=RefinementSettings(refine_ess_floor=1.0)).validate(1.5)
 
 
 def test_resampled_buffer_reproduces_target_expectations():

@@ -139,8 +139,6 @@ class RefinementSettings:
         refine_samples: flow samples of a round's buffer, over the grid temperatures.
         refine_learning_rate: learning rate of the refinement (Adam, constant).
         refine_clip_fraction: fraction of the largest weights clipped per temperature.
-        refine_ess_floor: temperatures whose buffer has a lower relative ESS get no share of
-            the refinement batches (0: every temperature refines).
     """
 
     refine_rounds: int = 7
@@ -148,7 +146,6 @@ class RefinementSettings:
     refine_samples: int = 40000
     refine_learning_rate: float = 2e-4
     refine_clip_fraction: float = 1e-3
-    refine_ess_floor: float = 0.0
 
 
 @dataclass
@@ -297,8 +294,6 @@ class TrainConfig:
         if refinement.refine_rounds < 0 or (refinement.refine_rounds and (
                 refinement.refine_steps < 1 or refinement.refine_samples < 100)):
             raise TradeMDError("refinement needs refine_rounds >= 0, refine_steps >= 1 and refine_samples >= 100")
-        if not 0.0 <= refinement.refine_ess_floor < 1.0:
-            raise TradeMDError(f"refine_ess_floor must lie in [0, 1), got {refinement.refine_ess_floor}")
         if not 0.0 <= self.coordinates.narrow_torsion_rad < 3.1:
             raise TradeMDError(f"narrow_torsion_rad must lie in [0, 3.1) rad, got "
                                f"{self.coordinates.narrow_torsion_rad}")

@@ -23,8 +23,7 @@ from trademd.weights import kish_ess_torch
 __all__ = ["RefinementBuffer", "resampling_probabilities"]
 
 
-def resampling_probabilities(log_weights: Tensor, group: Tensor, clip_fraction: float,
-                             ess_floor: float = 0.0) -> Tensor:
+def resampling_probabilities(log_weights: Tensor, group: Tensor, clip_fraction: float) -> Tensor:
     """Clipped, per-group self-normalised weights, each group summing to 1 / (number of groups).
 
     Args:
@@ -32,12 +31,10 @@ def resampling_probabilities(log_weights: Tensor, group: Tensor, clip_fraction: 
         group: [N] integer label of each sample's temperature.
         clip_fraction: within each group, weights above the ceil(clip_fraction x size)-th
             largest are lowered to it (0 clips nothing).
-        ess_floor: a group whose Kish relative ESS (unclipped weights) lies below this gets
-            no mass: its few heavy samples would stand for the whole temperature (0: none).
 
     Returns:
-        float64 [N] probabilities summing to 1 (groups whose weights are all zero, or below
-        ``ess_floor``, get none, and the others share their mass).
+        float64 [N] probabilities summing to 1 (groups whose weights are all zero get none,
+        and the others share their mass).
     """
     log_weights = torch.nan_to_num(log_weights.double(), nan=-math.inf, posinf=-math.inf,
                                   neginf=-math.inf)
@@ -47,16 +44,15 @@ def resampling_probabilities(log_weights: Tensor, group: Tensor, clip_fraction: 
         mine = group == label
         values = log_weights[mine]
         finite = torch.isfinite(values)
-        if not finite.any() or float(kish_ess_torch(values)) < ess_floor * len(values):
+        if not finite.any():
             continue
         k = max(1, math.ceil(clip_fraction * int(finite.sum())))
         ceiling = torch.topk(values[finite], k).values[-1]
         probabilities[mine] = torch.softmax(torch.minimum(values, ceiling), dim=0)
     total = probabilities.sum()
     if not total > 0:
-        raise TradeMDError("every refinement sample has zero weight (or every temperature's ESS lies "
-                           "below refine_ess_floor): the flow is unusable here; train the main phase "
-                           "longer before refining")
+        raise TradeMDError("every refinement sample has zero weight: the flow is unusable here; "
+                           "train the main phase longer before refining")
     return probabilities / total
 
 
@@ -80,13 +76,12 @@ class RefinementBuffer:
 
     @classmethod
     def from_samples(cls, round_index: int, features: Tensor, temperatures: Tensor,
-                     log_weights: Tensor, clip_fraction: float, ess_floor: float = 0.0) -> "RefinementBuffer":
-        """Weigh samples drawn at a set of temperatures (labels: equal temperatures);
-        ``clip_fraction`` and ``ess_floor`` as in :func:`resampling_probabilities`."""
+                     log_weights: Tensor, clip_fraction: float) -> "RefinementBuffer":
+        """Weigh samples drawn at a set of temperatures (labels: equal temperatures)."""
         _, group = torch.unique(temperatures, return_inverse=True)
         ess = [float(kish_ess_torch(log_weights[group == g].double())) / int((group == g).sum())
                for g in range(int(group.max()) + 1)]
-        probabilities = resampling_probabilities(log_weights, group, clip_fraction, ess_floor)
+        probabilities = resampling_probabilities(log_weights, group, clip_fraction)
         return cls(round_index, features.detach(), temperatures.detach(), probabilities,
                    sum(ess) / len(ess))
 

@@ -51,12 +51,9 @@ def importance_weights(flow: TemperatureFlow, target, n: int, temperature,
 
 
 def weighted_buffer(flow: TemperatureFlow, target, round_index: int, temperatures: Tensor,
-                    chirality_restraint_kt: float, clip_fraction: float,
-                    ess_floor: float = 0.0) -> RefinementBuffer:
+                    chirality_restraint_kt: float, clip_fraction: float) -> RefinementBuffer:
     """Samples of ``flow`` at ``temperatures`` [n], weighed for exp(-u) and clipped
-    (:class:`RefinementBuffer`; ``ess_floor`` drops temperatures of lower relative ESS): the
-    refinement rounds' buffers and the data-free boundary's."""
+    (:class:`RefinementBuffer`): the refinement rounds' buffers and the data-free boundary's."""
     z, _, _, log_w = importance_weights(flow, target, len(temperatures), temperatures,
                                         chirality_restraint_kt=chirality_restraint_kt)
-    return RefinementBuffer.from_samples(round_index, z, temperatures.to(z.device), log_w, clip_fraction,
-                                         ess_floor)
+    return RefinementBuffer.from_samples(round_index, z, temperatures.to(z.device), log_w, clip_fraction)

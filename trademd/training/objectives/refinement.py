@@ -82,8 +82,7 @@ class RefinementPhase:
         grid = grid_temperatures(c, run.target.reference_temperature).to(run.device).float()
         per_temperature = max(1, run.share(c.refinement.refine_samples) // len(grid))
         self.buffer = weighted_buffer(run.model, run.target, round_index, grid.repeat_interleave(per_temperature),
-                                      c.reverse_kl.chirality_restraint_kt, c.refinement.refine_clip_fraction,
-                                      c.refinement.refine_ess_floor)
+                                      c.reverse_kl.chirality_restraint_kt, c.refinement.refine_clip_fraction)
 
     def state_dict(self) -> dict:
         return {"buffer": None if self.buffer is None else self.buffer.state_dict()}
