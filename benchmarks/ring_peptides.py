@@ -156,6 +156,8 @@ def run(args) -> None:
         train_overrides = {} if args.narrow_torsion_rad is None else {"narrow_torsion_rad": args.narrow_torsion_rad}
         if args.compile:
             train_overrides["compile_splines"] = True
+        if args.refine_steps is not None:
+            train_overrides["refine_steps"] = args.refine_steps
         result = default_seeds.run_seed(seed, args.out, args.platform, args.device, None, overrides,
                                         progress=not args.quiet, train_overrides=train_overrides)
         result["zmatrix"] = args.zmatrix
@@ -201,6 +203,8 @@ def main() -> None:
                         help="run directory whose seedN/data_600K.h5 to reuse")
     parser.add_argument("--simulation-ps", type=float, default=None, help="MD per replica (default: the run's)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
+    parser.add_argument("--refine-steps", type=int, default=None,
+                        help="steps per refinement round (default: the preset's)")
     parser.add_argument("--n", type=int, default=None, help="samples per temperature (default: the run's)")
     parser.add_argument("--reference", type=Path, default=None, help="replica-exchange file (300 K rung)")
     parser.add_argument("--narrow-torsion-rad", type=float, default=None,
