@@ -158,6 +158,8 @@ def run(args) -> None:
             train_overrides["compile_splines"] = True
         if args.refine_steps is not None:
             train_overrides["refine_steps"] = args.refine_steps
+        if args.refine_rounds is not None:
+            train_overrides["refine_rounds"] = args.refine_rounds
         result = default_seeds.run_seed(seed, args.out, args.platform, args.device, None, overrides,
                                         progress=not args.quiet, train_overrides=train_overrides)
         result["zmatrix"] = args.zmatrix
@@ -205,6 +207,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
     parser.add_argument("--refine-steps", type=int, default=None,
                         help="steps per refinement round (default: the preset's)")
+    parser.add_argument("--refine-rounds", type=int, default=None,
+                        help="refinement rounds (default: the preset's; 0: none)")
     parser.add_argument("--n", type=int, default=None, help="samples per temperature (default: the run's)")
     parser.add_argument("--reference", type=Path, default=None, help="replica-exchange file (300 K rung)")
     parser.add_argument("--narrow-torsion-rad", type=float, default=None,
