@@ -10,11 +10,13 @@ instead of a placed sibling (the rule before 2026-12-07; any peptide, e.g. ala4-
         --zmatrix tree --data-from runs/rings            # same MD as the closure run
     python benchmarks/ring_peptides.py --out runs/rings --simulation-ps 100 --steps 600 \
         --n 20000 --system trp2-implicit --seeds 0       # the issue's short screening budget
-    python benchmarks/ring_peptides.py --out runs/rings --aggregate [--reference remd.h5]
+    python benchmarks/ring_peptides.py --out runs/rings --aggregate
+    python benchmarks/ring_peptides.py --out runs/rings --ring-bonds-only --reference remd.h5
 
 A ring bond's spread is its standard deviation (nm); for weighted samples the weighted one,
-with the range over 5 batches. The reference is a replica-exchange file (``trade-md simulate
---temperatures ...``) whose 300 K ensemble gives the spread the reweighted samples should have.
+with the range over 5 batches and the standard error from them. The reference is a replica-exchange file (``trade-md simulate
+--temperatures ...``) whose 300 K ensemble gives the spread the reweighted samples should have
+(standard error from 10 blocks of consecutive frames); at 600 K the MD data are the reference.
 """
 
 import argparse
@@ -33,6 +35,8 @@ default_seeds = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(default_seeds)
 
 N_BATCHES = 5
+#: blocks of the reference's 300 K frames for the standard error of a spread
+REFERENCE_BLOCKS = 10
 
 
 def use_spanning_tree_zmatrix() -> None:
@@ -118,7 +122,10 @@ def ring_bond_spreads(run_dir: Path, reference: Path | None) -> dict:
         return {}
     atoms = list(molecule.pdb().topology.atoms())
     names = [f"{atoms[i].name}-{atoms[j].name}" for i, j in bonds]
-    out = {"bonds": names, "md_t0": _lengths(trajectory.positions_nm, bonds).std(0).tolist()}
+    md_lengths = _lengths(trajectory.positions_nm, bonds)
+    md_blocks = np.array([b.std(0) for b in np.array_split(md_lengths, REFERENCE_BLOCKS)])
+    out = {"bonds": names, "md_t0": md_lengths.std(0).tolist(),
+           "md_t0_se": (md_blocks.std(0, ddof=1) / math.sqrt(REFERENCE_BLOCKS)).tolist()}
     samples = read_samples(run_dir / "samples.h5")
     for temperature_k, entry in sorted(samples.by_temperature.items()):
         lengths = _lengths(entry.positions_nm.astype(np.float64), bonds)
@@ -130,6 +137,7 @@ def ring_bond_spreads(run_dir: Path, reference: Path | None) -> dict:
         out[f"reweighted_{temperature_k:g}K"] = _weighted_std(lengths, weights).tolist()
         out[f"reweighted_{temperature_k:g}K_batch_min"] = per_batch.min(0).tolist()
         out[f"reweighted_{temperature_k:g}K_batch_max"] = per_batch.max(0).tolist()
+        out[f"reweighted_{temperature_k:g}K_se"] = (per_batch.std(0, ddof=1) / math.sqrt(len(per_batch))).tolist()
     if reference is not None:
         remd = read_trajectory(reference, 300.0)
         lengths = _lengths(remd.positions_nm.astype(np.float64), bonds)
@@ -137,6 +145,10 @@ def ring_bond_spreads(run_dir: Path, reference: Path | None) -> dict:
         out["reference_300K"] = lengths.std(0).tolist()
         out["reference_300K_half_min"] = np.minimum(halves[0].std(0), halves[1].std(0)).tolist()
         out["reference_300K_half_max"] = np.maximum(halves[0].std(0), halves[1].std(0)).tolist()
+        # blocks of consecutive frames (both ladders' frames of a time lie side by side)
+        blocks = np.array([b.std(0) for b in np.array_split(lengths, REFERENCE_BLOCKS)])
+        out["reference_300K_se"] = (blocks.std(0, ddof=1) / math.sqrt(REFERENCE_BLOCKS)).tolist()
+        out["reference_300K_frames"] = len(lengths)
     return out
 
 
@@ -178,15 +190,24 @@ def aggregate(out: Path) -> str:
         if not spreads:
             continue
         lines += [f"seed {result['seed']} ({result.get('zmatrix', 'closures')} Z-matrix, "
-                  f"{result['system']}):", "", "| bond | MD 600 K | flow 300 K | reweighted 300 K | reference 300 K |",
-                  "| --- | --- | --- | --- | --- |"]
+                  f"{result['system']}):", "", "| bond | MD 600 K +- s.e. | reweighted 600 K +- s.e. | flow 300 K | "
+                  "reweighted 300 K [batch range] +- s.e. | reference 300 K [halves] +- s.e. | difference / s.e. |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for k, name in enumerate(spreads["bonds"]):
             reference = (f"{1e3 * spreads['reference_300K'][k]:.2f} [{1e3 * spreads['reference_300K_half_min'][k]:.2f}-"
                          f"{1e3 * spreads['reference_300K_half_max'][k]:.2f}]" if "reference_300K" in spreads else "n/a")
+            z = "n/a"
+            if "reference_300K_se" in spreads and "reweighted_300K_se" in spreads:
+                reference += f" +- {1e3 * spreads['reference_300K_se'][k]:.2f}"
+                z = (spreads["reweighted_300K"][k] - spreads["reference_300K"][k]) / math.hypot(
+                    spreads["reweighted_300K_se"][k], spreads["reference_300K_se"][k])
+                z = f"{z:+.1f}"
+            se = (lambda key: f" +- {1e3 * spreads[key][k]:.2f}" if key in spreads else "")
             lines.append(
-                f"| {name} | {1e3 * spreads['md_t0'][k]:.2f} | {1e3 * spreads['flow_300K'][k]:.2f} | "
+                f"| {name} | {1e3 * spreads['md_t0'][k]:.2f}{se('md_t0_se')} | {1e3 * spreads['reweighted_600K'][k]:.2f}"
+                f"{se('reweighted_600K_se')} | {1e3 * spreads['flow_300K'][k]:.2f} | "
                 f"{1e3 * spreads['reweighted_300K'][k]:.2f} [{1e3 * spreads['reweighted_300K_batch_min'][k]:.2f}-"
-                f"{1e3 * spreads['reweighted_300K_batch_max'][k]:.2f}] | {reference} |")
+                f"{1e3 * spreads['reweighted_300K_batch_max'][k]:.2f}]{se('reweighted_300K_se')} | {reference} | {z} |")
         lines.append("")
     text += "\n".join(lines)
     (out / "results.md").write_text(text)
@@ -218,8 +239,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--aggregate", action="store_true", help="only write the tables")
+    parser.add_argument("--ring-bonds-only", action="store_true",
+                        help="only recompute every seed's ring-bond spreads (e.g. against a longer --reference), "
+                             "then write the tables")
     args = parser.parse_args()
-    if not args.aggregate:
+    if args.ring_bonds_only:
+        for path in sorted(args.out.glob("seed*/result.json")):
+            result = json.loads(path.read_text())
+            result["ring_bonds"] = ring_bond_spreads(path.parent, args.reference)
+            path.write_text(json.dumps(result, indent=2))
+    elif not args.aggregate:
         run(args)
     print(aggregate(args.out))
 
