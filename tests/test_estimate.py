@@ -57,19 +57,21 @@ def test_counted_energy_evaluations_are_what_training_counts(tmp_path, trajector
 
 
 def test_training_work_counts_the_quick_preset_and_a_resume():
-    """The default run's training: 3000 main steps (TRADE from step 901 on: the weight rises
-    after 30 %), 7 rounds of 300 refinement steps, 34 metrics rows, 21 E_T[u] estimates of 11
-    grid temperatures (9 and T0 and 300 K); a resume counts only the steps left."""
+    """The default run's training: 4000 main steps (TRADE from step 1201 on: the weight rises
+    after 30 %), 7 rounds of 400 refinement steps, 51 metrics rows, 28 E_T[u] estimates of 11
+    grid temperatures (9 and T0 and 300 K); a resume counts only the steps left. The count of
+    energy evaluations is the one a real run of these settings wrote into its model.pt
+    (3,190,516: docs/results.md, 2026-12-07)."""
     config = training_config(*RunConfig().temperature_range_k, overrides=RunConfig().training_overrides())
     work = training_work(config, 600.0, validation_frames=16000)
-    assert (work.nll_steps, work.trade_steps, work.refine_steps) == (901, 2099, 2100)
-    assert (work.cache_refreshes, work.cache_energies) == (21, 11 * 500)
-    assert (work.metric_rows, work.metric_energies) == (34, 4 * 10000)
+    assert (work.nll_steps, work.trade_steps, work.refine_steps) == (1201, 2799, 2800)
+    assert (work.cache_refreshes, work.cache_energies) == (28, 11 * 500)
+    assert (work.metric_rows, work.metric_energies) == (51, 4 * 10000)
     assert (work.refine_buffers, work.refine_energies) == (7, 11 * (40000 // 11))
-    assert work.energy_evaluations == 2099 * 256 + 21 * 5500 + 34 * 40000 + 7 * 39996
-    resumed = training_work(config, 600.0, validation_frames=16000, steps_done=3100)
-    assert (resumed.nll_steps, resumed.trade_steps, resumed.refine_steps) == (0, 0, 2000)
-    assert (resumed.cache_refreshes, resumed.metric_rows, resumed.refine_buffers) == (0, 14, 6)
+    assert work.energy_evaluations == 2799 * 256 + 28 * 5500 + 51 * 40000 + 7 * 39996 == 3190516
+    resumed = training_work(config, 600.0, validation_frames=16000, steps_done=4100)
+    assert (resumed.nll_steps, resumed.trade_steps, resumed.refine_steps) == (0, 0, 2700)
+    assert (resumed.cache_refreshes, resumed.metric_rows, resumed.refine_buffers) == (0, 23, 6)
     with pytest.raises(TradeMDError, match="trade objective"):
         training_work(training_config(240.0, 660.0, overrides={"objective": "nll"}), 600.0)
 

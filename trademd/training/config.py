@@ -142,7 +142,7 @@ class RefinementSettings:
     """
 
     refine_rounds: int = 7
-    refine_steps: int = 300
+    refine_steps: int = 400
     refine_samples: int = 40000
     refine_learning_rate: float = 2e-4
     refine_clip_fraction: float = 1e-3
@@ -231,7 +231,7 @@ class TrainConfig:
     t_min: float
     t_max: float
     objective: str = "trade"
-    steps: int = 3000
+    steps: int = 4000
     batch_size: int = 256
     seed: int = 0
     focus_temperatures: list[float] = field(default_factory=list)
