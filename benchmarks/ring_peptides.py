@@ -14,9 +14,10 @@ instead of a placed sibling (the rule before 2026-12-07; any peptide, e.g. ala4-
     python benchmarks/ring_peptides.py --out runs/rings --ring-bonds-only --reference remd.h5
 
 A ring bond's spread is its standard deviation (nm); for weighted samples the weighted one,
-with the range over 5 batches and the standard error from them. The reference is a replica-exchange file (``trade-md simulate
---temperatures ...``) whose 300 K ensemble gives the spread the reweighted samples should have
-(standard error from 10 blocks of consecutive frames); at 600 K the MD data are the reference.
+with the range over 5 batches and the standard error from them. The reference is a
+replica-exchange file (``trade-md simulate --temperatures ...``) whose 300 K ensemble gives the
+spread the reweighted samples should have (standard error from 10 blocks of consecutive
+frames); at 600 K the MD data are the reference.
 """
 
 import argparse
@@ -108,6 +109,16 @@ def _weighted_std(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return np.sqrt((w[:, None] * (values - mean) ** 2).sum(0))
 
 
+def _standard_error(per_block: np.ndarray) -> list[float]:
+    """Standard error of a spread from its values in independent blocks [blocks, bonds]."""
+    return (per_block.std(0, ddof=1) / math.sqrt(len(per_block))).tolist()
+
+
+def _block_spreads(lengths: np.ndarray) -> np.ndarray:
+    """[REFERENCE_BLOCKS, bonds] spreads of blocks of consecutive frames of lengths [n, bonds]."""
+    return np.array([block.std(0) for block in np.array_split(lengths, REFERENCE_BLOCKS)])
+
+
 def ring_bond_spreads(run_dir: Path, reference: Path | None) -> dict:
     """Spread (nm) of every ring bond: MD at T0, flow samples (unweighted) and reweighted
     samples at each sampled T (with the min-max over batches), the reference at 300 K."""
@@ -123,9 +134,8 @@ def ring_bond_spreads(run_dir: Path, reference: Path | None) -> dict:
     atoms = list(molecule.pdb().topology.atoms())
     names = [f"{atoms[i].name}-{atoms[j].name}" for i, j in bonds]
     md_lengths = _lengths(trajectory.positions_nm, bonds)
-    md_blocks = np.array([b.std(0) for b in np.array_split(md_lengths, REFERENCE_BLOCKS)])
     out = {"bonds": names, "md_t0": md_lengths.std(0).tolist(),
-           "md_t0_se": (md_blocks.std(0, ddof=1) / math.sqrt(REFERENCE_BLOCKS)).tolist()}
+           "md_t0_se": _standard_error(_block_spreads(md_lengths))}
     samples = read_samples(run_dir / "samples.h5")
     for temperature_k, entry in sorted(samples.by_temperature.items()):
         lengths = _lengths(entry.positions_nm.astype(np.float64), bonds)
@@ -137,7 +147,7 @@ def ring_bond_spreads(run_dir: Path, reference: Path | None) -> dict:
         out[f"reweighted_{temperature_k:g}K"] = _weighted_std(lengths, weights).tolist()
         out[f"reweighted_{temperature_k:g}K_batch_min"] = per_batch.min(0).tolist()
         out[f"reweighted_{temperature_k:g}K_batch_max"] = per_batch.max(0).tolist()
-        out[f"reweighted_{temperature_k:g}K_se"] = (per_batch.std(0, ddof=1) / math.sqrt(len(per_batch))).tolist()
+        out[f"reweighted_{temperature_k:g}K_se"] = _standard_error(per_batch)
     if reference is not None:
         remd = read_trajectory(reference, 300.0)
         lengths = _lengths(remd.positions_nm.astype(np.float64), bonds)
@@ -146,8 +156,7 @@ def ring_bond_spreads(run_dir: Path, reference: Path | None) -> dict:
         out["reference_300K_half_min"] = np.minimum(halves[0].std(0), halves[1].std(0)).tolist()
         out["reference_300K_half_max"] = np.maximum(halves[0].std(0), halves[1].std(0)).tolist()
         # blocks of consecutive frames (both ladders' frames of a time lie side by side)
-        blocks = np.array([b.std(0) for b in np.array_split(lengths, REFERENCE_BLOCKS)])
-        out["reference_300K_se"] = (blocks.std(0, ddof=1) / math.sqrt(REFERENCE_BLOCKS)).tolist()
+        out["reference_300K_se"] = _standard_error(_block_spreads(lengths))
         out["reference_300K_frames"] = len(lengths)
     return out
 
@@ -179,6 +188,11 @@ def run(args) -> None:
         (run_dir / "result.json").write_text(json.dumps(result, indent=2))
 
 
+def _se_text(spreads: dict, key: str, k: int) -> str:
+    """The text " +- s.e." of bond k in nm x 1e3, or nothing for results written before errors were kept."""
+    return f" +- {1e3 * spreads[key][k]:.2f}" if key in spreads else ""
+
+
 def aggregate(out: Path) -> str:
     """ESS table (ala2_default_seeds' tables) and ring-bond spreads per seed."""
     text = default_seeds.aggregate(out)
@@ -202,12 +216,13 @@ def aggregate(out: Path) -> str:
                 z = (spreads["reweighted_300K"][k] - spreads["reference_300K"][k]) / math.hypot(
                     spreads["reweighted_300K_se"][k], spreads["reference_300K_se"][k])
                 z = f"{z:+.1f}"
-            se = (lambda key: f" +- {1e3 * spreads[key][k]:.2f}" if key in spreads else "")
             lines.append(
-                f"| {name} | {1e3 * spreads['md_t0'][k]:.2f}{se('md_t0_se')} | {1e3 * spreads['reweighted_600K'][k]:.2f}"
-                f"{se('reweighted_600K_se')} | {1e3 * spreads['flow_300K'][k]:.2f} | "
+                f"| {name} | {1e3 * spreads['md_t0'][k]:.2f}{_se_text(spreads, 'md_t0_se', k)} | "
+                f"{1e3 * spreads['reweighted_600K'][k]:.2f}{_se_text(spreads, 'reweighted_600K_se', k)} | "
+                f"{1e3 * spreads['flow_300K'][k]:.2f} | "
                 f"{1e3 * spreads['reweighted_300K'][k]:.2f} [{1e3 * spreads['reweighted_300K_batch_min'][k]:.2f}-"
-                f"{1e3 * spreads['reweighted_300K_batch_max'][k]:.2f}]{se('reweighted_300K_se')} | {reference} | {z} |")
+                f"{1e3 * spreads['reweighted_300K_batch_max'][k]:.2f}]{_se_text(spreads, 'reweighted_300K_se', k)} | "
+                f"{reference} | {z} |")
         lines.append("")
     text += "\n".join(lines)
     (out / "results.md").write_text(text)
