@@ -252,3 +252,25 @@ def test_reverse_kl_baseline_on_md_data_starts_from_the_structure_prior(tmp_path
         assert float(structure[target.n_torsions:].abs().max()) < 1.0  # inside the data's range
     finally:
         target.close()
+
+
+def test_reduced_energy_of_a_non_finite_sample_is_infinite_and_leaves_the_others_alone(target):
+    """A flow sample with NaN features (a diverging training's) gets u = +inf instead of
+    stopping the training in the energy bridge; the other rows keep their values and gradients,
+    and only they count as energy evaluations."""
+    z = target.structure_features().double().expand(3, -1).clone()
+    z[1, 0] += 0.3
+    temperature = torch.full((3,), T0_K, dtype=torch.float64)
+    clean = z.clone().requires_grad_(True)
+    u_clean, _ = target.reduced_energy(clean, temperature, 100.0)
+    u_clean.sum().backward()
+    broken = z.clone()
+    broken[2, 4] = math.nan
+    broken.requires_grad_(True)
+    count = target.energy_evaluations
+    u, _ = target.reduced_energy(broken, temperature, 100.0)
+    assert target.energy_evaluations - count == 2
+    assert torch.isinf(u[2]) and u[2] > 0
+    assert torch.equal(u[:2], u_clean[:2])
+    u[:2].sum().backward()
+    assert torch.allclose(broken.grad[:2], clean.grad[:2])

@@ -13,6 +13,7 @@ evaluates OpenMM energies through the energy bridge.
 
 from dataclasses import dataclass
 import json
+import math
 from pathlib import Path
 from typing import Protocol
 
@@ -266,16 +267,24 @@ class MoleculeTarget:
     def reduced_energy(self, z: Tensor, temperature: Tensor,
                        chirality_restraint_kt: float = 0.0) -> tuple[Tensor, Tensor]:
         """(u = U / (k T) [B], log|dx/dz| [B]) of features z [B, D] at T [B] (K); differentiable
-        in z through the OpenMM forces; +inf where the energy overflows. With
+        in z through the OpenMM forces; +inf where the energy overflows or where z gives no
+        finite configuration (a diverging flow's sample: its point then carries no weight). With
         ``chirality_restraint_kt`` > 0, u also holds that many kT per mirrored chiral centre
         (:func:`~trademd.analysis.chirality.chirality_restraint`; zero on the physical enantiomer)."""
         x, log_det = self.positions(z)
-        energy_kj_mol = potential_energy(x, self.bridge)
-        self.energy_evaluations += len(z)
+        finite = torch.isfinite(x).flatten(1).all(dim=1)
+        if bool(finite.all()):
+            energy_kj_mol = potential_energy(x, self.bridge)
+        else:
+            rows = finite.nonzero()[:, 0]
+            energy_kj_mol = torch.full((len(z),), math.inf, dtype=x.dtype, device=x.device).index_put(
+                (rows,), potential_energy(x[rows], self.bridge) if len(rows) else x.new_zeros(0))
+        self.energy_evaluations += int(finite.sum())
         u = energy_kj_mol / (self.boltzmann_k * temperature.double())
         centres = self.molecule.chiral_centres
         if chirality_restraint_kt > 0 and len(centres):
             u = u + chirality_restraint_kt * chirality_restraint(x, centres, self.molecule.positions_nm())
+        u = torch.where(finite, u, torch.full_like(u, math.inf))
         return u.to(z.dtype), log_det.to(z.dtype)
 
     def record(self) -> dict:
