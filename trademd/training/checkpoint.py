@@ -27,7 +27,7 @@ def save_checkpoint(trainer, path: Path) -> Path:
     if not trainer.ranks.is_main:
         return path
     state = {
-        "step": trainer.step, "bad_batches": trainer.bad_batches,
+        "step": trainer.step, "bad_batches": trainer.bad_batches, "rollbacks": trainer.guard.rollbacks,
         "flow": trainer.flow.state_dict(), "ema": trainer.ema.state_dict(),
         "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
         "best": trainer.best, **trainer.objective.state_dict(), **trainer.refinement.state_dict(),
@@ -55,6 +55,7 @@ def load_checkpoint(trainer, path: Path) -> bool:
                            "averaging: train into a new --out")
     trainer.flow.load_state_dict(state["flow"])
     trainer.step, trainer.bad_batches = state["step"], state["bad_batches"]
+    trainer.guard.rollbacks = state.get("rollbacks", 0)  # none before the guard existed
     phase = trainer.phase_at(trainer.step - 1)
     if not phase.scheduled:  # e.g. inside refinement: its optimiser, not the main one
         trainer.optimizer = trainer.new_optimizer(phase.learning_rate)

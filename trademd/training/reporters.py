@@ -11,6 +11,7 @@ import csv
 from dataclasses import asdict, dataclass
 import json
 from pathlib import Path
+import sys
 import time
 from typing import Protocol
 
@@ -25,7 +26,7 @@ METRICS_COLUMNS = ("step", "phase", "loss", "nll_t0", "val_nll_t0", "trade", "tr
                    "trade_residual_rms", "trade_points_kept", "reverse_kl", "continuity",
                    "continuity_residual_rms", "prior_nll", "boundary_nll", "refine_nll",
                    "buffer_ess", "ess_tmin", "ess_t0", "ess_tmax", "selection_score", "selected",
-                   "bad_batches", "energy_evaluations", "steps_per_s")
+                   "bad_batches", "rollbacks", "energy_evaluations", "steps_per_s")
 
 
 @dataclass
@@ -54,14 +55,21 @@ class Reporter(Protocol):
     def report(self, trainer, step: StepReport) -> None: ...
 
 
+def _warn(trainer, message: str) -> None:
+    """One warning line on stderr (rank 0), on a line of its own beside the progress bar."""
+    if trainer.ranks.is_main:
+        print(f"\ntrade-md train: warning: {message}", file=sys.stderr, flush=True)
+
+
 def metrics_due(trainer) -> bool:
     """Every ``metrics_every`` steps, and at the end of the main phase and of every round."""
     return trainer.step % trainer.config.reporting.metrics_every == 0 or trainer.ends_round()
 
 
 class MetricsReporter:
-    """Scores the EMA flow (:meth:`Trainer.measure`), offers it to model selection, sets
-    ``trainer.last_metrics`` and (rank 0) appends the row to ``metrics.csv``.
+    """Scores the EMA flow (:meth:`Trainer.measure`), offers it to model selection and to the
+    divergence guard (:mod:`trademd.training.guard`), sets ``trainer.last_metrics`` and (rank 0)
+    appends the row to ``metrics.csv``.
 
     Args:
         path: the metrics file.
@@ -82,9 +90,16 @@ class MetricsReporter:
     def report(self, trainer, step: StepReport) -> None:
         rate = (trainer.step - self.start_step) / (time.perf_counter() - self.started)
         row = {**trainer.measure(), "phase": step.phase, "loss": step.loss, **step.parts, "steps_per_s": rate}
-        selected = trainer.select(row)
+        rolled_back = trainer.guard.check(trainer, row)  # a diverged row is not offered to selection
+        selected = not rolled_back and trainer.select(row)
         row["selection_score"] = trainer.best["score"] if selected else None
         row["selected"] = int(selected)
+        if rolled_back:
+            row["rollbacks"] = trainer.guard.rollbacks
+            o = trainer.config.optimiser
+            _warn(trainer, f"step {trainer.step}: held-out NLL at T0 {row['val_nll_t0']:.2f} nats, more than "
+                           f"{o.divergence_nats:g} above its lowest; back to the last healthy metrics row, "
+                           f"learning rate x{o.divergence_lr_factor:g}")
         trainer.last_metrics = row
         if not trainer.ranks.is_main:
             return

@@ -41,6 +41,7 @@ from trademd.seeds import stream_seed
 from trademd.training.batches import MinibatchSource
 from trademd.training.checkpoint import load_checkpoint, save_checkpoint
 from trademd.training.config import TrainConfig
+from trademd.training.guard import DivergenceGuard
 from trademd.training.model_file import write_model
 from trademd.training.objectives import RefinementPhase, make_objective
 from trademd.training.reporters import CheckpointReporter, MetricsReporter, ProgressReporter, StepReport
@@ -122,6 +123,7 @@ class Trainer:
         self.refinement = RefinementPhase(config, self.objective)
         self.phases = [MainPhase(self.objective, config), self.refinement]
         self.selector = ModelSelector()
+        self.guard = DivergenceGuard(config.optimiser.divergence_nats, config.optimiser.divergence_lr_factor)
         self.bad_batches = 0
         self.last_metrics: dict = {}
         #: energy evaluations of earlier runs of this training (restored by :meth:`resume`)
@@ -260,7 +262,7 @@ class Trainer:
         """Scores of the EMA flow: validation negative log-likelihood at T0 and the Kish relative ESS at every
         selection temperature, each pooled over ``metrics_samples`` flow samples."""
         c = self.config
-        values = {"step": self.step, "bad_batches": self.bad_batches}
+        values = {"step": self.step, "bad_batches": self.bad_batches, "rollbacks": self.guard.rollbacks}
         if self.validation is not None:
             values["val_nll_t0"] = validation_nll(self.model, self.validation, self.target.reference_temperature,
                                                   self.ranks)
