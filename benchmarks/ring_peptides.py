@@ -181,6 +181,7 @@ def run(args) -> None:
             train_overrides["refine_steps"] = args.refine_steps
         if args.refine_rounds is not None:
             train_overrides["refine_rounds"] = args.refine_rounds
+        train_overrides.update(json.loads(args.train_settings))
         result = default_seeds.run_seed(seed, args.out, args.platform, args.device, None, overrides,
                                         progress=not args.quiet, train_overrides=train_overrides)
         result["zmatrix"] = args.zmatrix
@@ -250,6 +251,8 @@ def main() -> None:
     parser.add_argument("--narrow-torsion-rad", type=float, default=None,
                         help="torsions spreading less than this (rad) as bounded features (default: the preset's)")
     parser.add_argument("--compile", action="store_true", help="train with compiled splines")
+    parser.add_argument("--train-settings", default="{}",
+                        help='further training settings as JSON, e.g. \'{"trade_ess_floor": 0.01}\'')
     parser.add_argument("--platform", default="CPU")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quiet", action="store_true")

@@ -9,8 +9,13 @@
    torsions (MD spread < 0.35 rad: ring, sibling and peptide-bond torsions) apart.
 3. Per peptide bond, the cis fraction in the MD, in the flow's samples and their weight share
    (flagged samples included, with the weight they would have had).
+4. Per group of coordinates (kind: bond / angle / torsion; part: backbone / side chain / cap;
+   residue; hydrogen torsions), the share of Var(log w) that an additive model of the group's
+   binned coordinates explains (fitted by backfitting: each coordinate's bin means of the
+   residual, in turn, until it settles), and that of all coordinates together; the rest is
+   what no sum of one-coordinate terms explains (couplings between coordinates).
 
-    python benchmarks/weight_diagnostics.py runs/demo --temperature 300 [--top 12]
+    python benchmarks/weight_diagnostics.py runs/demo --temperature 300 [--top 12] [--data FILE]
 """
 
 import argparse
@@ -38,7 +43,8 @@ def _circular_deviation(t: np.ndarray) -> np.ndarray:
 
 def _labelled_coordinates(molecule, x: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Labels, values [n, m] (torsions as deviations from their circular mean) and a bool [m]
-    torsion mask of every internal coordinate of positions x [n, atoms, 3]."""
+    torsion mask of every internal coordinate of positions x [n, atoms, 3]; each label starts
+    with the coordinate's kind and names its placed atom first."""
     names = [f"{a.name}{a.residue.index}" for a in molecule.pdb().topology.atoms()]
     bonds, angles, torsions = (c.numpy() for c in cartesian_to_internal(
         torch.as_tensor(x, dtype=torch.float64), molecule.zmatrix, molecule.ring_closures))
@@ -74,13 +80,67 @@ def variance_shares(values: np.ndarray, log_w: np.ndarray) -> np.ndarray:
     return shares
 
 
+BACKBONE_ATOMS = {"N", "H", "CA", "HA", "C", "O"}
+CAPS = {"ACE", "NME", "NHE", "NH2"}
+
+
+def coordinate_groups(molecule, labels: list[str]) -> dict[str, np.ndarray]:
+    """Group name -> int indices into ``labels`` (one coordinate may sit in several groups):
+    by kind, by part (backbone / side chain / cap, of the placed atom), by residue, and the
+    torsions that place a hydrogen."""
+    atoms = list(molecule.pdb().topology.atoms())
+    placed = [atoms[int(row[0])] for row in molecule.zmatrix[1:]]
+    # labels run over the Z-matrix rows: bonds from row 1, angles from row 2, torsions from row 3
+    rows = [k + first for kind, first in (("bond", 1), ("angle", 2), ("torsion", 3))
+            for k in range(len(molecule.zmatrix) - first)]
+    groups: dict[str, list[int]] = {}
+    for index, (label, row) in enumerate(zip(labels, rows)):
+        atom = placed[row - 1]
+        kind = "ring bond" if label.startswith("ring bond") else label.split()[0]
+        part = ("cap" if atom.residue.name in CAPS else
+                "backbone" if atom.name in BACKBONE_ATOMS else "side chain")
+        names = [f"kind: {kind}", f"part: {part}", f"residue {atom.residue.index} {atom.residue.name}"]
+        if kind == "torsion" and atom.element.symbol == "H":
+            names.append("torsions placing a hydrogen")
+        for name in names:
+            groups.setdefault(name, []).append(index)
+    return {name: np.asarray(members) for name, members in groups.items()}
+
+
+def _bins(values: np.ndarray) -> np.ndarray:
+    """[n, m] quantile-bin index (N_BINS) of every column."""
+    bins = np.zeros(values.shape, dtype=np.int64)
+    for c in range(values.shape[1]):
+        edges = np.quantile(values[:, c], np.linspace(0, 1, N_BINS + 1))
+        bins[:, c] = np.clip(np.searchsorted(edges, values[:, c]) - 1, 0, N_BINS - 1)
+    return bins
+
+
+def additive_share(bins: np.ndarray, log_w: np.ndarray, sweeps: int = 20) -> float:
+    """Share of Var(log w) that a sum of one-coordinate step functions (the bins [n, m])
+    explains, fitted by backfitting."""
+    residual = log_w - log_w.mean()
+    total = residual.var()
+    for _ in range(sweeps):
+        change = 0.0
+        for c in range(bins.shape[1]):
+            counts = np.maximum(np.bincount(bins[:, c], minlength=N_BINS), 1)
+            step = (np.bincount(bins[:, c], weights=residual, minlength=N_BINS) / counts)[bins[:, c]]
+            residual -= step
+            change += step.var()
+        if change < 1e-6 * total:
+            break
+    return 1.0 - residual.var() / total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("--temperature", type=float, default=300.0)
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--data", type=Path, default=None, help="MD file (default: RUN/data_600K.h5)")
     args = parser.parse_args()
-    data = read_trajectory(args.run / "data_600K.h5")
+    data = read_trajectory(args.data or args.run / "data_600K.h5")
     molecule = system_from_attrs(data.attrs, data.topology_pdb)
     samples = read_samples(args.run / "samples.h5")
     entry = samples.at(args.run / "samples.h5", args.temperature)
@@ -96,7 +156,10 @@ def main() -> None:
     for k in np.argsort(-shares)[: args.top]:
         print(f"   {shares[k]:.3f}  {labels[k]}")
 
-    md_x = data.positions_nm[:: max(1, data.n_frames // 20000)].astype(np.float64)
+    # a random subset, not a stride: frames are stored save by save, replica by replica, so a
+    # stride of 8 over 16 replicas would keep two replicas' frames only
+    subset = np.sort(np.random.default_rng(0).choice(data.n_frames, min(data.n_frames, 20000), replace=False))
+    md_x = data.positions_nm[subset].astype(np.float64)
     at_t0 = samples.at(args.run / "samples.h5", data.temperature_k) if data.temperature_k in samples.by_temperature else None
     if at_t0 is not None:
         _, md_values, _ = _labelled_coordinates(molecule, md_x)
@@ -122,6 +185,12 @@ def main() -> None:
         for k, row in enumerate(omegas):
             print(f"   {'-'.join(names[i] for i in row)}: {md_cis[k]:.5f} | {flow_cis[:, k].mean():.5f} | "
                   f"{weights[flow_cis[:, k]].sum():.3f}")
+
+    bins = _bins(values)
+    print(f"4. Share of Var(log w) that a sum of one-coordinate terms explains: all "
+          f"{len(labels)} coordinates {additive_share(bins, clipped):.3f}; by group:")
+    for name, members in sorted(coordinate_groups(molecule, labels).items()):
+        print(f"   {additive_share(bins[:, members], clipped):.3f}  {name} ({len(members)})")
 
 
 if __name__ == "__main__":

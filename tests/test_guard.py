@@ -1,5 +1,6 @@
-"""The divergence guard: a main phase whose held-out NLL at T0 jumps is rolled back to its last
-healthy metrics row with a lower learning rate; healthy runs and a guard set to 0 are untouched."""
+"""The divergence guard: a main phase whose held-out NLL at T0 jumps (of the weight-averaged or
+of the trained flow) is rolled back to its last healthy metrics row with a lower learning rate
+and TRADE weight; healthy runs and a guard set to 0 are untouched."""
 
 import csv
 
@@ -83,6 +84,28 @@ def test_a_diverged_row_rolls_back_to_the_last_healthy_one(tmp_path, capsys):
     assert "held-out NLL at T0" in capsys.readouterr().err
 
 
+def test_a_divergence_the_weight_average_hides_is_caught(tmp_path):
+    """With a slow weight average the knock barely shows in ``val_nll_t0`` at step 20; the
+    trained flow's own held-out NLL shows it."""
+    trainer, recorder = _sabotaged_run(tmp_path, ema_decay=0.99)
+    rows = {int(r["step"]): r for r in _rows(tmp_path)}
+    assert rows[20]["rollbacks"] == "1"
+    for name, value in recorder.states[10].items():
+        assert torch.equal(recorder.states[20][name], value), name
+
+
+def test_a_rollback_halves_the_trade_weight_and_a_checkpoint_keeps_it(tmp_path):
+    trainer, _ = _sabotaged_run(tmp_path, objective="trade", warmup_fraction=0.1, ramp_fraction=0.1,
+                                trade_points=32, cache_samples=100, cache_every=10, grid_size=3,
+                                evaluation_points="samples")
+    rows = {int(r["step"]): r for r in _rows(tmp_path)}
+    assert rows[20]["rollbacks"] == "1"
+    assert trainer.objective.trade.weight_scale == 0.5
+    assert float(rows[30]["trade_weight"]) == pytest.approx(0.5)  # fully ramped in, halved
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert saved["trade_weight_scale"] == 0.5 and saved["rollbacks"] == 1
+
+
 def test_a_guard_of_zero_lets_the_run_diverge(tmp_path):
     trainer, recorder = _sabotaged_run(tmp_path, divergence_nats=0.0)
     rows = {int(r["step"]): r for r in _rows(tmp_path)}
@@ -102,7 +125,7 @@ def test_a_healthy_run_is_not_touched(tmp_path):
 
 
 @pytest.mark.parametrize("setting", [{"divergence_nats": -1.0}, {"divergence_lr_factor": 0.0},
-                                     {"divergence_lr_factor": 1.5}])
+                                     {"divergence_lr_factor": 1.5}, {"divergence_trade_factor": 0.0}])
 def test_impossible_guard_settings_are_refused(tmp_path, setting):
     target = AnalyticTarget(get_analytic_system("gaussian-2d"), n_data=100)
     with pytest.raises(TradeMDError, match="divergence"):

@@ -49,14 +49,16 @@ class OptimiserSettings:
             (nats) above the phase's lowest rolls the training back to the last healthy row
             (:mod:`trademd.training.guard`); 0 turns the guard off.
         divergence_lr_factor: the learning rate is multiplied by this at every rollback.
+        divergence_trade_factor: the TRADE weight is multiplied by this at every rollback.
     """
 
     learning_rate: float = 1e-3
     clip_norm: float = 3.0
     ema_decay: float = 0.99
     max_bad_batches: int = 50
-    divergence_nats: float = 5.0
+    divergence_nats: float = 3.0
     divergence_lr_factor: float = 0.5
+    divergence_trade_factor: float = 0.5
 
 
 @dataclass
@@ -295,9 +297,11 @@ class TrainConfig:
             raise TradeMDError("--steps must be at least 4 and --batch-size at least 2")
         if not 0.0 <= self.optimiser.ema_decay < 1.0:
             raise TradeMDError(f"ema_decay must lie in [0, 1), got {self.optimiser.ema_decay}")
-        if self.optimiser.divergence_nats < 0 or not 0.0 < self.optimiser.divergence_lr_factor <= 1.0:
-            raise TradeMDError(f"divergence_nats must be >= 0 and divergence_lr_factor in (0, 1], got "
-                               f"{self.optimiser.divergence_nats} and {self.optimiser.divergence_lr_factor}")
+        o = self.optimiser
+        if o.divergence_nats < 0 or not (0.0 < o.divergence_lr_factor <= 1.0 and 0.0 < o.divergence_trade_factor <= 1.0):
+            raise TradeMDError(f"divergence_nats must be >= 0 and divergence_lr_factor, divergence_trade_factor "
+                               f"in (0, 1], got {o.divergence_nats}, {o.divergence_lr_factor}, "
+                               f"{o.divergence_trade_factor}")
         if self.reporting.metrics_samples < 100:
             raise TradeMDError("metrics_samples must be at least 100 (ESS from fewer is noise)")
         if refinement.refine_rounds < 0 or (refinement.refine_rounds and (

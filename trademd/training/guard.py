@@ -6,17 +6,25 @@ to: on ala4 (seed 0, the 4,000-step preset, docs/results.md) the held-out NLL at
 later step, and the model selected from them, was lost. Healthy runs move the held-out NLL by
 less than 0.2 nats after its minimum (ala2, Pro, Trp), 1.9 on ala4's refinement rounds.
 
-At every metrics row of the main phase the guard compares the EMA flow's held-out NLL at T0
-with the lowest seen in the phase. Within ``divergence_nats`` of it, the row is healthy and the
-guard keeps a copy of the training state (parameters, weight average, optimiser, the
-objective's state). Above it (or not finite), the guard puts that copy back and multiplies the
-learning rate by ``divergence_lr_factor`` for the rest of the phase; the step count, and so the
-schedule and the time the run takes, go on. Refinement rounds restart from the selected model
-each round, so the guard leaves them alone; without held-out data it does nothing.
+At every metrics row of the main phase the guard scores the held-out NLL at T0 of both the
+weight-averaged flow (the row's ``val_nll_t0``) and the trained one (the average lags ~100
+steps behind it, so a flow already falling apart can still look healthy there), and compares
+the worse of the two with the lowest seen in the phase. Within ``divergence_nats`` of it, the
+row is healthy and the guard keeps a copy of the training state (parameters, weight average,
+optimiser, the objective's state). Above it (or not finite), the guard puts that copy back,
+multiplies the learning rate by ``divergence_lr_factor`` and lets the objective weaken what
+pulls away from the data (:meth:`~trademd.training.objectives.base.Objective.soften`: the
+TRADE weight, by ``divergence_trade_factor``), for the rest of the phase; the step count, and so
+the schedule and the time the run takes, go on. Refinement rounds restart from the selected
+model each round, so the guard leaves them alone; without held-out data it does nothing.
 """
 
 import copy
 import math
+
+import torch
+
+from trademd.training.scores import validation_nll
 
 __all__ = ["DivergenceGuard"]
 
@@ -28,21 +36,24 @@ class DivergenceGuard:
     Args:
         divergence_nats: the rise (nats) that counts as divergence; 0 turns the guard off.
         lr_factor: the learning rate is multiplied by this at every rollback, in (0, 1].
+        soften_factor: what the objective's pull away from the data is multiplied by at every
+            rollback, in (0, 1].
 
     Attributes:
         rollbacks: rollbacks so far (restored from a checkpoint by the trainer).
         lowest: lowest held-out NLL at T0 of the main phase seen since the run (re)started.
     """
 
-    def __init__(self, divergence_nats: float, lr_factor: float):
-        self.divergence_nats, self.lr_factor = divergence_nats, lr_factor
+    def __init__(self, divergence_nats: float, lr_factor: float, soften_factor: float):
+        self.divergence_nats, self.lr_factor, self.soften_factor = divergence_nats, lr_factor, soften_factor
         self.rollbacks = 0
         self.lowest = math.inf
         self._healthy: dict | None = None
 
     def check(self, trainer, row: dict) -> bool:
-        """Look at one metrics row (``row["val_nll_t0"]``, ``row["phase"]``); keep the state of a
-        healthy main-phase row, roll ``trainer`` back after a diverged one.
+        """Look at one metrics row (``row["val_nll_t0"]``, ``row["phase"]``; adds the trained
+        flow's ``val_nll_t0_trained``); keep the state of a healthy main-phase row, roll
+        ``trainer`` back after a diverged one.
 
         Returns:
             Whether it rolled back.
@@ -50,6 +61,11 @@ class DivergenceGuard:
         value = row.get("val_nll_t0")
         if self.divergence_nats <= 0 or value is None or row.get("phase") != "main":
             return False
+        with torch.no_grad():
+            trained = validation_nll(trainer.flow, trainer.validation, trainer.target.reference_temperature,
+                                     trainer.ranks)
+        row["val_nll_t0_trained"] = trained
+        value = max(value, trained) if math.isfinite(trained) else math.inf
         if math.isfinite(value) and value <= self.lowest + self.divergence_nats:
             self.lowest = min(self.lowest, value)
             self._healthy = self._state(trainer)
@@ -76,5 +92,6 @@ class DivergenceGuard:
             for key in ("lr", "initial_lr", "max_lr", "min_lr"):
                 if key in group:
                     group[key] *= self.lr_factor
-        # the snapshot of the next healthy row carries the lowered rate
-        self._healthy["optimizer"] = copy.deepcopy(trainer.optimizer.state_dict())
+        trainer.objective.soften(self.soften_factor)
+        # a second rollback before the next healthy row starts from here: lowered again
+        self._healthy = self._state(trainer)

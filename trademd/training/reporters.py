@@ -22,7 +22,7 @@ __all__ = ["StepReport", "Reporter", "MetricsReporter", "ProgressReporter", "Che
 
 #: Columns of metrics.csv (a term that an objective lacks stays empty; the focus temperatures'
 #: ESS columns follow).
-METRICS_COLUMNS = ("step", "phase", "loss", "nll_t0", "val_nll_t0", "trade", "trade_weight",
+METRICS_COLUMNS = ("step", "phase", "loss", "nll_t0", "val_nll_t0", "val_nll_t0_trained", "trade", "trade_weight",
                    "trade_residual_rms", "trade_points_kept", "reverse_kl", "continuity",
                    "continuity_residual_rms", "prior_nll", "boundary_nll", "refine_nll",
                    "buffer_ess", "ess_tmin", "ess_t0", "ess_tmax", "selection_score", "selected",
@@ -99,7 +99,7 @@ class MetricsReporter:
             o = trainer.config.optimiser
             _warn(trainer, f"step {trainer.step}: held-out NLL at T0 {row['val_nll_t0']:.2f} nats, more than "
                            f"{o.divergence_nats:g} above its lowest; back to the last healthy metrics row, "
-                           f"learning rate x{o.divergence_lr_factor:g}")
+                           f"learning rate x{o.divergence_lr_factor:g}, TRADE weight x{o.divergence_trade_factor:g}")
         trainer.last_metrics = row
         if not trainer.ranks.is_main:
             return

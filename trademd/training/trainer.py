@@ -123,7 +123,8 @@ class Trainer:
         self.refinement = RefinementPhase(config, self.objective)
         self.phases = [MainPhase(self.objective, config), self.refinement]
         self.selector = ModelSelector()
-        self.guard = DivergenceGuard(config.optimiser.divergence_nats, config.optimiser.divergence_lr_factor)
+        o = config.optimiser
+        self.guard = DivergenceGuard(o.divergence_nats, o.divergence_lr_factor, o.divergence_trade_factor)
         self.bad_batches = 0
         self.last_metrics: dict = {}
         #: energy evaluations of earlier runs of this training (restored by :meth:`resume`)

@@ -129,6 +129,10 @@ class Objective:
         not be selected. Default: the mean log relative ESS over the selection temperatures."""
         return ess_selection_score(values, run)
 
+    def soften(self, factor: float) -> None:
+        """Multiply the weight of the terms that pull the flow away from the data at T0 by
+        ``factor`` (:mod:`trademd.training.guard`, after a divergence). Default: none."""
+
     def state_dict(self) -> dict:
         """What a checkpoint keeps of this objective (merged into the checkpoint)."""
         return {}

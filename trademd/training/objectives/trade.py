@@ -32,19 +32,22 @@ class TradeTerm:
 
     Attributes:
         cache: E_T[u] at the grid temperatures (:func:`grid_temperatures`).
+        weight_scale: factor on ``trade_weight`` (1; lowered by the divergence guard).
     """
 
     def __init__(self, config: TrainConfig, reference_temperature: float, device: torch.device):
         self.config = config
+        self.weight_scale = 1.0
         self.cache = ExpectationCache(grid_temperatures(config, reference_temperature).to(device),
                                       momentum=config.trade.cache_momentum)
 
     def weight(self, step: int) -> float:
-        """0 during the warm-up, rising linearly to ``trade_weight`` over the ramp."""
+        """0 during the warm-up, rising linearly to ``trade_weight`` (times ``weight_scale``)
+        over the ramp."""
         c, t = self.config, self.config.trade
         start = t.warmup_fraction * c.steps
         ramp = max(t.ramp_fraction * c.steps, 1.0)
-        return t.trade_weight * min(max((step - start) / ramp, 0.0), 1.0)
+        return self.weight_scale * t.trade_weight * min(max((step - start) / ramp, 0.0), 1.0)
 
     def ramping(self, step: int) -> bool:
         """Whether the weight is not fully on yet at ``step`` (no model is selected then)."""
@@ -129,12 +132,13 @@ class TradeTerm:
                       "trade_points_kept": float(keep.float().mean())}
 
     def state_dict(self) -> dict:
-        return {"cache": self.cache.state_dict()}
+        return {"cache": self.cache.state_dict(), "trade_weight_scale": self.weight_scale}
 
     def load_state_dict(self, state: dict) -> None:
-        # checkpoints from before the ESS was kept have none
+        # checkpoints from before the ESS was kept have none, nor from before the guard a scale
         self.cache.load_state_dict({"relative_ess": torch.full_like(self.cache.relative_ess, float("nan")),
                                     **state["cache"]})
+        self.weight_scale = float(state.get("trade_weight_scale", 1.0))
 
 
 class Trade(Objective):
@@ -153,6 +157,9 @@ class Trade(Objective):
 
     def selection_score(self, values: dict, run: TrainingRun) -> tuple[float | None, str]:
         return self.trade.selection_score(values, run)
+
+    def soften(self, factor: float) -> None:
+        self.trade.weight_scale *= factor
 
     def state_dict(self) -> dict:
         return self.trade.state_dict()
