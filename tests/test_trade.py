@@ -12,6 +12,7 @@ from trademd.training.trade import (
     dlogp_dlogt,
     log_importance_weights,
     log_spaced_grid,
+    model_mean_log_weights,
     residual_loss,
     trade_residual,
     trade_target,
@@ -100,6 +101,37 @@ def test_residual_vanishes_for_the_exact_family_with_snis_expectation():
     derivative = dlogp_dlogt(_gaussian_log_prob, points, torch.full((16,), temperature))
     residual = trade_residual(derivative, 0.5 * (points**2).sum(-1) / temperature, expected_u)
     assert residual.abs().max() < 0.02
+
+
+def test_model_mean_leaves_out_clashes_and_nothing_else():
+    u = torch.tensor([1.0, 2.0, 3.0, 4.0, 1e6, math.inf, math.nan])
+    log_w = model_mean_log_weights(u, cutoff=50.0)
+    assert torch.equal(torch.isfinite(log_w), torch.tensor([True] * 4 + [False] * 3))
+    assert float(snis_mean(u, log_w)) == pytest.approx(2.5)
+    assert not torch.isfinite(model_mean_log_weights(torch.full((3,), math.inf), 50.0)).any()
+
+
+@pytest.mark.parametrize("expectation", ["model", "snis"])
+def test_only_the_model_mean_gives_a_residual_the_flow_can_meet(expectation):
+    """A model that is not the target (N(0, 1.3^2 T) for the target N(0, T)): over its own
+    samples its d/dlogT log p averages 0 (it is normalised at every T), and so does u - E_p[u]
+    with the model's mean, so their residual averages 0; with the SNIS (target) mean the residual
+    averages E_q[u] - E_p[u] = -d/2 (1.3^2 - 1) = -0.69, which no normalised model can remove."""
+    generator = torch.Generator().manual_seed(2)
+    temperature, scale, n = 2.0, 1.3, 200_000
+    x = torch.randn(n, 2, generator=generator) * math.sqrt(temperature) * scale
+
+    def model_log_prob(points, t):
+        return _gaussian_log_prob(points / scale, t) - 2 * math.log(scale)
+
+    u = 0.5 * (x**2).sum(-1) / temperature
+    log_w = log_importance_weights(u, model_log_prob(x, torch.tensor(temperature)))
+    mean_log_w = model_mean_log_weights(u, cutoff=50.0) if expectation == "model" else log_w
+    derivative = dlogp_dlogt(model_log_prob, x, torch.full((n,), temperature))
+    residual = trade_residual(derivative, u, snis_mean(u, mean_log_w))
+    standard_error = float(residual.std()) / math.sqrt(n)
+    offset = 0.0 if expectation == "model" else -0.5 * 2 * (scale**2 - 1)
+    assert float(residual.mean()) == pytest.approx(offset, abs=4 * standard_error + 1e-3)
 
 
 def test_snis_and_ess_by_hand():

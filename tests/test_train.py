@@ -61,9 +61,10 @@ def test_continuous_trade_mode_transfers_the_double_well(tmp_path):
 
 
 @pytest.mark.slow
-def test_trade_transfers_the_gaussian(tmp_path):
+@pytest.mark.parametrize("expectation", ["snis", "model"])
+def test_trade_transfers_the_gaussian(tmp_path, expectation):
     system = get_analytic_system("gaussian-2d")
-    trade = _train(tmp_path, "trade", steps=200, system="gaussian-2d")
+    trade = _train(tmp_path, "trade", steps=200, system="gaussian-2d", expectation=expectation)
     for temperature in (0.5, 2.0):
         assert system.forward_kl(trade.flow.log_prob, temperature) < 0.1
 

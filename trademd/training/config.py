@@ -83,6 +83,9 @@ class TradeSettings:
         cache_samples: flow samples per grid temperature of an E_T[u] estimate.
         cache_every: steps between E_T[u] estimates.
         cache_momentum: weight of the previous estimate in each update.
+        expectation: how E_T[u] is estimated from flow samples: "snis" (self-normalised
+            importance weights for exp(-u): the Boltzmann mean) or "model" (their plain mean,
+            the model's own: :func:`trademd.training.trade.model_mean_log_weights`).
     """
 
     trade_mode: str = "grid"
@@ -99,6 +102,7 @@ class TradeSettings:
     cache_samples: int = 500
     cache_every: int = 100
     cache_momentum: float = 0.5
+    expectation: str = "snis"
 
 
 @dataclass
@@ -285,6 +289,8 @@ class TrainConfig:
         if not 0.0 <= t.trade_ess_floor < 1.0 or (t.trade_ess_floor and t.trade_mode != "grid"):
             raise TradeMDError(f"trade_ess_floor must lie in [0, 1) and needs trade_mode grid, got "
                                f"{t.trade_ess_floor} with {t.trade_mode}")
+        if t.expectation not in ("snis", "model"):
+            raise TradeMDError(f"expectation must be snis or model, got {t.expectation!r}")
         if t.evaluation_points not in ("samples", "data", "both"):
             raise TradeMDError("evaluation points must be samples, data or both")
         if self.reverse_kl.reverse_kl_temperatures not in ("t0", "range"):

@@ -19,6 +19,15 @@ a dimensionless residual of order one at every temperature, which is what the lo
 Expectations under p(.|T) are estimated by self-normalised importance sampling from model
 samples (:func:`trademd.weights.snis_mean_torch`) and, in grid mode, cached per grid temperature with an
 exponential moving average (:class:`ExpectationCache`).
+
+The expectation may instead be the model's own, the plain mean of u over its samples
+(:func:`model_mean_log_weights`). Both give the same solution: a flow with
+d/dlogT log p = u - E_p[u] at every T is p(x|T) ∝ p(x|T0) exp(-U/kT + U/kT0), the Boltzmann
+family once p(.|T0) is. The model's mean is the only one the flow can meet at every T before
+it is there: E_p[d/dlogT log p] = 0 for any normalised p, so with the importance-sampled mean
+the residual of the flow's own samples averages E_p[u] - E_q[u], which no flow can remove;
+where the flow's ESS is ~0 (early training, ~100 dimensions) that offset is large and the
+SNIS mean is one sample's u.
 """
 
 import math
@@ -34,6 +43,7 @@ __all__ = [
     "trade_residual",
     "residual_loss",
     "log_importance_weights",
+    "model_mean_log_weights",
     "ExpectationCache",
     "log_spaced_grid",
 ]
@@ -85,6 +95,18 @@ def residual_loss(residual: Tensor, kind: str = "huber", delta: float = 1.0) -> 
 def log_importance_weights(reduced_energy: Tensor, model_log_prob: Tensor) -> Tensor:
     """Unnormalised log weights of model samples for the Boltzmann target: -u - log p [B]."""
     return -reduced_energy - model_log_prob
+
+
+def model_mean_log_weights(reduced_energy: Tensor, cutoff: float) -> Tensor:
+    """Log weights [B] that make a self-normalised mean the plain mean over the model's samples
+    (u [B]): 0 within ``cutoff`` above the samples' median u, -inf above (clashing samples,
+    whose u would set the mean; the TRADE loss leaves the same points out)."""
+    finite = torch.isfinite(reduced_energy)
+    if not bool(finite.any()):
+        return torch.full_like(reduced_energy, -math.inf)
+    median = reduced_energy[finite].median()
+    keep = finite & (reduced_energy <= median + cutoff)
+    return torch.where(keep, torch.zeros_like(reduced_energy), torch.full_like(reduced_energy, -math.inf))
 
 
 def log_spaced_grid(t_min: float, t_max: float, n: int) -> Tensor:

@@ -14,6 +14,7 @@ from trademd.training.trade import (
     ExpectationCache,
     dlogp_dlogt,
     log_importance_weights,
+    model_mean_log_weights,
     residual_loss,
     trade_residual,
 )
@@ -61,12 +62,19 @@ class TradeTerm:
         return ess_selection_score(values, run)
 
     def refresh(self, run: TrainingRun) -> None:
-        """Re-estimate E_T[u] at every grid temperature by SNIS from flow samples."""
+        """Re-estimate E_T[u] at every grid temperature from flow samples."""
         for index, temperature in enumerate(self.cache.temperatures.tolist()):
             _, _, u, log_w = importance_weights(run.flow, run.target,
                                                 run.share(self.config.trade.cache_samples), temperature)
             ess, n = distributed.pooled_kish_ess(log_w)
-            self.cache.update(index, distributed.pooled_snis_mean(u, log_w), ess / max(n, 1))
+            self.cache.update(index, distributed.pooled_snis_mean(u, self.mean_log_weights(u, log_w)),
+                              ess / max(n, 1))
+
+    def mean_log_weights(self, u: Tensor, log_w: Tensor) -> Tensor:
+        """The log weights of E_T[u] over flow samples with reduced energies u [B] and
+        importance log weights log_w [B]: those (``expectation`` snis) or the model's own."""
+        t = self.config.trade
+        return log_w if t.expectation == "snis" else model_mean_log_weights(u, t.residual_cutoff)
 
     def add_to(self, loss: Tensor, parts: dict, run: TrainingRun) -> Tensor:
         """``loss`` plus the weighted TRADE loss of this step (nothing during the warm-up);
@@ -106,7 +114,7 @@ class TradeTerm:
                 u_s, log_det_s = run.target.reduced_energy(z_s, temperature)
             if t.trade_mode == "continuous":
                 log_w = log_importance_weights(u_s, log_p_s) + log_det_s
-                expected_u = snis_mean_torch(u_s, log_w).expand(n)
+                expected_u = snis_mean_torch(u_s, self.mean_log_weights(u_s, log_w)).expand(n)
             if use_samples:
                 points.append((z_s, u_s))
         if t.evaluation_points in ("data", "both"):
