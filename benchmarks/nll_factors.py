@@ -28,6 +28,9 @@ VARIANTS: dict[str, dict] = {
     "width256": {"flow": {"width": 256}},
     "blocks3": {"flow": {"layers": ["torsions|torsions", "bounded|torsions", "bounded|bounded"] * 3}},
     "blocks4": {"flow": {"layers": ["torsions|torsions", "bounded|torsions", "bounded|bounded"] * 4}},
+    # twice the torsion-torsion couplings per block (16 layers instead of 12)
+    "torsions-x2": {"flow": {"layers": ["torsions|torsions", "torsions|torsions", "bounded|torsions",
+                                        "bounded|bounded"] * 2}},
     "steps6000": {"steps": 6000},
     "steps20000": {"steps": 20000},
     "batch1024": {"batch_size": 1024},
