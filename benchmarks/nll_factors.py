@@ -40,6 +40,33 @@ VARIANTS: dict[str, dict] = {
     "lr3e-3": {"learning_rate": 3e-3},
 }
 T_RANGE_K = (240.0, 660.0)
+#: variants whose settings depend on the molecule of the data file: name -> function(data path)
+DATA_VARIANTS = {"residue-masks": lambda data: residue_mask_settings(data)}
+
+
+def residue_features(data: Path) -> list[int]:
+    """The residue index of every flow feature of the data's molecule (the residue of the atom
+    each feature places), in feature order: torsions, then free bonds, then angles."""
+    from trademd.flow.coordinates import InternalCoordinates, constrained_bonds_from_openmm
+    from trademd.io.trajectory_file import read_trajectory
+    from trademd.systems import system_from_attrs
+
+    trajectory = read_trajectory(data)
+    molecule = system_from_attrs(trajectory.attrs, trajectory.topology_pdb)
+    coordinates = InternalCoordinates(molecule.zmatrix, constrained_bonds_from_openmm(molecule.create_openmm_system()),
+                                      closures=molecule.ring_closures)
+    residue = [atom.residue.index for atom in molecule.pdb().topology.atoms()]
+    z = molecule.zmatrix
+    rows = (list(range(3, len(z))) + [int(r) for r in coordinates.free_bond_rows] + list(range(2, len(z))))
+    return [residue[int(z[row][0])] for row in rows]
+
+
+def residue_mask_settings(data: Path) -> dict:
+    """Coupling layers that follow residues: per residue i, "r<i>|rest" (residue i's features
+    given all others, and all others given residue i), twice, instead of the default blocks."""
+    features = residue_features(data)
+    groups = {f"r{i}": [k for k, r in enumerate(features) if r == i] for i in sorted(set(features))}
+    return {"flow": {"groups": groups, "layers": [f"{name}|rest" for name in groups] * 2}}
 
 
 def run_variant(name: str, data: Path, out: Path, n: int, temperature_k: float) -> dict:
@@ -48,7 +75,8 @@ def run_variant(name: str, data: Path, out: Path, n: int, temperature_k: float) 
     from trademd.training.config import merge_settings
 
     run_dir = out / name
-    settings = merge_settings(merge_settings({}, BASE), VARIANTS[name], name)
+    variant = DATA_VARIANTS[name](data) if name in DATA_VARIANTS else VARIANTS[name]
+    settings = merge_settings(merge_settings({}, BASE), variant, name)
     start = time.perf_counter()
     model = run_dir / "train" / "model.pt"
     if not model.exists():
@@ -90,7 +118,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, help="trade-md simulate file (T0 = its temperature)")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--variants", nargs="*", default=["base"], choices=sorted(VARIANTS))
+    parser.add_argument("--variants", nargs="*", default=["base"], choices=sorted(VARIANTS) + sorted(DATA_VARIANTS))
     parser.add_argument("--n", type=int, default=100000, help="samples at T0")
     parser.add_argument("--temperature", type=float, default=600.0, help="the data's temperature (K)")
     parser.add_argument("--aggregate", action="store_true", help="only write the table")
