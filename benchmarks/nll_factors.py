@@ -38,8 +38,6 @@ VARIANTS: dict[str, dict] = {
     "narrow": {"narrow_torsion_rad": 0.35},
     "bins16": {"flow": {"bins": 16}},
     "lr3e-3": {"learning_rate": 3e-3},
-    # the NLL plus the reverse KL at T0 (flow samples' energies and forces): training that sees the target
-    "nll+reverse-kl": {"objective": "nll+reverse-kl"},
 }
 T_RANGE_K = (240.0, 660.0)
 #: variants whose settings depend on the molecule of the data file: name -> function(data path)
