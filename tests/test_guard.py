@@ -38,8 +38,9 @@ class StateRecorder:
         self.states[trainer.step] = {k: v.clone() for k, v in trainer.flow.state_dict().items()}
 
 
-def _sabotaged_run(tmp_path, **overrides) -> tuple[Trainer, StateRecorder]:
-    """Train with every parameter knocked by unit noise right after step 15 (a divergence)."""
+def _sabotaged_run(tmp_path, undo_at: int | None = None, **overrides) -> tuple[Trainer, StateRecorder]:
+    """Train with every parameter knocked by unit noise right after step 15 (a divergence),
+    undone right after step ``undo_at`` if given (a transient)."""
     system = get_analytic_system("gaussian-2d")
     target = AnalyticTarget(system, n_data=4000)
     validation = system.sample(2000, system.reference_temperature, torch.Generator().manual_seed(1)).float()
@@ -49,12 +50,18 @@ def _sabotaged_run(tmp_path, **overrides) -> tuple[Trainer, StateRecorder]:
     trainer.reporters.insert(1, recorder)  # right after the metrics reporter, where the guard acts
     original = trainer.take_step
 
+    knocks = []
+
     def take_step_then_knock():
         report = original()
-        if trainer.step == 15:
-            with torch.no_grad():
-                for parameter in trainer.flow.parameters():
-                    parameter.add_(torch.randn_like(parameter))
+        with torch.no_grad():
+            if trainer.step == 15:
+                knocks.extend(torch.randn_like(p) for p in trainer.flow.parameters())
+                for parameter, knock in zip(trainer.flow.parameters(), knocks):
+                    parameter.add_(knock)
+            if trainer.step == undo_at:
+                for parameter, knock in zip(trainer.flow.parameters(), knocks):
+                    parameter.sub_(knock)
         return report
 
     trainer.take_step = take_step_then_knock
@@ -85,13 +92,25 @@ def test_a_diverged_row_rolls_back_to_the_last_healthy_one(tmp_path, capsys):
 
 
 def test_a_divergence_the_weight_average_hides_is_caught(tmp_path):
-    """With a slow weight average the knock barely shows in ``val_nll_t0`` at step 20; the
-    trained flow's own held-out NLL shows it."""
+    """With a slow weight average the knock barely shows in ``val_nll_t0``; the trained flow's
+    own held-out NLL shows it at steps 20 and 30, and the run goes back to step 10 (not to the
+    damaged state of step 20)."""
     trainer, recorder = _sabotaged_run(tmp_path, ema_decay=0.99)
     rows = {int(r["step"]): r for r in _rows(tmp_path)}
-    assert rows[20]["rollbacks"] == "1"
+    assert float(rows[20]["val_nll_t0"]) < float(rows[10]["val_nll_t0"]) + 3.0  # the average hides it
+    assert float(rows[20]["val_nll_t0_trained"]) > float(rows[10]["val_nll_t0_trained"]) + 3.0
+    assert [rows[s]["rollbacks"] for s in (10, 20, 30)] == ["0", "0", "1"]
     for name, value in recorder.states[10].items():
-        assert torch.equal(recorder.states[20][name], value), name
+        assert torch.equal(recorder.states[30][name], value), name
+
+
+def test_one_row_of_the_trained_flow_alone_rolls_nothing_back(tmp_path):
+    """A transient: the knock after step 15 is undone after step 25; at step 20 only the
+    trained flow is off, at step 30 both are fine again."""
+    trainer, recorder = _sabotaged_run(tmp_path, ema_decay=0.99, undo_at=25)
+    rows = {int(r["step"]): r for r in _rows(tmp_path)}
+    assert float(rows[20]["val_nll_t0_trained"]) > float(rows[10]["val_nll_t0_trained"]) + 3.0
+    assert trainer.guard.rollbacks == 0 and all(r["rollbacks"] == "0" for r in rows.values())
 
 
 def test_a_rollback_halves_the_trade_weight_and_a_checkpoint_keeps_it(tmp_path):

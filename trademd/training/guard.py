@@ -8,16 +8,19 @@ less than 0.2 nats after its minimum (ala2, Pro, Trp), 1.9 on ala4's refinement 
 
 At every metrics row of the main phase the guard scores the held-out NLL at T0 of both the
 weight-averaged flow (the row's ``val_nll_t0``) and the trained one (on :data:`GUARD_FRAMES`
-of the held-out frames; the average lags ~100 steps behind it, so a flow already falling apart
-can still look healthy there), and compares
-the worse of the two with the lowest seen in the phase. Within ``divergence_nats`` of it, the
-row is healthy and the guard keeps a copy of the training state (parameters, weight average,
-optimiser, the objective's state). Above it (or not finite), the guard puts that copy back,
-multiplies the learning rate by ``divergence_lr_factor`` and lets the objective weaken what
+of the held-out frames), against the lowest seen in the phase. Both within ``divergence_nats``
+of it: the row is healthy and the guard keeps a copy of the training state (parameters,
+weight average, optimiser, the objective's state). The averaged flow above it, or the trained
+one above it on two rows in a row: the guard puts that copy back and multiplies the learning rate by ``divergence_lr_factor`` and lets the objective weaken what
 pulls away from the data (:meth:`~trademd.training.objectives.base.Objective.soften`: the
 TRADE weight, by ``divergence_trade_factor``), for the rest of the phase; the step count, and so
-the schedule and the time the run takes, go on. Refinement rounds restart from the selected
-model each round, so the guard leaves them alone; without held-out data it does nothing.
+the schedule and the time the run takes, go on. The average lags the trained flow by ~100
+steps, so a flow already falling apart can look healthy there (ala4: -12.3 nats averaged while
+the trained flow's batch NLL was -7.7): such a row is no copy to go back to. One row of the
+trained flow alone is not enough to roll back: at the TRADE weight's onset it can jump
+for a few steps and come back (Ace-Pro-Nme, seed 0: +3.9 nats at step 1350). Refinement rounds
+restart from the selected model each round, so the guard leaves them alone; without held-out
+data it does nothing.
 """
 
 import copy
@@ -56,6 +59,7 @@ class DivergenceGuard:
         self.lowest = math.inf
         self._healthy: dict | None = None
         self._frames: torch.Tensor | None = None
+        self._suspect = False  # the last row's trained flow was off, its average not
 
     def check(self, trainer, row: dict) -> bool:
         """Look at one metrics row (``row["val_nll_t0"]``, ``row["phase"]``; adds the trained
@@ -74,11 +78,16 @@ class DivergenceGuard:
         with torch.no_grad():
             trained = validation_nll(trainer.flow, self._frames, trainer.target.reference_temperature, trainer.ranks)
         row["val_nll_t0_trained"] = trained
-        value = max(value, trained) if math.isfinite(trained) else math.inf
-        if math.isfinite(value) and value <= self.lowest + self.divergence_nats:
-            self.lowest = min(self.lowest, value)
-            self._healthy = self._state(trainer)
+        averaged_off, trained_off = (not math.isfinite(v) or v > self.lowest + self.divergence_nats
+                                     for v in (value, trained))
+        if not (averaged_off or trained_off):
+            self.lowest = min(self.lowest, max(value, trained))
+            self._healthy, self._suspect = self._state(trainer), False
             return False
+        if not (averaged_off or self._suspect):  # the trained flow alone: a transient, or the start
+            self._suspect = True                  # of a divergence the average has not seen yet
+            return False
+        self._suspect = False
         if self._healthy is None:  # nothing healthy to go back to (e.g. just resumed)
             return False
         self._restore(trainer, self._healthy)
