@@ -40,8 +40,6 @@ VARIANTS: dict[str, dict] = {
     "lr3e-3": {"learning_rate": 3e-3},
 }
 T_RANGE_K = (240.0, 660.0)
-#: variants whose settings depend on the molecule of the data file: name -> function(data path)
-DATA_VARIANTS = {"residue-masks": lambda data: residue_mask_settings(data)}
 
 
 def residue_features(data: Path) -> list[int]:
@@ -67,6 +65,10 @@ def residue_mask_settings(data: Path) -> dict:
     features = residue_features(data)
     groups = {f"r{i}": [k for k, r in enumerate(features) if r == i] for i in sorted(set(features))}
     return {"flow": {"groups": groups, "layers": [f"{name}|rest" for name in groups] * 2}}
+
+
+#: variants whose settings depend on the molecule of the data file: name -> function(data path)
+DATA_VARIANTS = {"residue-masks": residue_mask_settings}
 
 
 def run_variant(name: str, data: Path, out: Path, n: int, temperature_k: float) -> dict:
