@@ -49,8 +49,11 @@ from trademd.training.trainer import Trainer
 REPOSITORY = Path(__file__).resolve().parents[1]
 T_RANGE, T0 = (240.0, 660.0), 600.0
 #: the trainer's step of each phase: in the warm-up, with the TRADE weight on (not a cache
-#: refresh), the first refinement round (quick preset: 1500 main steps)
+#: refresh), the first refinement round, of a schedule both revisions are given (the quick
+#: preset of the baseline 9eb5f51: 1500 main steps, rounds of 150; today's preset trains
+#: 4000 and 400, which would put step 1501 in the main phase)
 PHASE_STEPS = {"nll": 1, "trade": 1001, "refine": 1501}
+PHASE_SETTINGS = {"steps": 1500, "refinement": {"refine_steps": 150}}
 
 
 def load_baseline(revision: str):
@@ -122,7 +125,7 @@ def make_trainers(baseline, target, run_dir: Path, pretrain: int = 0) -> dict:
     """{"baseline": ..., "current": ...}: trainers of both revisions on ``target`` with the quick
     preset and the same weights: perturbed away from the identity, then ``pretrain`` steps of
     the NLL at T0 (learning rate 1e-3, the current code), so flow samples look like data."""
-    settings = {"t_min": T_RANGE[0], "t_max": T_RANGE[1]}
+    settings = {"t_min": T_RANGE[0], "t_max": T_RANGE[1], **PHASE_SETTINGS}
     trainers = {
         "baseline": baseline.training.trainer.Trainer(
             target, baseline.training.config.TrainConfig.from_settings(settings), run_dir / "baseline",

@@ -29,6 +29,8 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from trademd.flow.spline_fused import fused_call
+
 __all__ = ["RationalQuadraticSpline", "spline_call", "spline_call_jvp", "spline_inverse", "compile_splines"]
 
 
@@ -222,10 +224,11 @@ def _inverse(bin_logits: Tensor, slope_logits: Tensor, y: Tensor, min_slope: flo
 
 class _CompiledOrEager:
     """``function`` through ``torch.compile`` (shapes dynamic); where compiling fails (no C++
-    compiler, an unsupported platform) a one-line warning and ``function`` itself from then on."""
+    compiler, an unsupported platform) a one-line warning and ``eager`` (the same function
+    without compiling; default ``function`` itself) from then on."""
 
-    def __init__(self, function):
-        self.function, self.compiled = function, torch.compile(function, dynamic=True)
+    def __init__(self, function, eager=None):
+        self.function, self.compiled = eager or function, torch.compile(function, dynamic=True)
 
     def __call__(self, *args):
         if self.compiled is not None:
@@ -239,8 +242,9 @@ class _CompiledOrEager:
         return self.function(*args)
 
 
-#: what the coupling layers call (:func:`compile_splines` switches them)
-spline_call, spline_call_jvp, spline_inverse = _call, _call_jvp, _inverse
+#: what the coupling layers call (:func:`compile_splines` switches them); eagerly, the forward
+#: spline has a hand-written backward (:mod:`trademd.flow.spline_fused`)
+spline_call, spline_call_jvp, spline_inverse = fused_call, _call_jvp, _inverse
 
 
 def compile_splines(enabled: bool = True) -> None:
@@ -249,7 +253,8 @@ def compile_splines(enabled: bool = True) -> None:
     training step of the quick preset on a CPU, after 30-60 s of compiling on first use
     (cached on disk by torch for later runs): docs/performance.md."""
     global spline_call, spline_call_jvp, spline_inverse
-    functions = (_call, _call_jvp, _inverse)
+    functions = (fused_call, _call_jvp, _inverse)
     if enabled:
-        functions = tuple(_CompiledOrEager(f) for f in functions)
+        # the recorded forward compiles (inductor derives its backward); fused_call is eager's
+        functions = (_CompiledOrEager(_call, fused_call), _CompiledOrEager(_call_jvp), _CompiledOrEager(_inverse))
     spline_call, spline_call_jvp, spline_inverse = functions
