@@ -264,6 +264,7 @@ def main() -> None:
     torch.set_default_dtype(torch.float32)
 
     rates = {(phase, name): [] for phase in args.phases for name in trainers}
+    cpu_ms = {(phase, name): [] for phase in args.phases for name in trainers}
     for phase in args.phases:
         prepare(trainers, phase)
         initial = {name: copy.deepcopy(t.flow.state_dict()) for name, t in trainers.items()}
@@ -271,17 +272,22 @@ def main() -> None:
             for name, trainer in trainers.items():
                 trainer.flow.load_state_dict(initial[name])
                 train_step(trainer)  # warm-up
-                start, n = time.perf_counter(), 0
+                start, cpu_start, n = time.perf_counter(), time.process_time(), 0
                 while time.perf_counter() - start < args.seconds:
                     train_step(trainer)
                     n += 1
                 rates[phase, name].append(n / (time.perf_counter() - start))
+                cpu_ms[phase, name].append(1000 * (time.process_time() - cpu_start) / n)
     print(f"\nsteps/s, median of {args.repeats} interleaved rounds of {args.seconds:g} s "
-          f"(ms per step in brackets):\n")
-    print("| phase | baseline | current | speed-up |\n| --- | --- | --- | --- |")
+          f"(ms per step in brackets); CPU time of this process per step (what other jobs on "
+          f"the cores do not change; OpenMM's energy workers are other processes):\n")
+    print("| phase | baseline | current | speed-up | CPU ms per step: baseline | current | speed-up |\n"
+          "| --- | --- | --- | --- | --- | --- | --- |")
     for phase in args.phases:
         a, b = (statistics.median(rates[phase, name]) for name in ("baseline", "current"))
-        print(f"| {phase} | {a:.2f} ({1000 / a:.1f} ms) | {b:.2f} ({1000 / b:.1f} ms) | {b / a:.2f}x |")
+        cpu_a, cpu_b = (statistics.median(cpu_ms[phase, name]) for name in ("baseline", "current"))
+        print(f"| {phase} | {a:.2f} ({1000 / a:.1f} ms) | {b:.2f} ({1000 / b:.1f} ms) | {b / a:.2f}x "
+              f"| {cpu_a:.1f} | {cpu_b:.1f} | {cpu_a / cpu_b:.2f}x |")
     if args.profile:
         for phase in [*args.phases, "metrics"]:
             if phase != "metrics":

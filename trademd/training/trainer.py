@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from trademd import distributed
 from trademd.distributed import Ranks
@@ -38,6 +37,7 @@ from trademd.flow.conditional import TemperatureFlow
 from trademd.flow.factory import build_flow
 from trademd.flow.spline import compile_splines
 from trademd.seeds import stream_seed
+from trademd.training.averaging import ExponentialAverage
 from trademd.training.batches import MinibatchSource
 from trademd.training.checkpoint import load_checkpoint, save_checkpoint
 from trademd.training.config import TrainConfig
@@ -192,8 +192,8 @@ class Trainer:
         over each parameter instead of a dozen tensor operations: 4x faster on a CPU)."""
         return torch.optim.Adam(self.flow.parameters(), lr=learning_rate, fused=True)
 
-    def _averaged(self, flow: TemperatureFlow) -> AveragedModel:
-        return AveragedModel(flow, multi_avg_fn=get_ema_multi_avg_fn(self.config.optimiser.ema_decay))
+    def _averaged(self, flow: TemperatureFlow) -> ExponentialAverage:
+        return ExponentialAverage(flow, self.config.optimiser.ema_decay)
 
     # -- the loop ----------------------------------------------------------------------------
 
