@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from trademd.flow.spline_fused import fused_call
+from trademd.flow.spline_fused_jvp import fused_call_jvp
 
 __all__ = ["RationalQuadraticSpline", "spline_call", "spline_call_jvp", "spline_inverse", "compile_splines"]
 
@@ -243,8 +244,9 @@ class _CompiledOrEager:
 
 
 #: what the coupling layers call (:func:`compile_splines` switches them); eagerly, the forward
-#: spline has a hand-written backward (:mod:`trademd.flow.spline_fused`)
-spline_call, spline_call_jvp, spline_inverse = fused_call, _call_jvp, _inverse
+#: spline and its forward-mode derivative have hand-written backwards
+#: (:mod:`trademd.flow.spline_fused`, :mod:`trademd.flow.spline_fused_jvp`)
+spline_call, spline_call_jvp, spline_inverse = fused_call, fused_call_jvp, _inverse
 
 
 def compile_splines(enabled: bool = True) -> None:
@@ -253,8 +255,10 @@ def compile_splines(enabled: bool = True) -> None:
     training step of the quick preset on a CPU, after 30-60 s of compiling on first use
     (cached on disk by torch for later runs): docs/performance.md."""
     global spline_call, spline_call_jvp, spline_inverse
-    functions = (fused_call, _call_jvp, _inverse)
+    functions = (fused_call, fused_call_jvp, _inverse)
     if enabled:
-        # the recorded forward compiles (inductor derives its backward); fused_call is eager's
-        functions = (_CompiledOrEager(_call, fused_call), _CompiledOrEager(_call_jvp), _CompiledOrEager(_inverse))
+        # the recorded arithmetic compiles (inductor derives its backward); eager falls back
+        # to the hand-written backwards
+        functions = (_CompiledOrEager(_call, fused_call), _CompiledOrEager(_call_jvp, fused_call_jvp),
+                     _CompiledOrEager(_inverse))
     spline_call, spline_call_jvp, spline_inverse = functions

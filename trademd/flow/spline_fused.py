@@ -22,7 +22,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["fused_call"]
+__all__ = ["fused_call", "bin_weight_gradient", "recorded_gradients"]
 
 
 def fused_call(bin_logits: Tensor, slope_logits: Tensor, x: Tensor, min_slope: float) -> tuple[Tensor, Tensor]:
@@ -81,7 +81,8 @@ class _FusedSpline(torch.autograd.Function):
         (bin_logits, slope_logits, x, weights_dot, totals, knots, inside, ends, slopes, slope_scale_squared,
          z, s, denominator, ratio, m) = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: differentiate the recorded version
-            return _recorded_backward(ctx, bin_logits, slope_logits, x, grad_y, grad_ladj)
+            return (*recorded_gradients(_spline_values, (bin_logits, slope_logits, x), ctx.min_slope,
+                                        (grad_y, grad_ladj), ctx.needs_input_grad[:3]), None)
         if grad_y is None:
             grad_y = torch.zeros_like(x)
         if grad_ladj is None:
@@ -117,23 +118,29 @@ class _FusedSpline(torch.autograd.Function):
         # ends = 2 sums / total - 1 -> the sums at the knots k, k + 1 and the total
         grad_total = (grad_ends * (ends + 1.0)).sum(dim=1).div_(totals).neg_()
         grad_sums = grad_ends.mul_(2.0).div_(totals[:, None])
-        # bin i lies below knot k + 1 (i <= k) and below knot k (i < k)
-        bins = bin_logits.shape[1]
-        bin_index = torch.arange(bins, device=x.device).view(1, -1, *([1] * (x.dim() - 1)))
-        k = knots[:, :1]
-        lower = (bin_index < k).unsqueeze(2).to(x.dtype)  # [B, K, 1, ...]
-        upper = (bin_index <= k).unsqueeze(2).to(x.dtype)
-        grad_weights = torch.addcmul(torch.addcmul(grad_total[:, None], grad_sums[:, 1:2], upper), grad_sums[:, 0:1], lower)
-        return grad_weights.mul_(weights_dot), grad_slope_logits, grad_x, None
+        return bin_weight_gradient(grad_total, grad_sums, knots, bin_logits.shape[1]).mul_(weights_dot), grad_slope_logits, grad_x, None
 
 
-def _recorded_backward(ctx, bin_logits: Tensor, slope_logits: Tensor, x: Tensor, grad_y: Tensor | None,
-                       grad_ladj: Tensor | None) -> tuple[Tensor | None, ...]:
-    """The gradients by the autograd graph of the same arithmetic on the saved inputs,
-    themselves differentiable (for ``create_graph=True``)."""
-    inputs = [t if t.requires_grad else t.detach().requires_grad_(True) for t in (bin_logits, slope_logits, x)]
-    y, ladj, _ = _spline_values(*inputs, ctx.min_slope)
-    outputs = [(out, grad) for out, grad in ((y, grad_y), (ladj, grad_ladj)) if grad is not None]
-    grads = torch.autograd.grad([o for o, _ in outputs], inputs, [g for _, g in outputs],
-                                create_graph=True, allow_unused=True)
-    return (*(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[:3])), None)
+def bin_weight_gradient(grad_total: Tensor, grad_sums: Tensor, knots: Tensor, bins: int) -> Tensor:
+    """The gradient [B, K, 2, ...] of the K bin weights (widths and heights) given those of
+    their total, ``grad_total`` [B, 2, ...], and of their prefix sums at each point's knots k
+    and k + 1 (``knots`` [B, 2, ...]), ``grad_sums`` [B, 2, 2, ...]: the sum at knot j holds
+    the bins i < j, so bin i gets g_total + g_upper [i <= k] + g_lower [i < k]."""
+    bin_index = torch.arange(bins, device=knots.device).view(1, -1, *([1] * (knots.dim() - 2)))
+    k = knots[:, :1]
+    lower = (bin_index < k).unsqueeze(2).to(grad_total.dtype)  # [B, K, 1, ...]
+    upper = (bin_index <= k).unsqueeze(2).to(grad_total.dtype)
+    return torch.addcmul(torch.addcmul(grad_total[:, None], grad_sums[:, 1:2], upper), grad_sums[:, 0:1], lower)
+
+
+def recorded_gradients(values, inputs: tuple[Tensor, ...], min_slope: float, grads: tuple[Tensor | None, ...],
+                       needs_input_grad: tuple[bool, ...]) -> tuple[Tensor | None, ...]:
+    """The gradients of ``inputs`` by the autograd graph of ``values(*inputs, min_slope)`` (whose
+    leading results are the outputs that ``grads`` belong to), themselves differentiable: the
+    backward of a backward (``create_graph=True``)."""
+    inputs = [t if t.requires_grad else t.detach().requires_grad_(True) for t in inputs]
+    outputs = values(*inputs, min_slope)
+    pairs = [(out, grad) for out, grad in zip(outputs, grads) if grad is not None]
+    result = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], create_graph=True,
+                                 allow_unused=True)
+    return tuple(g if needed else None for g, needed in zip(result, needs_input_grad))

@@ -1,0 +1,267 @@
+"""The forward spline and its forward-mode derivative (TRADE's d log p / dlogT) with a
+hand-written backward.
+
+:meth:`~trademd.flow.spline.RationalQuadraticSpline.call_and_ladj_jvp` returns y, log|dy/dx|
+and their tangents along given tangents of the logits and of x; a TRADE step differentiates
+all four by reverse mode, through about 150 recorded operations per coupling layer. Here the
+forward records nothing (the same arithmetic, operation for operation, so the same numbers to
+the last bit) and the backward is the reverse sweep written out, node by node, over the
+per-point quantities (bin ends and slopes and their tangents), then the closed-form gradients
+of the prefix sums (:func:`~trademd.flow.spline_fused.bin_weight_gradient`) and of the squashed
+logits. Where a backward itself is differentiated (``create_graph=True``), the recorded
+arithmetic is differentiated instead (exact, as slow as before).
+
+Tested against autograd (tests/test_spline_fused.py: gradcheck in float64 over all six inputs
+and four outputs).
+"""
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from trademd.flow.spline_fused import bin_weight_gradient, recorded_gradients
+
+__all__ = ["fused_call_jvp"]
+
+
+def fused_call_jvp(bin_logits: Tensor, slope_logits: Tensor, bin_logits_dot: Tensor, slope_logits_dot: Tensor,
+                   x: Tensor, x_dot: Tensor, min_slope: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, log|dy/dx|, tangent of y, tangent of log|dy/dx|), each [B, ...], of the splines with
+    ``bin_logits`` [B, K, 2, ...] and ``slope_logits`` [B, K + 1, ...] (tangents of the same
+    shapes) at x [B, ...] with tangent ``x_dot``: the values and gradients of
+    :meth:`~trademd.flow.spline.RationalQuadraticSpline.call_and_ladj_jvp`."""
+    return _FusedSplineJvp.apply(bin_logits, slope_logits, bin_logits_dot, slope_logits_dot, x, x_dot, min_slope)
+
+
+def _prefix_sums(weights: Tensor) -> Tensor:
+    """[B, K, ...] -> [B, K + 1, ...]: 0 and the cumulative sums along the bin axis."""
+    return torch.cumsum(nn.functional.pad(weights, (0, 0) * (weights.dim() - 2) + (1, 0)), dim=1)
+
+
+def _spline_values_jvp(bin_logits: Tensor, slope_logits: Tensor, bin_logits_dot: Tensor, slope_logits_dot: Tensor,
+                       x: Tensor, x_dot: Tensor, min_slope: float) -> tuple[Tensor, ...]:
+    """(y, ladj, y_dot, ladj_dot, what the backward needs): the arithmetic of
+    ``call_and_ladj_jvp`` operation for operation, recorded by autograd where grad mode is on."""
+    log_slope = -math.log(min_slope)
+    bin_scale = 1.0 + torch.abs(bin_logits) / (0.5 * log_slope)
+    weights = torch.exp(bin_logits / bin_scale)
+    sums = _prefix_sums(weights)
+    weights_dot = weights * bin_logits_dot / bin_scale**2
+    sums_dot = _prefix_sums(weights_dot)
+    totals, totals_dot = sums[:, -1], sums_dot[:, -1]  # [B, 2, ...]
+    with torch.no_grad():
+        threshold = 0.5 * (x + 1.0) * totals[:, 0]
+        k = torch.sum(sums[:, 1:-1, 0] < threshold[:, None], dim=1)
+        inside = torch.logical_and(x > -1.0, x <= 1.0)
+        knots = torch.stack([k, k + 1], dim=1)  # [B, 2, ...]
+        columns = knots[:, :, None].expand(-1, -1, 2, *k.shape[1:])
+    ends = 2.0 * sums.gather(1, columns) / totals[:, None] - 1.0  # [B, 2 (lower, upper), 2 (x, y), ...]
+    ends_dot = 2.0 * (sums_dot.gather(1, columns) - 0.5 * (ends + 1.0) * totals_dot[:, None]) / totals[:, None]
+    logits = slope_logits.gather(1, knots)
+    slope_scale = 1.0 + torch.abs(logits) / log_slope
+    slopes = torch.exp(logits / slope_scale)
+    logits_dot = slope_logits_dot.gather(1, knots)
+    slopes_dot = slopes * logits_dot / slope_scale**2
+    (x0, y0), (x1, y1) = (end.unbind(1) for end in ends.unbind(1))
+    (x0_dot, y0_dot), (x1_dot, y1_dot) = (end.unbind(1) for end in ends_dot.unbind(1))
+    d0, d1 = slopes.unbind(1)
+    d0_dot, d1_dot = slopes_dot.unbind(1)
+    width, height = x1 - x0, y1 - y0
+    s = height / width
+    z = inside * (x - x0) / width
+    zz = z * (1 - z)
+    denominator = s + (d0 + d1 - 2 * s) * zz
+    ratio = (s * z**2 + d0 * zz) / denominator
+    y = torch.where(inside, y0 + height * ratio, x)
+    m = 2 * s * zz + d0 * (1 - z) ** 2 + d1 * z**2
+    ladj = inside * torch.log(s**2 * m / denominator**2)
+    width_dot, height_dot = x1_dot - x0_dot, y1_dot - y0_dot
+    s_dot = (height_dot - s * width_dot) / width
+    z_dot = inside * (x_dot - x0_dot - z * width_dot) / width
+    one_minus_z = 1 - z
+    zz_dot = (one_minus_z - z) * z_dot
+    denominator_dot = s_dot + (d0_dot + d1_dot - 2 * s_dot) * zz + (d0 + d1 - 2 * s) * zz_dot
+    numerator_dot = s_dot * z**2 + 2 * s * z * z_dot + d0_dot * zz + d0 * zz_dot
+    ratio_dot = (numerator_dot - ratio * denominator_dot) / denominator
+    y_dot = y0_dot + height_dot * ratio + height * ratio_dot
+    m_dot = (2 * (s_dot * zz + s * zz_dot) + d0_dot * one_minus_z**2 + d1_dot * z**2
+             + 2 * (d1 * z - d0 * one_minus_z) * z_dot)
+    ladj_dot = 2 * s_dot / s + m_dot / m - 2 * denominator_dot / denominator
+    saved = (weights, bin_scale, totals, totals_dot, knots, inside, ends, ends_dot, slopes, slopes_dot, logits,
+             logits_dot, slope_scale, z, z_dot, s, s_dot, denominator, denominator_dot, ratio, ratio_dot, m, m_dot)
+    return y, ladj, torch.where(inside, y_dot, x_dot), inside * ladj_dot, saved
+
+
+class _FusedSplineJvp(torch.autograd.Function):
+    """call_and_ladj_jvp with the reverse sweep written out (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, bin_logits, slope_logits, bin_logits_dot, slope_logits_dot, x, x_dot, min_slope):
+        *outputs, saved = _spline_values_jvp(bin_logits, slope_logits, bin_logits_dot, slope_logits_dot, x, x_dot,
+                                            min_slope)
+        ctx.min_slope = min_slope
+        ctx.save_for_backward(bin_logits, slope_logits, bin_logits_dot, slope_logits_dot, x, x_dot, *saved)
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_ladj, grad_y_dot, grad_ladj_dot):
+        inputs, saved = ctx.saved_tensors[:6], ctx.saved_tensors[6:]
+        grads = (grad_y, grad_ladj, grad_y_dot, grad_ladj_dot)
+        if torch.is_grad_enabled():  # create_graph: differentiate the recorded version
+            return (*recorded_gradients(_spline_values_jvp, inputs, ctx.min_slope, grads, ctx.needs_input_grad[:6]),
+                    None)
+        grads = [torch.zeros_like(inputs[4]) if g is None else g for g in grads]
+        return (*_reverse_sweep(inputs, saved, ctx.min_slope, *grads), None)
+
+
+def _reverse_sweep(inputs, saved, min_slope, grad_y, grad_ladj, grad_y_dot, grad_ladj_dot):
+    """The gradients of the six inputs of :func:`_spline_values_jvp` given those of its four
+    outputs: the forward's per-point steps in reverse order, each line the chain rule of one."""
+    bin_logits, slope_logits, bin_logits_dot, slope_logits_dot, x, x_dot = inputs
+    (weights, bin_scale, totals, totals_dot, knots, inside, ends, ends_dot, slopes, slopes_dot, logits, logits_dot,
+     slope_scale, z, z_dot, s, s_dot, den, den_dot, ratio, ratio_dot, m, m_dot) = saved
+    log_slope = -math.log(min_slope)
+    (x0, y0), (x1, y1) = (end.unbind(1) for end in ends.unbind(1))
+    (x0_dot, y0_dot), (x1_dot, y1_dot) = (end.unbind(1) for end in ends_dot.unbind(1))
+    d0, d1 = slopes.unbind(1)
+    d0_dot, d1_dot = slopes_dot.unbind(1)
+    width, height = x1 - x0, y1 - y0
+    width_dot, height_dot = x1_dot - x0_dot, y1_dot - y0_dot
+    one_minus_z = 1 - z
+    zz = z * one_minus_z
+    one_minus_2z = one_minus_z - z
+    zz_dot = one_minus_2z * z_dot
+    a = d0 + d1 - 2 * s
+    a_dot = d0_dot + d1_dot - 2 * s_dot
+    # cotangents of the outputs, inside the spline's interval (outside: y = x, y_dot = x_dot)
+    g_y, g_ladj = grad_y * inside, grad_ladj * inside
+    g_y_dot, g_ladj_dot = grad_y_dot * inside, grad_ladj_dot * inside
+    # ladj_dot = 2 s_dot / s + m_dot / m - 2 den_dot / den
+    g_s_dot = 2 * g_ladj_dot / s
+    g_s = -2 * g_ladj_dot * s_dot / s**2
+    g_m_dot = g_ladj_dot / m
+    g_m = -g_ladj_dot * m_dot / m**2
+    g_den_dot = -2 * g_ladj_dot / den
+    g_den = 2 * g_ladj_dot * den_dot / den**2
+    # m_dot = 2 (s_dot zz + s zz_dot) + d0_dot (1 - z)^2 + d1_dot z^2 + 2 (d1 z - d0 (1 - z)) z_dot
+    g_s_dot = g_s_dot + 2 * g_m_dot * zz
+    g_zz = 2 * g_m_dot * s_dot
+    g_s = g_s + 2 * g_m_dot * zz_dot
+    g_zz_dot = 2 * g_m_dot * s
+    g_d0_dot = g_m_dot * one_minus_z**2
+    g_d1_dot = g_m_dot * z**2
+    g_z = g_m_dot * (2 * d1_dot * z - 2 * d0_dot * one_minus_z + 2 * (d1 + d0) * z_dot)
+    g_d1 = 2 * g_m_dot * z * z_dot
+    g_d0 = -2 * g_m_dot * one_minus_z * z_dot
+    g_z_dot = 2 * g_m_dot * (d1 * z - d0 * one_minus_z)
+    # y_dot = y0_dot + height_dot ratio + height ratio_dot
+    g_y0_dot = g_y_dot
+    g_height_dot = g_y_dot * ratio
+    g_ratio = g_y_dot * height_dot
+    g_height = g_y_dot * ratio_dot
+    g_ratio_dot = g_y_dot * height
+    # ratio_dot = (num_dot - ratio den_dot) / den
+    g_num_dot = g_ratio_dot / den
+    g_ratio = g_ratio - g_ratio_dot * den_dot / den
+    g_den_dot = g_den_dot - g_ratio_dot * ratio / den
+    g_den = g_den - g_ratio_dot * ratio_dot / den
+    # num_dot = s_dot z^2 + 2 s z z_dot + d0_dot zz + d0 zz_dot
+    g_s_dot = g_s_dot + g_num_dot * z**2
+    g_z = g_z + g_num_dot * (2 * s_dot * z + 2 * s * z_dot)
+    g_s = g_s + g_num_dot * 2 * z * z_dot
+    g_z_dot = g_z_dot + g_num_dot * 2 * s * z
+    g_d0_dot = g_d0_dot + g_num_dot * zz
+    g_zz = g_zz + g_num_dot * d0_dot
+    g_d0 = g_d0 + g_num_dot * zz_dot
+    g_zz_dot = g_zz_dot + g_num_dot * d0
+    # den_dot = s_dot + a_dot zz + a zz_dot, a_dot = d0_dot + d1_dot - 2 s_dot, a = d0 + d1 - 2 s
+    g_s_dot = g_s_dot + g_den_dot
+    g_a_dot = g_den_dot * zz
+    g_zz = g_zz + g_den_dot * a_dot
+    g_a = g_den_dot * zz_dot
+    g_zz_dot = g_zz_dot + g_den_dot * a
+    g_d0_dot = g_d0_dot + g_a_dot
+    g_d1_dot = g_d1_dot + g_a_dot
+    g_s_dot = g_s_dot - 2 * g_a_dot
+    # zz_dot = (1 - 2 z) z_dot
+    g_z = g_z - 2 * g_zz_dot * z_dot
+    g_z_dot = g_z_dot + g_zz_dot * one_minus_2z
+    # z_dot = inside (x_dot - x0_dot - z width_dot) / width
+    g_z_dot = g_z_dot * inside
+    g_x_dot = g_z_dot / width
+    g_x0_dot = -g_z_dot / width
+    g_z = g_z - g_z_dot * width_dot / width
+    g_width_dot = -g_z_dot * z / width
+    g_width = -g_z_dot * z_dot / width
+    # s_dot = (height_dot - s width_dot) / width
+    g_height_dot = g_height_dot + g_s_dot / width
+    g_s = g_s - g_s_dot * width_dot / width
+    g_width_dot = g_width_dot - g_s_dot * s / width
+    g_width = g_width - g_s_dot * s_dot / width
+    # ladj = 2 log s + log m - 2 log den
+    g_s = g_s + 2 * g_ladj / s
+    g_m = g_m + g_ladj / m
+    g_den = g_den - 2 * g_ladj / den
+    # m = 2 s zz + d0 (1 - z)^2 + d1 z^2
+    g_s = g_s + 2 * g_m * zz
+    g_zz = g_zz + 2 * g_m * s
+    g_d0 = g_d0 + g_m * one_minus_z**2
+    g_d1 = g_d1 + g_m * z**2
+    g_z = g_z + g_m * (2 * d1 * z - 2 * d0 * one_minus_z)
+    # y = y0 + height ratio, ratio = num / den, num = s z^2 + d0 zz
+    g_y0 = g_y
+    g_height = g_height + g_y * ratio
+    g_ratio = g_ratio + g_y * height
+    g_num = g_ratio / den
+    g_den = g_den - g_ratio * ratio / den
+    g_s = g_s + g_num * z**2
+    g_z = g_z + g_num * 2 * s * z
+    g_d0 = g_d0 + g_num * zz
+    g_zz = g_zz + g_num * d0
+    # den = s + a zz
+    g_s = g_s + g_den
+    g_a = g_a + g_den * zz
+    g_zz = g_zz + g_den * a
+    g_d0 = g_d0 + g_a
+    g_d1 = g_d1 + g_a
+    g_s = g_s - 2 * g_a
+    # zz = z (1 - z); z = inside (x - x0) / width; s = height / width
+    g_z = (g_z + g_zz * one_minus_2z) * inside
+    g_x = g_z / width
+    g_x0 = -g_z / width
+    g_width = g_width - g_z * z / width
+    g_height = g_height + g_s / width
+    g_width = g_width - g_s * s / width
+    # width = x1 - x0, height = y1 - y0 and their tangents
+    g_ends = torch.stack([torch.stack([g_x0 - g_width, g_y0 - g_height], dim=1),
+                          torch.stack([g_width, g_height], dim=1)], dim=1)
+    g_ends_dot = torch.stack([torch.stack([g_x0_dot - g_width_dot, g_y0_dot - g_height_dot], dim=1),
+                              torch.stack([g_width_dot, g_height_dot], dim=1)], dim=1)
+    # slopes = exp(l / c(l)), slopes_dot = slopes l_dot / c(l)^2, c(l) = 1 + |l| / log_slope
+    g_slopes = torch.stack([g_d0, g_d1], dim=1)
+    g_slopes_dot = torch.stack([g_d0_dot, g_d1_dot], dim=1)
+    g_logits_dot = g_slopes_dot * slopes / slope_scale**2
+    g_logits = ((g_slopes + g_slopes_dot * logits_dot / slope_scale**2) * slopes / slope_scale**2
+                - 2 * g_slopes_dot * slopes_dot / slope_scale * torch.sign(logits) / log_slope)
+    grad_slope_logits = torch.zeros_like(slope_logits).scatter_add_(1, knots, g_logits)
+    grad_slope_logits_dot = torch.zeros_like(slope_logits_dot).scatter_add_(1, knots, g_logits_dot)
+    # ends_dot = 2 (sums_dot - (ends + 1) totals_dot / 2) / totals, ends = 2 sums / totals - 1
+    totals_, totals_dot_ = totals[:, None], totals_dot[:, None]
+    g_sums_dot = 2 * g_ends_dot / totals_
+    g_totals_dot = -(g_ends_dot * (ends + 1)).sum(dim=1) / totals
+    g_ends = g_ends - g_ends_dot * totals_dot_ / totals_
+    g_totals = -(g_ends_dot * ends_dot).sum(dim=1) / totals
+    g_sums = 2 * g_ends / totals_
+    g_totals = g_totals - (g_ends * (ends + 1)).sum(dim=1) / totals
+    g_weights = bin_weight_gradient(g_totals, g_sums, knots, bin_logits.shape[1])
+    g_weights_dot = bin_weight_gradient(g_totals_dot, g_sums_dot, knots, bin_logits.shape[1])
+    # weights = exp(b / c(b)), weights_dot = weights b_dot / c(b)^2, c(b) = 1 + |b| / (log_slope / 2)
+    scale_squared = bin_scale**2
+    grad_bin_logits_dot = g_weights_dot * weights / scale_squared
+    grad_bin_logits = ((g_weights + g_weights_dot * bin_logits_dot / scale_squared) * weights / scale_squared
+                       - 2 * g_weights_dot * weights * bin_logits_dot / (scale_squared * bin_scale)
+                       * torch.sign(bin_logits) / (0.5 * log_slope))
+    grad_x = torch.where(inside, g_x, grad_y)
+    grad_x_dot = torch.where(inside, g_x_dot, grad_y_dot)
+    return grad_bin_logits, grad_slope_logits, grad_bin_logits_dot, grad_slope_logits_dot, grad_x, grad_x_dot
