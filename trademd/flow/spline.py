@@ -21,6 +21,11 @@ Forward mode: given the tangents of the parameters (``tangents``) and of the poi
 :meth:`RationalQuadraticSpline.call_and_ladj_jvp` also returns the tangents of the outputs
 (directional derivatives written out by hand: one extra pass of plain tensor arithmetic, which
 reverse-mode autograd differentiates like any other; this is how TRADE takes d log p / dT).
+
+Training calls the forward map and its forward-mode derivative through
+:mod:`trademd.flow.spline_fused` and :mod:`trademd.flow.spline_fused_jvp`: the arithmetic of
+``call_and_ladj`` and ``call_and_ladj_jvp`` operation for operation (tests pin the values bit
+for bit and the gradients against autograd of these methods), with hand-written backwards.
 """
 
 import math
@@ -252,8 +257,9 @@ spline_call, spline_call_jvp, spline_inverse = fused_call, fused_call_jvp, _inve
 def compile_splines(enabled: bool = True) -> None:
     """Evaluate every spline of this process through ``torch.compile`` (``enabled``) or
     eagerly. Same numbers to float rounding (tests/test_spline_compile.py); 1.13-1.26x per
-    training step of the quick preset on a CPU, after 30-60 s of compiling on first use
-    (cached on disk by torch for later runs): docs/performance.md."""
+    training step of the quick preset on a CPU against the eager code before the hand-written
+    backwards, after 30-60 s of compiling on first use (cached on disk by torch for later
+    runs): docs/performance.md."""
     global spline_call, spline_call_jvp, spline_inverse
     functions = (fused_call, fused_call_jvp, _inverse)
     if enabled:
