@@ -128,111 +128,105 @@ def _reverse_sweep(inputs, saved, min_slope, grad_y, grad_ladj, grad_y_dot, grad
     d0_dot, d1_dot = slopes_dot.unbind(1)
     width, height = x1 - x0, y1 - y0
     width_dot, height_dot = x1_dot - x0_dot, y1_dot - y0_dot
+    inv_width, inv_den, inv_m = width.reciprocal(), den.reciprocal(), m.reciprocal()
     one_minus_z = 1 - z
     zz = z * one_minus_z
     one_minus_2z = one_minus_z - z
     zz_dot = one_minus_2z * z_dot
-    a = d0 + d1 - 2 * s
-    a_dot = d0_dot + d1_dot - 2 * s_dot
+    a = (d0 + d1).sub_(s, alpha=2)
+    a_dot = (d0_dot + d1_dot).sub_(s_dot, alpha=2)
     # cotangents of the outputs, inside the spline's interval (outside: y = x, y_dot = x_dot)
     g_y, g_ladj = grad_y * inside, grad_ladj * inside
     g_y_dot, g_ladj_dot = grad_y_dot * inside, grad_ladj_dot * inside
-    # ladj_dot = 2 s_dot / s + m_dot / m - 2 den_dot / den
+    # ladj_dot = 2 s_dot / s + m_dot / m - 2 den_dot / den; ladj = 2 log s + log m - 2 log den
     g_s_dot = 2 * g_ladj_dot / s
-    g_s = -2 * g_ladj_dot * s_dot / s**2
-    g_m_dot = g_ladj_dot / m
-    g_m = -g_ladj_dot * m_dot / m**2
-    g_den_dot = -2 * g_ladj_dot / den
-    g_den = 2 * g_ladj_dot * den_dot / den**2
+    g_s = (2 * g_ladj).sub_(g_s_dot * s_dot).div_(s)
+    g_m_dot = g_ladj_dot * inv_m
+    g_m = (g_ladj - g_m_dot * m_dot).mul_(inv_m)
+    g_den_dot = -2 * g_ladj_dot * inv_den
+    g_den = (g_den_dot * den_dot).add_(2 * g_ladj).mul_(-inv_den)
     # m_dot = 2 (s_dot zz + s zz_dot) + d0_dot (1 - z)^2 + d1_dot z^2 + 2 (d1 z - d0 (1 - z)) z_dot
-    g_s_dot = g_s_dot + 2 * g_m_dot * zz
+    g_s_dot.addcmul_(g_m_dot, zz, value=2)
     g_zz = 2 * g_m_dot * s_dot
-    g_s = g_s + 2 * g_m_dot * zz_dot
+    g_s.addcmul_(g_m_dot, zz_dot, value=2)
     g_zz_dot = 2 * g_m_dot * s
     g_d0_dot = g_m_dot * one_minus_z**2
     g_d1_dot = g_m_dot * z**2
-    g_z = g_m_dot * (2 * d1_dot * z - 2 * d0_dot * one_minus_z + 2 * (d1 + d0) * z_dot)
+    slope_mix = (d1 * z).sub_(d0 * one_minus_z)
+    g_z = g_m_dot * (d1_dot * z).sub_(d0_dot * one_minus_z).add_((d1 + d0).mul_(z_dot)).mul_(2)
     g_d1 = 2 * g_m_dot * z * z_dot
     g_d0 = -2 * g_m_dot * one_minus_z * z_dot
-    g_z_dot = 2 * g_m_dot * (d1 * z - d0 * one_minus_z)
-    # y_dot = y0_dot + height_dot ratio + height ratio_dot
-    g_y0_dot = g_y_dot
+    g_z_dot = 2 * g_m_dot * slope_mix
+    # y_dot = y0_dot + height_dot ratio + height ratio_dot; ratio_dot = (num_dot - ratio den_dot) / den
     g_height_dot = g_y_dot * ratio
     g_ratio = g_y_dot * height_dot
     g_height = g_y_dot * ratio_dot
-    g_ratio_dot = g_y_dot * height
-    # ratio_dot = (num_dot - ratio den_dot) / den
-    g_num_dot = g_ratio_dot / den
-    g_ratio = g_ratio - g_ratio_dot * den_dot / den
-    g_den_dot = g_den_dot - g_ratio_dot * ratio / den
-    g_den = g_den - g_ratio_dot * ratio_dot / den
+    g_num_dot = g_y_dot * height * inv_den
+    g_ratio.sub_(g_num_dot * den_dot)
+    g_den_dot.sub_(g_num_dot * ratio)
+    g_den.sub_(g_num_dot * ratio_dot)
     # num_dot = s_dot z^2 + 2 s z z_dot + d0_dot zz + d0 zz_dot
-    g_s_dot = g_s_dot + g_num_dot * z**2
-    g_z = g_z + g_num_dot * (2 * s_dot * z + 2 * s * z_dot)
-    g_s = g_s + g_num_dot * 2 * z * z_dot
-    g_z_dot = g_z_dot + g_num_dot * 2 * s * z
-    g_d0_dot = g_d0_dot + g_num_dot * zz
-    g_zz = g_zz + g_num_dot * d0_dot
-    g_d0 = g_d0 + g_num_dot * zz_dot
-    g_zz_dot = g_zz_dot + g_num_dot * d0
+    g_s_dot.addcmul_(g_num_dot, z * z)
+    g_z.addcmul_(g_num_dot, (s_dot * z).addcmul_(s, z_dot), value=2)
+    g_s.addcmul_(g_num_dot, z * z_dot, value=2)
+    g_z_dot.addcmul_(g_num_dot, s * z, value=2)
+    g_d0_dot.addcmul_(g_num_dot, zz)
+    g_zz.addcmul_(g_num_dot, d0_dot)
+    g_d0.addcmul_(g_num_dot, zz_dot)
+    g_zz_dot.addcmul_(g_num_dot, d0)
     # den_dot = s_dot + a_dot zz + a zz_dot, a_dot = d0_dot + d1_dot - 2 s_dot, a = d0 + d1 - 2 s
-    g_s_dot = g_s_dot + g_den_dot
     g_a_dot = g_den_dot * zz
-    g_zz = g_zz + g_den_dot * a_dot
+    g_s_dot.add_(g_den_dot).sub_(g_a_dot, alpha=2)
+    g_zz.addcmul_(g_den_dot, a_dot)
     g_a = g_den_dot * zz_dot
-    g_zz_dot = g_zz_dot + g_den_dot * a
-    g_d0_dot = g_d0_dot + g_a_dot
-    g_d1_dot = g_d1_dot + g_a_dot
-    g_s_dot = g_s_dot - 2 * g_a_dot
+    g_zz_dot.addcmul_(g_den_dot, a)
+    g_d0_dot.add_(g_a_dot)
+    g_d1_dot.add_(g_a_dot)
     # zz_dot = (1 - 2 z) z_dot
-    g_z = g_z - 2 * g_zz_dot * z_dot
-    g_z_dot = g_z_dot + g_zz_dot * one_minus_2z
+    g_z.addcmul_(g_zz_dot, z_dot, value=-2)
+    g_z_dot.addcmul_(g_zz_dot, one_minus_2z)
     # z_dot = inside (x_dot - x0_dot - z width_dot) / width
-    g_z_dot = g_z_dot * inside
-    g_x_dot = g_z_dot / width
-    g_x0_dot = -g_z_dot / width
-    g_z = g_z - g_z_dot * width_dot / width
-    g_width_dot = -g_z_dot * z / width
-    g_width = -g_z_dot * z_dot / width
+    g_x_dot = g_z_dot.mul_(inside).mul_(inv_width)  # g_z_dot / width from here on
+    g_x0_dot = -g_x_dot
+    g_z.sub_(g_x_dot * width_dot)
+    g_width_dot = -g_x_dot * z
+    g_width = -g_x_dot * z_dot
     # s_dot = (height_dot - s width_dot) / width
-    g_height_dot = g_height_dot + g_s_dot / width
-    g_s = g_s - g_s_dot * width_dot / width
-    g_width_dot = g_width_dot - g_s_dot * s / width
-    g_width = g_width - g_s_dot * s_dot / width
-    # ladj = 2 log s + log m - 2 log den
-    g_s = g_s + 2 * g_ladj / s
-    g_m = g_m + g_ladj / m
-    g_den = g_den - 2 * g_ladj / den
+    g_s_dot.mul_(inv_width)  # g_s_dot / width from here on
+    g_height_dot.add_(g_s_dot)
+    g_s.sub_(g_s_dot * width_dot)
+    g_width_dot.sub_(g_s_dot * s)
+    g_width.sub_(g_s_dot * s_dot)
     # m = 2 s zz + d0 (1 - z)^2 + d1 z^2
-    g_s = g_s + 2 * g_m * zz
-    g_zz = g_zz + 2 * g_m * s
-    g_d0 = g_d0 + g_m * one_minus_z**2
-    g_d1 = g_d1 + g_m * z**2
-    g_z = g_z + g_m * (2 * d1 * z - 2 * d0 * one_minus_z)
+    g_s.addcmul_(g_m, zz, value=2)
+    g_zz.addcmul_(g_m, s, value=2)
+    g_d0.addcmul_(g_m, one_minus_z**2)
+    g_d1.addcmul_(g_m, z**2)
+    g_z.addcmul_(g_m, (d1 * z).sub_(d0 * one_minus_z), value=2)
     # y = y0 + height ratio, ratio = num / den, num = s z^2 + d0 zz
-    g_y0 = g_y
-    g_height = g_height + g_y * ratio
-    g_ratio = g_ratio + g_y * height
-    g_num = g_ratio / den
-    g_den = g_den - g_ratio * ratio / den
-    g_s = g_s + g_num * z**2
-    g_z = g_z + g_num * 2 * s * z
-    g_d0 = g_d0 + g_num * zz
-    g_zz = g_zz + g_num * d0
+    g_height.addcmul_(g_y, ratio)
+    g_ratio.addcmul_(g_y, height)
+    g_num = g_ratio * inv_den
+    g_den.sub_(g_num * ratio)
+    g_s.addcmul_(g_num, z * z)
+    g_z.addcmul_(g_num, s * z, value=2)
+    g_d0.addcmul_(g_num, zz)
+    g_zz.addcmul_(g_num, d0)
     # den = s + a zz
-    g_s = g_s + g_den
-    g_a = g_a + g_den * zz
-    g_zz = g_zz + g_den * a
-    g_d0 = g_d0 + g_a
-    g_d1 = g_d1 + g_a
-    g_s = g_s - 2 * g_a
+    g_s.add_(g_den)
+    g_a.addcmul_(g_den, zz)
+    g_zz.addcmul_(g_den, a)
+    g_d0.add_(g_a)
+    g_d1.add_(g_a)
+    g_s.sub_(g_a, alpha=2)
     # zz = z (1 - z); z = inside (x - x0) / width; s = height / width
-    g_z = (g_z + g_zz * one_minus_2z) * inside
-    g_x = g_z / width
-    g_x0 = -g_z / width
-    g_width = g_width - g_z * z / width
-    g_height = g_height + g_s / width
-    g_width = g_width - g_s * s / width
+    g_x = g_z.addcmul_(g_zz, one_minus_2z).mul_(inside).mul_(inv_width)  # g_z / width
+    g_x0 = -g_x
+    g_width.sub_(g_x * z)
+    g_s.mul_(inv_width)  # g_s / width
+    g_height.add_(g_s)
+    g_width.sub_(g_s * s)
+    g_y0, g_y0_dot = g_y, g_y_dot
     # width = x1 - x0, height = y1 - y0 and their tangents
     g_ends = torch.stack([torch.stack([g_x0 - g_width, g_y0 - g_height], dim=1),
                           torch.stack([g_width, g_height], dim=1)], dim=1)
