@@ -251,11 +251,13 @@ def _reverse_sweep(inputs, saved, min_slope, grad_y, grad_ladj, grad_y_dot, grad
     g_weights = bin_weight_gradient(g_totals, g_sums, knots, bin_logits.shape[1])
     g_weights_dot = bin_weight_gradient(g_totals_dot, g_sums_dot, knots, bin_logits.shape[1])
     # weights = exp(b / c(b)), weights_dot = weights b_dot / c(b)^2, c(b) = 1 + |b| / (log_slope / 2)
-    scale_squared = bin_scale**2
-    grad_bin_logits_dot = g_weights_dot * weights / scale_squared
-    grad_bin_logits = ((g_weights + g_weights_dot * bin_logits_dot / scale_squared) * weights / scale_squared
-                       - 2 * g_weights_dot * weights * bin_logits_dot / (scale_squared * bin_scale)
-                       * torch.sign(bin_logits) / (0.5 * log_slope))
+    # with c' = sign(b) / (log_slope / 2): d weights / db = weights / c^2 and d weights_dot / db =
+    # (weights / c^2) (b_dot / c^2) (1 - 2 c c'), so with t = g_weights_dot weights b_dot / c^2:
+    weights_over = weights / bin_scale.square()
+    grad_bin_logits_dot = g_weights_dot.mul_(weights_over)
+    t = grad_bin_logits_dot * bin_logits_dot
+    factor = torch.sign(bin_logits).mul_(bin_scale).mul_(-4.0 / log_slope).add_(1.0).div_(bin_scale.square())
+    grad_bin_logits = g_weights.mul_(weights_over).addcmul_(t, factor)
     grad_x = torch.where(inside, g_x, grad_y)
     grad_x_dot = torch.where(inside, g_x_dot, grad_y_dot)
     return grad_bin_logits, grad_slope_logits, grad_bin_logits_dot, grad_slope_logits_dot, grad_x, grad_x_dot
