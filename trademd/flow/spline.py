@@ -22,20 +22,20 @@ Forward mode: given the tangents of the parameters (``tangents``) and of the poi
 (directional derivatives written out by hand: one extra pass of plain tensor arithmetic, which
 reverse-mode autograd differentiates like any other; this is how TRADE takes d log p / dT).
 
-Training calls the forward map and its forward-mode derivative through
-:mod:`trademd.flow.spline_fused` and :mod:`trademd.flow.spline_fused_jvp`: the arithmetic of
-``call_and_ladj`` and ``call_and_ladj_jvp`` operation for operation (tests pin the values bit
-for bit and the gradients against autograd of these methods), with hand-written backwards.
+The arithmetic of the forward map and of its derivative is written once,
+:func:`~trademd.flow.spline_fused.spline_values` and
+:func:`~trademd.flow.spline_fused_jvp.spline_values_jvp`: recorded by autograd here (and where
+compiled), run unrecorded with hand-written backwards in training (tests compare the two).
 """
 
 import math
 import warnings
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from trademd.flow.spline_fused import fused_call
-from trademd.flow.spline_fused_jvp import fused_call_jvp
+from trademd.flow.spline_fused import fused_call, prefix_sums, spline_values
+from trademd.flow.spline_fused_jvp import fused_call_jvp, spline_values_jvp
 
 __all__ = ["RationalQuadraticSpline", "spline_call", "spline_call_jvp", "spline_inverse", "compile_splines"]
 
@@ -62,20 +62,15 @@ class RationalQuadraticSpline:
 
     def __init__(self, bin_logits: Tensor, slope_logits: Tensor, min_slope: float,
                  tangents: tuple[Tensor, Tensor] | None = None):
+        self.bin_logits, self.slope_logits, self.min_slope, self.tangents = bin_logits, slope_logits, min_slope, tangents
         self.bins = bin_logits.shape[1]
         self.log_slope = -math.log(min_slope)
         # squash (zuko's): logits / (1 + |logits| / bound), |result| < bound = log(1 / min_slope)
         # / 2 (3.5 by default), so the softmax needs no shift by the maximum
         scale = 1.0 + torch.abs(bin_logits) / (0.5 * self.log_slope)
-        weights = torch.exp(bin_logits / scale)
         #: unnormalised cumulative bin widths and heights [B, K + 1, 2, ...], from 0: knot j
         #: lies at 2 sums[:, j] / sums[:, K] - 1 (exactly -1 and 1 at the ends)
-        self.sums = _prefix_sums(weights)
-        self.slope_logits = slope_logits
-        self.sums_dot = self.slope_logits_dot = None
-        if tangents is not None:
-            bin_logits_dot, self.slope_logits_dot = tangents
-            self.sums_dot = _prefix_sums(weights * bin_logits_dot / scale**2)
+        self.sums = prefix_sums(torch.exp(bin_logits / scale))
 
     def knots(self) -> tuple[Tensor, Tensor, Tensor]:
         """(horizontal, vertical, slopes), each [B, K + 1, ...]: the knots from -1 to 1 and
@@ -114,53 +109,18 @@ class RationalQuadraticSpline:
         slopes = torch.exp(logits / (1.0 + torch.abs(logits) / self.log_slope))
         return 2.0 * sums / totals - 1.0, slopes, totals
 
-    def _bin_dot(self, located: tuple[Tensor, ...], bin_values: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
-        """Tangents of the ends and slopes of :meth:`_bin` (its result ``bin_values``)."""
-        _, knots, columns = located
-        ends, slopes, totals = bin_values
-        sums_dot, totals_dot = self.sums_dot.gather(1, columns).split([2, 1], dim=1)
-        ends_dot = 2.0 * (sums_dot - 0.5 * (ends + 1.0) * totals_dot) / totals
-        logits = self.slope_logits.gather(1, knots)
-        scale = 1.0 + torch.abs(logits) / self.log_slope
-        slopes_dot = slopes * self.slope_logits_dot.gather(1, knots) / scale**2
-        return ends_dot, slopes_dot
-
     # -- evaluation --------------------------------------------------------------------------
 
     def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(y, log|dy/dx|), both [B, ...], for x [B, ...]."""
-        located = self._locate(0, x)
-        ends, slopes, _ = self._bin(located)
-        y, ladj, _ = _rational_quadratic(x, ends, slopes, located[0])
-        return y, ladj
+        """(y, log|dy/dx|), both [B, ...], for x [B, ...]
+        (:func:`~trademd.flow.spline_fused.spline_values`, recorded by autograd)."""
+        return spline_values(self.bin_logits, self.slope_logits, x, self.min_slope)[:2]
 
     def call_and_ladj_jvp(self, x: Tensor, x_dot: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(y, log|dy/dx|, tangent of y, tangent of log|dy/dx|), each [B, ...], for x and its
-        tangent [B, ...]; needs ``tangents``."""
-        located = self._locate(0, x)
-        inside = located[0]
-        bin_values = self._bin(located)
-        ends, slopes = bin_values[:2]
-        ends_dot, slopes_dot = self._bin_dot(located, bin_values)
-        y, ladj, (s, z, zz, ratio, denominator, m) = _rational_quadratic(x, ends, slopes, inside)
-        (x0, y0), (x1, y1) = (end.unbind(1) for end in ends.unbind(1))
-        (x0_dot, y0_dot), (x1_dot, y1_dot) = (end.unbind(1) for end in ends_dot.unbind(1))
-        d0, d1 = slopes.unbind(1)
-        d0_dot, d1_dot = slopes_dot.unbind(1)
-        width, height = x1 - x0, y1 - y0
-        width_dot, height_dot = x1_dot - x0_dot, y1_dot - y0_dot
-        s_dot = (height_dot - s * width_dot) / width
-        z_dot = inside * (x_dot - x0_dot - z * width_dot) / width
-        one_minus_z = 1 - z
-        zz_dot = (one_minus_z - z) * z_dot
-        denominator_dot = s_dot + (d0_dot + d1_dot - 2 * s_dot) * zz + (d0 + d1 - 2 * s) * zz_dot
-        numerator_dot = s_dot * z**2 + 2 * s * z * z_dot + d0_dot * zz + d0 * zz_dot
-        ratio_dot = (numerator_dot - ratio * denominator_dot) / denominator
-        y_dot = y0_dot + height_dot * ratio + height * ratio_dot
-        m_dot = (2 * (s_dot * zz + s * zz_dot) + d0_dot * one_minus_z**2 + d1_dot * z**2
-                 + 2 * (d1 * z - d0 * one_minus_z) * z_dot)
-        ladj_dot = 2 * s_dot / s + m_dot / m - 2 * denominator_dot / denominator
-        return y, ladj, torch.where(inside, y_dot, x_dot), inside * ladj_dot
+        tangent [B, ...]; needs ``tangents``
+        (:func:`~trademd.flow.spline_fused_jvp.spline_values_jvp`, recorded by autograd)."""
+        return spline_values_jvp(self.bin_logits, self.slope_logits, *self.tangents, x, x_dot, self.min_slope)[:4]
 
     def inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """(x with spline(x) = y, log|dy/dx| at that x), both [B, ...], for y [B, ...]: the
@@ -185,42 +145,15 @@ class RationalQuadraticSpline:
         return torch.where(inside, x0 + z * (x1 - x0), y), inside * ladj
 
 
-def _prefix_sums(weights: Tensor) -> Tensor:
-    """[B, K, ...] -> [B, K + 1, ...]: 0 and the cumulative sums along the bin axis."""
-    padding = (0, 0) * (weights.dim() - 2) + (1, 0)
-    return torch.cumsum(nn.functional.pad(weights, padding), dim=1)
-
-
-def _rational_quadratic(x: Tensor, ends: Tensor, slopes: Tensor,
-                        inside: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
-    """(y, log|dy/dx|, intermediates) at x [B, ...] of the bins with ``ends`` [B, 2 (lower,
-    upper), 2 (x, y), ...] and end ``slopes`` [B, 2, ...]; points not ``inside`` are returned
-    unchanged with log|det| 0. The intermediates (s, z, z(1 - z), ratio, denominator, m) serve
-    the forward-mode derivative."""
-    (x0, y0), (x1, y1) = (end.unbind(1) for end in ends.unbind(1))
-    d0, d1 = slopes.unbind(1)
-    width, height = x1 - x0, y1 - y0
-    s = height / width
-    z = inside * (x - x0) / width
-    zz = z * (1 - z)
-    denominator = s + (d0 + d1 - 2 * s) * zz
-    ratio = (s * z**2 + d0 * zz) / denominator
-    y = y0 + height * ratio
-    m = 2 * s * zz + d0 * (1 - z) ** 2 + d1 * z**2
-    ladj = torch.log(s**2 * m / denominator**2)
-    return torch.where(inside, y, x), inside * ladj, (s, z, zz, ratio, denominator, m)
-
-
 def _call(bin_logits: Tensor, slope_logits: Tensor, x: Tensor, min_slope: float) -> tuple[Tensor, Tensor]:
     """:meth:`RationalQuadraticSpline.call_and_ladj` of the spline with these logits."""
-    return RationalQuadraticSpline(bin_logits, slope_logits, min_slope).call_and_ladj(x)
+    return spline_values(bin_logits, slope_logits, x, min_slope)[:2]
 
 
 def _call_jvp(bin_logits: Tensor, slope_logits: Tensor, bin_logits_dot: Tensor, slope_logits_dot: Tensor,
               x: Tensor, x_dot: Tensor, min_slope: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:meth:`RationalQuadraticSpline.call_and_ladj_jvp` of the spline with these logits and tangents."""
-    return RationalQuadraticSpline(bin_logits, slope_logits, min_slope,
-                                   tangents=(bin_logits_dot, slope_logits_dot)).call_and_ladj_jvp(x, x_dot)
+    return spline_values_jvp(bin_logits, slope_logits, bin_logits_dot, slope_logits_dot, x, x_dot, min_slope)[:4]
 
 
 def _inverse(bin_logits: Tensor, slope_logits: Tensor, y: Tensor, min_slope: float) -> tuple[Tensor, Tensor]:

@@ -22,7 +22,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["fused_call", "bin_weight_gradient", "recorded_gradients"]
+__all__ = ["fused_call", "spline_values", "prefix_sums", "bin_weight_gradient", "recorded_gradients"]
 
 
 def fused_call(bin_logits: Tensor, slope_logits: Tensor, x: Tensor, min_slope: float) -> tuple[Tensor, Tensor]:
@@ -32,14 +32,19 @@ def fused_call(bin_logits: Tensor, slope_logits: Tensor, x: Tensor, min_slope: f
     return _FusedSpline.apply(bin_logits, slope_logits, x, min_slope)
 
 
-def _spline_values(bin_logits: Tensor, slope_logits: Tensor, x: Tensor, min_slope: float) -> tuple[Tensor, ...]:
+def prefix_sums(weights: Tensor) -> Tensor:
+    """[B, K, ...] -> [B, K + 1, ...]: 0 and the cumulative sums along the bin axis."""
+    return torch.cumsum(nn.functional.pad(weights, (0, 0) * (weights.dim() - 2) + (1, 0)), dim=1)
+
+
+def spline_values(bin_logits: Tensor, slope_logits: Tensor, x: Tensor, min_slope: float) -> tuple[Tensor, ...]:
     """(y, log|dy/dx|, what the backward needs): the arithmetic of
     :meth:`~trademd.flow.spline.RationalQuadraticSpline.call_and_ladj`, operation for
     operation (the same numbers to the last bit), recorded by autograd where grad mode is on."""
     log_slope = -math.log(min_slope)
     bin_scale = 1.0 + torch.abs(bin_logits) / (0.5 * log_slope)
     weights = torch.exp(bin_logits / bin_scale)
-    sums = torch.cumsum(nn.functional.pad(weights, (0, 0) * x.dim() + (1, 0)), dim=1)  # [B, K + 1, 2, ...]
+    sums = prefix_sums(weights)  # [B, K + 1, 2, ...]
     totals = sums[:, -1]  # [B, 2, ...]
     with torch.no_grad():  # the bin k of each point: the number of inner knots below it
         threshold = 0.5 * (x + 1.0) * totals[:, 0]
@@ -71,7 +76,7 @@ class _FusedSpline(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, bin_logits: Tensor, slope_logits: Tensor, x: Tensor, min_slope: float):
-        y, ladj, saved = _spline_values(bin_logits, slope_logits, x, min_slope)
+        y, ladj, saved = spline_values(bin_logits, slope_logits, x, min_slope)
         ctx.min_slope = min_slope
         ctx.save_for_backward(bin_logits, slope_logits, x, *saved)
         return y, ladj
@@ -81,7 +86,7 @@ class _FusedSpline(torch.autograd.Function):
         (bin_logits, slope_logits, x, weights_dot, totals, knots, inside, ends, slopes, slope_scale_squared,
          z, s, denominator, ratio, m) = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: differentiate the recorded version
-            return (*recorded_gradients(_spline_values, (bin_logits, slope_logits, x), ctx.min_slope,
+            return (*recorded_gradients(spline_values, (bin_logits, slope_logits, x), ctx.min_slope,
                                         (grad_y, grad_ladj), ctx.needs_input_grad[:3]), None)
         if grad_y is None:
             grad_y = torch.zeros_like(x)

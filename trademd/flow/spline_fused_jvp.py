@@ -18,11 +18,11 @@ and four outputs).
 import math
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from trademd.flow.spline_fused import bin_weight_gradient, recorded_gradients
+from trademd.flow.spline_fused import bin_weight_gradient, prefix_sums, recorded_gradients
 
-__all__ = ["fused_call_jvp"]
+__all__ = ["fused_call_jvp", "spline_values_jvp"]
 
 
 def fused_call_jvp(bin_logits: Tensor, slope_logits: Tensor, bin_logits_dot: Tensor, slope_logits_dot: Tensor,
@@ -34,21 +34,16 @@ def fused_call_jvp(bin_logits: Tensor, slope_logits: Tensor, bin_logits_dot: Ten
     return _FusedSplineJvp.apply(bin_logits, slope_logits, bin_logits_dot, slope_logits_dot, x, x_dot, min_slope)
 
 
-def _prefix_sums(weights: Tensor) -> Tensor:
-    """[B, K, ...] -> [B, K + 1, ...]: 0 and the cumulative sums along the bin axis."""
-    return torch.cumsum(nn.functional.pad(weights, (0, 0) * (weights.dim() - 2) + (1, 0)), dim=1)
-
-
-def _spline_values_jvp(bin_logits: Tensor, slope_logits: Tensor, bin_logits_dot: Tensor, slope_logits_dot: Tensor,
+def spline_values_jvp(bin_logits: Tensor, slope_logits: Tensor, bin_logits_dot: Tensor, slope_logits_dot: Tensor,
                        x: Tensor, x_dot: Tensor, min_slope: float) -> tuple[Tensor, ...]:
     """(y, ladj, y_dot, ladj_dot, what the backward needs): the arithmetic of
     ``call_and_ladj_jvp`` operation for operation, recorded by autograd where grad mode is on."""
     log_slope = -math.log(min_slope)
     bin_scale = 1.0 + torch.abs(bin_logits) / (0.5 * log_slope)
     weights = torch.exp(bin_logits / bin_scale)
-    sums = _prefix_sums(weights)
+    sums = prefix_sums(weights)
     weights_dot = weights * bin_logits_dot / bin_scale**2
-    sums_dot = _prefix_sums(weights_dot)
+    sums_dot = prefix_sums(weights_dot)
     totals, totals_dot = sums[:, -1], sums_dot[:, -1]  # [B, 2, ...]
     with torch.no_grad():
         threshold = 0.5 * (x + 1.0) * totals[:, 0]
@@ -98,7 +93,7 @@ class _FusedSplineJvp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, bin_logits, slope_logits, bin_logits_dot, slope_logits_dot, x, x_dot, min_slope):
-        *outputs, saved = _spline_values_jvp(bin_logits, slope_logits, bin_logits_dot, slope_logits_dot, x, x_dot,
+        *outputs, saved = spline_values_jvp(bin_logits, slope_logits, bin_logits_dot, slope_logits_dot, x, x_dot,
                                             min_slope)
         ctx.min_slope = min_slope
         ctx.save_for_backward(bin_logits, slope_logits, bin_logits_dot, slope_logits_dot, x, x_dot, *saved)
@@ -109,14 +104,14 @@ class _FusedSplineJvp(torch.autograd.Function):
         inputs, saved = ctx.saved_tensors[:6], ctx.saved_tensors[6:]
         grads = (grad_y, grad_ladj, grad_y_dot, grad_ladj_dot)
         if torch.is_grad_enabled():  # create_graph: differentiate the recorded version
-            return (*recorded_gradients(_spline_values_jvp, inputs, ctx.min_slope, grads, ctx.needs_input_grad[:6]),
+            return (*recorded_gradients(spline_values_jvp, inputs, ctx.min_slope, grads, ctx.needs_input_grad[:6]),
                     None)
         grads = [torch.zeros_like(inputs[4]) if g is None else g for g in grads]
         return (*_reverse_sweep(inputs, saved, ctx.min_slope, *grads), None)
 
 
 def _reverse_sweep(inputs, saved, min_slope, grad_y, grad_ladj, grad_y_dot, grad_ladj_dot):
-    """The gradients of the six inputs of :func:`_spline_values_jvp` given those of its four
+    """The gradients of the six inputs of :func:`spline_values_jvp` given those of its four
     outputs: the forward's per-point steps in reverse order, each line the chain rule of one."""
     bin_logits, slope_logits, bin_logits_dot, slope_logits_dot, x, x_dot = inputs
     (weights, bin_scale, totals, totals_dot, knots, inside, ends, ends_dot, slopes, slopes_dot, logits, logits_dot,
