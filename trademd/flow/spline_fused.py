@@ -1,20 +1,20 @@
-"""The forward rational-quadratic spline (data -> base direction) with a hand-written backward.
+"""The forward rational-quadratic spline (data -> base direction): its arithmetic, once, and a
+hand-written backward for it.
 
-What a training step spends on a spline is mostly the fixed cost of small operations: the
-autograd graph of :meth:`~trademd.flow.spline.RationalQuadraticSpline.call_and_ladj` records
-about 60 of them per coupling layer and replays about 100 in the backward. Here the forward
-runs without recording (the same arithmetic as ``call_and_ladj``) and the backward is the
-chain rule written out: about 45 elementwise operations on the [B, n] bin quantities, one
-``scatter_add`` for the slope logits, and the gradient of the bin logits in closed form
-(d sums[j] / d weights[i] = [i < j], so the gradient of bin i's weight is g_total +
-g_upper [i <= k] + g_lower [i < k] for a point in bin k: no cumulative sum).
+:func:`spline_values` is the arithmetic (``RationalQuadraticSpline.call_and_ladj`` and the
+compiled path record it by autograd). What a training step spends on a spline is mostly the
+fixed cost of small operations: recorded, about 60 per coupling layer forward and about 100 in
+the backward. :func:`fused_call` runs the same arithmetic without recording (the same numbers
+to the last bit) with the chain rule written out as its backward: about 45 elementwise
+operations on the [B, n] bin quantities, one ``scatter_add`` for the slope logits, and the
+gradient of the bin logits in closed form (d sums[j] / d weights[i] = [i < j], so the gradient
+of bin i's weight is g_total + g_upper [i <= k] + g_lower [i < k] for a point in bin k: no
+cumulative sum).
 
 The backward of the backward (``create_graph=True``, as a test of d log p / dT by reverse mode
-does) is taken through the autograd graph of ``call_and_ladj`` itself, recomputed from the
-saved inputs: exact, and as slow as before.
-
-Same numbers as ``call_and_ladj`` to float rounding (tests/test_spline_fused.py: gradcheck in
-float64, the autograd version's gradients).
+does) is taken through the recorded arithmetic, recomputed from the saved inputs: exact, and
+as slow as before. Tests (tests/test_spline_fused.py): values bit for bit, gradients against
+autograd of the recorded arithmetic, gradcheck and gradgradcheck in float64.
 """
 
 import math

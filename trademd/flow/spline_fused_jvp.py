@@ -1,18 +1,18 @@
-"""The forward spline and its forward-mode derivative (TRADE's d log p / dlogT) with a
-hand-written backward.
+"""The forward spline and its forward-mode derivative (TRADE's d log p / dlogT): their
+arithmetic, once, and a hand-written backward for them.
 
-:meth:`~trademd.flow.spline.RationalQuadraticSpline.call_and_ladj_jvp` returns y, log|dy/dx|
-and their tangents along given tangents of the logits and of x; a TRADE step differentiates
-all four by reverse mode, through about 150 recorded operations per coupling layer. Here the
-forward records nothing (the same arithmetic, operation for operation, so the same numbers to
-the last bit) and the backward is the reverse sweep written out, node by node, over the
-per-point quantities (bin ends and slopes and their tangents), then the closed-form gradients
-of the prefix sums (:func:`~trademd.flow.spline_fused.bin_weight_gradient`) and of the squashed
-logits. Where a backward itself is differentiated (``create_graph=True``), the recorded
-arithmetic is differentiated instead (exact, as slow as before).
+:func:`spline_values_jvp` returns y, log|dy/dx| and their tangents along given tangents of the
+logits and of x (``RationalQuadraticSpline.call_and_ladj_jvp`` and the compiled path record
+it); a TRADE step differentiates all four by reverse mode, through about 150 recorded
+operations per coupling layer. :func:`fused_call_jvp` runs the same arithmetic without
+recording (the same numbers to the last bit), with the reverse sweep written out, node by node,
+over the per-point quantities (bin ends and slopes and their tangents), then the closed-form
+gradients of the prefix sums (:func:`~trademd.flow.spline_fused.bin_weight_gradient`) and of the
+squashed logits. Where a backward itself is differentiated (``create_graph=True``), the
+recorded arithmetic is differentiated instead (exact, as slow as before).
 
-Tested against autograd (tests/test_spline_fused.py: gradcheck in float64 over all six inputs
-and four outputs).
+Tested against autograd of the recorded arithmetic (tests/test_spline_fused.py: gradcheck and
+gradgradcheck in float64 over all six inputs and four outputs).
 """
 
 import math
