@@ -34,7 +34,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from trademd.flow.spline_fused import fused_call, prefix_sums, spline_values
+from trademd.flow.spline_fused import fused_call, locate, prefix_sums, spline_values
 from trademd.flow.spline_fused_jvp import fused_call_jvp, spline_values_jvp
 
 __all__ = ["RationalQuadraticSpline", "spline_call", "spline_call_jvp", "spline_inverse", "compile_splines"]
@@ -88,16 +88,9 @@ class RationalQuadraticSpline:
         describes a valid bin); ``knots`` are the indices j, j + 1 of the bin's knots,
         ``columns`` the indices j, j + 1 and K of :attr:`sums` (the bin's ends and the total)
         on both axes."""
-        with torch.no_grad():
-            sums = self.sums[:, :, axis]  # [B, K + 1, ...], from 0 to the total
-            # knot j < value  <=>  sums[j] < (value + 1) total / 2; the bin of a value inside
-            # is the number of inner knots (j = 1 ... K - 1) below it
-            threshold = 0.5 * (value + 1.0) * sums[:, -1]
-            k = torch.sum(sums[:, 1:-1] < threshold[:, None], dim=1)
-            inside = torch.logical_and(value > -1.0, value <= 1.0)
-            knots = torch.stack([k, k + 1], dim=1)
-            columns = torch.cat([knots, torch.full_like(k, self.bins)[:, None]], dim=1)
-            columns = columns[:, :, None].expand(-1, -1, 2, *k.shape[1:]).contiguous()
+        inside, knots = locate(self.sums[:, :, axis], value)
+        total = torch.full_like(knots[:, :1], self.bins)
+        columns = torch.cat([knots, total], dim=1)[:, :, None].expand(-1, -1, 2, *knots.shape[2:]).contiguous()
         return inside, knots, columns
 
     def _bin(self, located: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor]:

@@ -22,7 +22,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["fused_call", "spline_values", "prefix_sums", "bin_weight_gradient", "recorded_gradients"]
+__all__ = ["fused_call", "spline_values", "prefix_sums", "locate", "bin_weight_gradient", "recorded_gradients"]
 
 
 def fused_call(bin_logits: Tensor, slope_logits: Tensor, x: Tensor, min_slope: float) -> tuple[Tensor, Tensor]:
@@ -37,6 +37,19 @@ def prefix_sums(weights: Tensor) -> Tensor:
     return torch.cumsum(nn.functional.pad(weights, (0, 0) * (weights.dim() - 2) + (1, 0)), dim=1)
 
 
+def locate(sums: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+    """Where ``value`` [B, ...] lies among the knots of one axis, given that axis's prefix sums
+    [B, K + 1, ...] (:func:`prefix_sums`), without gradients: (inside [B, ...], False where it
+    lies in no bin; knots [B, 2, ...], the indices j, j + 1 of its bin's knots). Knot j lies
+    below the value where sums[j] < (value + 1) total / 2; the bin of a value inside is the
+    number of inner knots (j = 1 ... K - 1) below it."""
+    with torch.no_grad():
+        threshold = 0.5 * (value + 1.0) * sums[:, -1]
+        k = torch.sum(sums[:, 1:-1] < threshold[:, None], dim=1)
+        inside = torch.logical_and(value > -1.0, value <= 1.0)
+        return inside, torch.stack([k, k + 1], dim=1)
+
+
 def spline_values(bin_logits: Tensor, slope_logits: Tensor, x: Tensor, min_slope: float) -> tuple[Tensor, ...]:
     """(y, log|dy/dx|, what the backward needs): the arithmetic of
     :meth:`~trademd.flow.spline.RationalQuadraticSpline.call_and_ladj`, operation for
@@ -46,12 +59,8 @@ def spline_values(bin_logits: Tensor, slope_logits: Tensor, x: Tensor, min_slope
     weights = torch.exp(bin_logits / bin_scale)
     sums = prefix_sums(weights)  # [B, K + 1, 2, ...]
     totals = sums[:, -1]  # [B, 2, ...]
-    with torch.no_grad():  # the bin k of each point: the number of inner knots below it
-        threshold = 0.5 * (x + 1.0) * totals[:, 0]
-        k = torch.sum(sums[:, 1:-1, 0] < threshold[:, None], dim=1)  # [B, ...]
-        inside = torch.logical_and(x > -1.0, x <= 1.0)
-        knots = torch.stack([k, k + 1], dim=1)  # [B, 2, ...]
-    ends = 2.0 * sums.gather(1, knots[:, :, None].expand(-1, -1, 2, *k.shape[1:])) / totals[:, None] - 1.0
+    inside, knots = locate(sums[:, :, 0], x)  # knots [B, 2, ...]
+    ends = 2.0 * sums.gather(1, knots[:, :, None].expand(-1, -1, 2, *knots.shape[2:])) / totals[:, None] - 1.0
     logits = slope_logits.gather(1, knots)  # [B, 2, ...]
     slope_scale = 1.0 + torch.abs(logits) / log_slope
     slopes = torch.exp(logits / slope_scale)

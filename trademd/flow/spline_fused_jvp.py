@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from trademd.flow.spline_fused import bin_weight_gradient, prefix_sums, recorded_gradients
+from trademd.flow.spline_fused import bin_weight_gradient, locate, prefix_sums, recorded_gradients
 
 __all__ = ["fused_call_jvp", "spline_values_jvp"]
 
@@ -45,12 +45,8 @@ def spline_values_jvp(bin_logits: Tensor, slope_logits: Tensor, bin_logits_dot: 
     weights_dot = weights * bin_logits_dot / bin_scale**2
     sums_dot = prefix_sums(weights_dot)
     totals, totals_dot = sums[:, -1], sums_dot[:, -1]  # [B, 2, ...]
-    with torch.no_grad():
-        threshold = 0.5 * (x + 1.0) * totals[:, 0]
-        k = torch.sum(sums[:, 1:-1, 0] < threshold[:, None], dim=1)
-        inside = torch.logical_and(x > -1.0, x <= 1.0)
-        knots = torch.stack([k, k + 1], dim=1)  # [B, 2, ...]
-        columns = knots[:, :, None].expand(-1, -1, 2, *k.shape[1:])
+    inside, knots = locate(sums[:, :, 0], x)  # knots [B, 2, ...]
+    columns = knots[:, :, None].expand(-1, -1, 2, *knots.shape[2:])
     ends = 2.0 * sums.gather(1, columns) / totals[:, None] - 1.0  # [B, 2 (lower, upper), 2 (x, y), ...]
     ends_dot = 2.0 * (sums_dot.gather(1, columns) - 0.5 * (ends + 1.0) * totals_dot[:, None]) / totals[:, None]
     logits = slope_logits.gather(1, knots)
